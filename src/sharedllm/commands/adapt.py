@@ -1,0 +1,72 @@
+"""sharedllm adapt: train one user's adapter and report held-out perplexity before and after."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base import load_base
+from ..cli import add_base_args, say
+from ..data import load_user
+from ..personalise import evaluate_on, personalise, save_adapted
+from ..train import TrainConfig
+
+HELP = "train a per-user adapter on a text file or folder; report held-out ppl before and after"
+
+
+def configure(p) -> None:
+    p.add_argument("--text", required=True, help="the user's text: a UTF-8 file or a folder of them")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--method", default="norm", help="norm | lora | full | steer")
+    add_base_args(p)
+    add_train_args(p)
+    add_eval_args(p)
+
+
+def add_train_args(p) -> None:
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--budget-s", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def add_eval_args(p) -> None:
+    p.add_argument("--window", type=int, default=256, help="evaluation window length in tokens")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="score at most this many held-out tokens (0 = the whole held-out slice)")
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+                       budget_s=args.budget_s)
+
+
+def run(args) -> dict:
+    cfg = train_config(args)
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
+    cap = args.eval_tokens or None
+    say(f"{user.source}: {len(user.train)} training tokens, {len(user.heldout)} held-out tokens")
+    before = evaluate_on(base.model, base, user.heldout, args.window, cap)
+    say(f"held-out ppl before: {before['ppl']:.3f}; training {args.method} for {cfg.steps} steps")
+    adapted = personalise(base, user.train.to(base.device), args.method, cfg)
+    after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
+    path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
+    return {"method": args.method, "out": str(path), "base": base.name, "base_fingerprint": base.fingerprint,
+            "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],
+            "bpb_after": after["bits_per_byte"], "eval_tokens": after["tokens"], "window": after["window"],
+            "params": adapted.n_params, "bytes": path.stat().st_size, "steps": adapted.result.steps,
+            "wall_s": round(adapted.result.wall_s, 2), "loss_first": adapted.result.summary()["loss_first"],
+            "loss_last": adapted.result.summary()["loss_last"]}
+
+
+def render(r: dict) -> str:
+    change = 100 * (r["ppl_after"] / r["ppl_before"] - 1)
+    return "\n".join([
+        f"adapter  {r['out']}  ({r['method']}, {r['params']:,} params, {r['bytes']:,} bytes)",
+        f"trained  {r['steps']} steps in {r['wall_s']:.1f} s (loss {r['loss_first']:.3f} -> {r['loss_last']:.3f})",
+        f"held-out token ppl ({r['eval_tokens']} tokens, {r['window']}-token windows): "
+        f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f} ({change:+.1f} %)",
+        f"bits/byte {r['bpb_before']:.4f} -> {r['bpb_after']:.4f}"])

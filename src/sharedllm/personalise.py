@@ -1,0 +1,65 @@
+"""The library's main verbs: train an adapter for a user, save it, load it back onto a base, score text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import wire
+from .adapters import adapted_model, adapter_state, get_method, load_state
+from .base import Base
+from .data import eval_windows
+from .metrics import evaluate
+from .train import TrainConfig, TrainResult, train
+
+
+@dataclass
+class Adapted:
+    """A private copy of the base with one trained (or loaded) adapter attached."""
+
+    model: torch.nn.Module
+    params: dict
+    method: str
+    meta: dict | None = None
+    result: TrainResult | None = None
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def new_adapter(base: Base, method: str) -> Adapted:
+    model, params = adapted_model(base.model, get_method(method))
+    return Adapted(model=model, params=params, method=method)
+
+
+def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
+                label: str | None = None) -> Adapted:
+    cfg = cfg or TrainConfig()
+    adapted = new_adapter(base, method)
+    adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
+    adapted.meta = {"train": cfg.to_json(), "loss": adapted.result.summary()}
+    return adapted
+
+
+def save_adapted(adapted: Adapted, path, base: Base, dtype=torch.float16, info: dict | None = None) -> Path:
+    return wire.save_adapter(path, adapter_state(adapted.params), adapted.method, base.fingerprint,
+                             {**(adapted.meta or {}), **(info or {})}, dtype=dtype)
+
+
+def load_adapted(base: Base, path=None, data: bytes | None = None, source: str | None = None) -> Adapted:
+    """Load an adapter file (or its bytes) onto `base`, refusing wrong bases, layouts and values."""
+    source = source or str(path)
+    tensors, meta = wire.parse_file(data, source) if data is not None else wire.read_file(path)
+    wire.check_binding(meta, base.fingerprint, source)
+    adapted = new_adapter(base, meta.get("method", "?"))
+    base_state = dict(base.model.named_parameters())
+    named = wire.decode_adapter(tensors, meta, wire.layout_of(adapted.params), base_state, source)
+    load_state(adapted.params, named, source)
+    adapted.meta = meta
+    return adapted
+
+
+def evaluate_on(model, base: Base, tokens: torch.Tensor, window: int = 256, max_tokens: int | None = None) -> dict:
+    return evaluate(model, base.tokenizer, eval_windows(tokens, window, max_tokens))

@@ -1,0 +1,72 @@
+"""One trainer for every adapter method: AdamW at a fixed budget of steps (and optionally seconds)."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import batch_sampler
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch: int = 2
+    seq: int = 256
+    lr: float = 5e-5
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    seed: int = 0
+    budget_s: float | None = None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_s: float
+    losses: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        head, tail = self.losses[:5], self.losses[-5:]
+        return {"steps": self.steps, "wall_s": round(self.wall_s, 3),
+                "loss_first": sum(head) / max(len(head), 1), "loss_last": sum(tail) / max(len(tail), 1)}
+
+
+def _progress(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty(), leave=False)
+
+
+def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train") -> TrainResult:
+    """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    batches = batch_sampler(tokens, cfg.batch, cfg.seq, cfg.seed)
+    device = next(iter(params.values())).device
+    model.train()
+    losses, start = [], time.perf_counter()
+    with _progress(cfg.steps, label) as bar:
+        for _ in range(cfg.steps):
+            if cfg.budget_s is not None and time.perf_counter() - start >= cfg.budget_s:
+                break
+            losses.append(_step(model, opt, next(batches).to(device)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses)
+
+
+def _step(model, opt, batch: torch.Tensor) -> float:
+    logits = model(input_ids=batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
