@@ -1,0 +1,128 @@
+"""One battery over every registered adapter method (the PEFT-style test matrix)."""
+import pytest
+import torch
+
+from sharedllm import wire
+from sharedllm.adapters import METHODS
+from sharedllm.errors import SharedLLMError
+from sharedllm.personalise import load_adapted, new_adapter, personalise, save_adapted
+from sharedllm.train import TrainConfig
+
+CASES = sorted(METHODS)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _trained(tiny, method):
+    tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
+    return personalise(tiny, tokens, method, TrainConfig(steps=3, batch=2, seq=32, lr=1e-2))
+
+
+def test_registry_has_the_four_methods():
+    assert set(CASES) == {"norm", "lora", "full", "steer"}
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_untrained_adapter_reproduces_base_logits_exactly(tiny, ids, method):
+    adapted = new_adapter(tiny, method)
+    assert torch.equal(_logits(adapted.model, ids), _logits(tiny.model, ids))
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_only_adapter_params_change(tiny, method):
+    before = {n: p.clone() for n, p in tiny.model.state_dict().items()}
+    adapted = _trained(tiny, method)
+    assert all(torch.equal(before[n], p) for n, p in tiny.model.state_dict().items()), "base was modified"
+    trained = {id(p) for p in adapted.params.values()}
+    changed = [n for n, p in adapted.model.named_parameters() if id(p) in trained and p.requires_grad]
+    assert changed, "adapter has no trainable parameters"
+    checked = 0
+    for n, p in adapted.model.named_parameters():
+        key = n.removeprefix("base_model.model.").replace(".base_layer", "")
+        if id(p) not in trained:
+            assert torch.equal(p, before[key]), f"{n} changed but is not in the adapter"
+            checked += 1
+    assert checked > 0 or method == "full"
+    assert any(not torch.equal(p, before.get(n, torch.zeros_like(p))) for n, p in adapted.params.items())
+
+
+def test_norm_trains_exactly_the_rmsnorm_gains(tiny):
+    params = new_adapter(tiny, "norm").params
+    assert len(params) == 2 * 2 + 1 and all(n.endswith("norm.weight") for n in params)
+    assert sum(p.numel() for p in params.values()) == 5 * 64
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_save_load_is_exact(tiny, ids, method, tmp_path):
+    adapted = _trained(tiny, method)
+    path = save_adapted(adapted, tmp_path / "a.safetensors", tiny, dtype=torch.float32)
+    loaded = load_adapted(tiny, path)
+    assert loaded.method == method
+    for n, p in adapted.params.items():
+        assert torch.equal(loaded.params[n], p)
+    assert torch.equal(_logits(loaded.model, ids), _logits(adapted.model, ids))
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_fp16_file_is_two_bytes_per_param_plus_small_header(tiny, method, tmp_path):
+    adapted = new_adapter(tiny, method)
+    path = save_adapted(adapted, tmp_path / "a.safetensors", tiny)
+    assert path.stat().st_size <= 2 * adapted.n_params + 1024
+
+
+def _resave(path, tensors=None, meta_patch=None):
+    t, meta = wire.read_file(path)
+    data = wire.adapter_bytes(tensors or t, {**meta, **(meta_patch or {})})
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_refusals(tiny, method, tmp_path):
+    path = save_adapted(new_adapter(tiny, method), tmp_path / "a.safetensors", tiny)
+    good = path.read_bytes()
+    cases = {
+        "trained on base": lambda: _resave(path, meta_patch={"base_fingerprint": "0" * 64}),
+        "names or shapes": lambda: _resave(path, meta_patch={"layout": "deadbeef"}),
+        "non-finite": lambda: _resave(path, tensors={"adapter": torch.full_like(wire.read_file(path)[0]["adapter"],
+                                                                               float("nan"))}),
+        "not a safetensors": lambda: path.write_bytes(b"\x80\x04\x95pickle-bytes" * 10),
+        "truncated": lambda: path.write_bytes(good[:-7]),
+    }
+    for needle, corrupt in cases.items():
+        path.write_bytes(good)
+        corrupt()
+        with pytest.raises(SharedLLMError, match=needle):
+            load_adapted(tiny, path)
+
+
+def test_wrong_length_tensor_is_refused(tiny, tmp_path):
+    path = save_adapted(new_adapter(tiny, "norm"), tmp_path / "a.safetensors", tiny)
+    _resave(path, tensors={"adapter": torch.zeros(7, dtype=torch.float16)})
+    with pytest.raises(SharedLLMError, match="values, metadata says"):
+        load_adapted(tiny, path)
+
+
+def test_adapter_on_another_base_is_refused(tiny, tmp_path):
+    from sharedllm.base import Base, fingerprint_model, tiny_model
+
+    other = tiny_model(seed=1)
+    other_base = Base(model=other, tokenizer=tiny.tokenizer, fingerprint=fingerprint_model(other), name="tiny-1")
+    path = save_adapted(new_adapter(tiny, "norm"), tmp_path / "a.safetensors", tiny)
+    with pytest.raises(SharedLLMError, match=other_base.fingerprint[:16]):
+        load_adapted(other_base, path)
+
+
+def test_training_is_reproducible_and_budget_stops(tiny):
+    a, b = _trained(tiny, "norm"), _trained(tiny, "norm")
+    assert a.result.losses == b.result.losses
+    tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
+    timed = personalise(tiny, tokens, "norm", TrainConfig(steps=10_000, batch=1, seq=16, budget_s=0.0))
+    assert timed.result.steps == 0

@@ -1,0 +1,56 @@
+"""The real CLI end to end on the tiny base (subprocess for one run, in-process for the rest)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sharedllm.cli import main
+
+
+def run_json(capsys, *argv):
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if out.strip() else None)
+
+
+def test_adapt_eval_inspect_round_trip(capsys, user_text, tmp_path):
+    out = tmp_path / "u.safetensors"
+    code, r = run_json(capsys, "adapt", "--text", str(user_text), "--out", str(out), "--base", "tiny",
+                       "--steps", "20", "--seq", "64", "--lr", "1e-2", "--window", "64")
+    assert code == 0
+    assert {"ppl_before", "ppl_after", "params", "bytes", "wall_s", "steps", "window"} <= set(r)
+    assert r["steps"] == 20 and r["params"] == 320 and r["bytes"] == out.stat().st_size and r["window"] == 64
+    assert r["ppl_after"] < r["ppl_before"], "20 steps at lr 1e-2 on repetitive text must lower held-out ppl"
+    code, e = run_json(capsys, "eval", "--text", str(user_text), "--adapter", str(out), "--base", "tiny",
+                       "--window", "64")
+    assert code == 0 and e["ppl"] == pytest.approx(r["ppl_after"], rel=1e-3)
+    assert {"ppl", "bits_per_byte", "tokens", "window"} <= set(e)
+    code, i = run_json(capsys, "inspect", str(out))
+    assert i["kind"] == "adapter" and i["method"] == "norm" and i["params"] == 320 and i["dtype"] == "F16"
+    assert i["base_fingerprint"] == r["base_fingerprint"] and len(i["fingerprint"]) == 64
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "--text", "/nonexistent/user.txt", "--base", "tiny"], "no such file"),
+    (["inspect", "/nonexistent.safetensors"], "no such file"),
+    (["adapt", "--text", "USER", "--out", "x.safetensors", "--base", "tiny", "--method", "magic"], "unknown adapter"),
+    (["eval", "--text", "USER", "--base", "/nonexistent/base"], "no such file or directory"),
+])
+def test_expected_mistakes_give_one_clear_line(capsys, user_text, argv, needle):
+    argv = [str(user_text) if a == "USER" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_command_line_entry_point_runs(user_text, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "sharedllm.cli", "adapt", "--text", str(user_text), "--out", str(out),
+                           "--base", "tiny", "--steps", "2", "--seq", "32", "--window", "32"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out token ppl" in proc.stdout and out.is_file()
+    bad = subprocess.run([sys.executable, "-m", "sharedllm.cli", "inspect", str(user_text)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a safetensors" in bad.stderr and "Traceback" not in bad.stderr
