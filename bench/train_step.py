@@ -1,0 +1,111 @@
+"""Training-step speed on the default base, side by side in one run.
+
+Times norm-only, LoRA-r4 and full fine-tuning steps at batch 2 x 256, a forward-only scoring pass, the machine's
+measured fp32 matmul peak (a large torch.mm), and PEFT's own LNTuningConfig step on the same model and batch.
+Prints achieved GFLOP/s, the fraction of measured peak and the ratio to PEFT.
+
+    PYTHONPATH=src python bench/train_step.py [--base default] [--steps 5] [--warmup 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sharedllm.adapters import adapted_model, get_method
+from sharedllm.base import load_base
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def forward_flops(model, tokens: int, seq: int) -> float:
+    """2 x (matmul weights) x tokens, plus attention scores and values (causal: half of 4 x L x T x seq x d)."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attn = 2 * cfg.num_hidden_layers * tokens * seq * cfg.hidden_size
+    return 2 * linear * tokens + attn
+
+
+def time_steps(model, params, batch, steps: int, warmup: int) -> float:
+    opt = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t = time.perf_counter()
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t) / steps
+
+
+@torch.no_grad()
+def time_forward(model, batch, steps: int) -> float:
+    model.eval()
+    model(input_ids=batch[:, :-1])
+    t = time.perf_counter()
+    for _ in range(steps):
+        model(input_ids=batch[:, :-1])
+    return (time.perf_counter() - t) / steps
+
+
+def peft_ln_tuning(base_model):
+    from peft import LNTuningConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base_model), LNTuningConfig(task_type="CAUSAL_LM"))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="default")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    base = load_base(args.base)
+    batch = torch.randint(0, base.model.config.vocab_size, (2, 257), generator=torch.Generator().manual_seed(0))
+    tokens = 2 * 256
+    fwd = forward_flops(base.model, tokens, 256)
+    peak = matmul_peak()
+    rows = {}
+    # a norm-only step computes activation gradients but no weight gradients: ~2 x forward; full: ~3 x forward
+    for name, mult in [("norm", 2.0), ("lora", 2.0), ("full", 3.0)]:
+        model, params = adapted_model(base.model, get_method(name))
+        rows[name] = (time_steps(model, list(params.values()), batch, args.steps, args.warmup), mult)
+        del model, params
+    model, params = peft_ln_tuning(base.model)
+    rows["peft_ln_tuning"] = (time_steps(model, params, batch, args.steps, args.warmup), 2.0)
+    rows["forward_only"] = (time_forward(base.model, batch, args.steps), 1.0)
+    report(rows, fwd, peak, tokens, args)
+
+
+def report(rows, fwd, peak, tokens, args) -> None:
+    print(f"base {args.base}; batch 2 x 256; {args.steps} timed steps after {args.warmup} warm-up; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"measured fp32 matmul peak (2048^3 torch.mm): {peak:.1f} GFLOP/s")
+    print(f"{'what':16s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s}")
+    peft_s = rows["peft_ln_tuning"][0]
+    out = {"peak_gflops": peak}
+    for name, (sec, mult) in rows.items():
+        gf = mult * fwd / sec / 1e9
+        ratio = peft_s / sec if name != "forward_only" else float("nan")
+        print(f"{name:16s} {sec:8.3f} {tokens / sec:8.0f} {gf:8.1f} {gf / peak:8.2f} {ratio:10.2f}")
+        out[name] = {"s_per_step": sec, "gflops": gf, "fraction_of_peak": gf / peak, "speedup_vs_peft": ratio}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
