@@ -44,7 +44,7 @@ def time_steps(model, params, batch, steps: int, warmup: int) -> float:
     for i in range(warmup + steps):
         if i == warmup:
             t = time.perf_counter()
-        logits = model(input_ids=batch[:, :-1]).logits
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,10 +55,10 @@ def time_steps(model, params, batch, steps: int, warmup: int) -> float:
 @torch.no_grad()
 def time_forward(model, batch, steps: int) -> float:
     model.eval()
-    model(input_ids=batch[:, :-1])
+    model(input_ids=batch[:, :-1], use_cache=False)
     t = time.perf_counter()
     for _ in range(steps):
-        model(input_ids=batch[:, :-1])
+        model(input_ids=batch[:, :-1], use_cache=False)
     return (time.perf_counter() - t) / steps
 
 

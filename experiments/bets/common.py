@@ -30,15 +30,15 @@ def eval_texts(base: Base, corpora: Path, rel: str, count: int = EVAL_TEXTS, len
     return disjoint_slices(load_user(user_file(corpora, rel), base.tokenizer).heldout, count, length)
 
 
-def adapter_path(base: Base, user: str, method: str, cfg: TrainConfig, tag: str = "") -> Path:
+def adapter_path(base: Base, user: str, method: str, cfg: TrainConfig, tag: str = "", root: Path = OUT) -> Path:
     name = f"{method}{tag}_seed{cfg.seed}_steps{cfg.steps}_b{cfg.batch}x{cfg.seq}_lr{cfg.lr:g}.safetensors"
-    return OUT / "adapters" / base.fingerprint[:16] / user.replace("/", "__") / name
+    return Path(root) / "adapters" / base.fingerprint[:16] / user.replace("/", "__") / name
 
 
 def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: str, cfg: TrainConfig,
-                   tag: str = "", force: bool = False) -> Path:
+                   tag: str = "", force: bool = False, root: Path = OUT) -> Path:
     """Train once and reuse: the adapter file plus a JSON sidecar with the whole loss curve."""
-    path = adapter_path(base, user, method, cfg, tag)
+    path = adapter_path(base, user, method, cfg, tag, root)
     if path.is_file() and path.with_suffix(".json").is_file() and not force:
         return path
     adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}")

@@ -31,7 +31,7 @@ def score_windows(model, windows: torch.Tensor, batch: int = 4) -> float:
     total = 0.0
     for i in range(0, len(windows), batch):
         w = windows[i: i + batch].to(device)
-        logits = model(input_ids=w[:, :-1]).logits
+        logits = model(input_ids=w[:, :-1], use_cache=False).logits
         total += window_nll(logits, w[:, 1:]).sum().item()
     return total
 

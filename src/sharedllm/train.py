@@ -64,7 +64,7 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
 
 
 def _step(model, opt, batch: torch.Tensor) -> float:
-    logits = model(input_ids=batch[:, :-1]).logits
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
