@@ -1,0 +1,49 @@
+"""sharedllm serve: one base, every user's norm adapter, mixed-user batches, over HTTP (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base import cache_dir, load_base
+from ..cli import add_base_args, say
+
+HELP = "serve many users from one base over HTTP: adapter store, per-user tokens, mixed-user batches"
+
+
+def configure(p) -> None:
+    add_base_args(p)
+    p.add_argument("--store", default=None, help="adapter store folder (default: ~/.cache/sharedllm/store-<base>)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the oldest queued request waits for others to share its batch")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests in one forward pass")
+    p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
+    p.add_argument("--max-adapter-bytes", type=int, default=None,
+                   help="upload size limit (default: 4 bytes per gain + 1 MiB)")
+
+
+def run(args) -> dict:
+    import uvicorn
+
+    from ..serve import build
+
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    store = Path(args.store) if args.store else cache_dir() / f"store-{base.name}"
+    app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
+                               cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes)
+    swept = router.store.swept
+    say(f"store {store}: {router.store.count()} adapters; swept {len(swept.get('temp_files', []))} temp and "
+        f"{len(swept.get('orphan_files', []))} orphan files")
+    say(f"admin token: {where} (not printed)")
+    say(f"listening on http://{args.host}:{args.port} (OpenAPI schema at /openapi.json)")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        router.close()
+        router.store.close()
+    return {"ok": True, "store": str(store), "base": base.name}
+
+
+def render(r: dict) -> str:
+    return f"server stopped (store {r['store']}, base {r['base']})"

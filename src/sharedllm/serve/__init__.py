@@ -1,0 +1,17 @@
+"""The multi-user server: `rowgains` (per-row norm gains in one forward pass), `compute` (batched scoring and
+generation), `router` (user -> gains, LRU, batching), `app` (the thin FastAPI layer). `build` wires them up."""
+from __future__ import annotations
+
+from ..base import Base
+from ..store import AdapterStore, admin_token
+
+
+def build(base: Base, store_dir, **router_kwargs):
+    """(FastAPI app, router, where the admin token comes from) for `base` and the store at `store_dir`."""
+    from .app import create_app
+    from .router import Router
+
+    store = AdapterStore(store_dir)
+    token, where = admin_token(store_dir)
+    router = Router(base, store, **router_kwargs)
+    return create_app(router, token), router, where

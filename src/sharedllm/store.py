@@ -1,0 +1,218 @@
+"""The adapter store: a SQLite index plus content-addressed adapter files, crash-safe by construction.
+
+Layout under the store folder:
+    index.sqlite                  users (name, sha256 of their bearer token) and adapters (user -> file sha256, meta)
+    adapters/ab/abcdef....safetensors   the exact bytes each user uploaded, named by their sha256
+    admin_token                   generated admin token (mode 0600) when SHAREDLLM_ADMIN_TOKEN is unset
+
+Writes go file first (temp, fsync, rename, fsync dir), index second (one SQLite transaction), so an index row
+never names a missing file. Deletes go index first, file second. A crash can therefore leave only a stray temp
+file or an unreferenced adapter file; `open` sweeps both (`check` reports them without touching anything).
+The store knows nothing about models: validating bytes against a base is the server's job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import fsync_dir, write_bytes_atomic
+from .errors import SharedLLMError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+    user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, meta TEXT NOT NULL, updated REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
+"""
+ADMIN_ENV = "SHAREDLLM_ADMIN_TOKEN"
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    user: str
+    sha256: str
+    bytes: int
+    meta: dict
+    updated: float
+
+    def to_json(self) -> dict:
+        return {"user": self.user, "sha256": self.sha256, "bytes": self.bytes, "updated": self.updated,
+                **{k: self.meta.get(k) for k in ("method", "scheme", "params", "base_fingerprint")},
+                "meta": self.meta}
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class AdapterStore:
+    """Thread-safe: one SQLite connection behind a lock (the index is tiny and every query is a point lookup)."""
+
+    def __init__(self, root, sweep: bool = True):
+        self.root = Path(root)
+        self.files = self.root / "adapters"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.root / "index.sqlite"), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self.swept = self.sweep() if sweep else {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- files -------------------------------------------------------------------------------------------
+    def path_of(self, sha: str) -> Path:
+        return self.files / sha[:2] / f"{sha}{SUFFIX}"
+
+    def _write_file(self, data: bytes) -> str:
+        sha = sha256_hex(data)
+        path = self.path_of(sha)
+        if not (path.is_file() and path.stat().st_size == len(data)):
+            fresh = not path.parent.exists()
+            write_bytes_atomic(path, data)
+            if fresh:
+                fsync_dir(self.files)
+        return sha
+
+    def _unlink_if_unreferenced(self, sha: str) -> None:
+        if self._db.execute("SELECT 1 FROM adapters WHERE sha256=? LIMIT 1", (sha,)).fetchone() is None:
+            path = self.path_of(sha)
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+
+    def read(self, sha: str) -> bytes:
+        data = self.path_of(sha).read_bytes()
+        if sha256_hex(data) != sha:
+            raise SharedLLMError(f"adapter file {self.path_of(sha)} is corrupt (sha256 does not match its name)")
+        return data
+
+    # ---- users -------------------------------------------------------------------------------------------
+    def create_user(self, name: str) -> str:
+        """Create a user and return their new bearer token (only its sha256 is stored)."""
+        token = "sk-" + secrets.token_urlsafe(32)
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO users VALUES (?, ?, ?)", (name, token_hash(token), time.time()))
+            except sqlite3.IntegrityError:
+                raise SharedLLMError(f"user {name!r} already exists") from None
+        return token
+
+    def user_exists(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone() is not None
+
+    def user_for_token(self, token: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT name FROM users WHERE token_sha256=?", (token_hash(token),)).fetchone()
+        return row[0] if row else None
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def put(self, user: str, data: bytes, meta: dict) -> AdapterRecord:
+        """Store `data` as `user`'s adapter (replacing any previous one) once the bytes are durable on disk."""
+        with self._lock:
+            if not self.user_exists(user):
+                raise SharedLLMError(f"no user {user!r}")
+            sha = self._write_file(data)
+            old = self.get(user)
+            rec = AdapterRecord(user, sha, len(data), meta, time.time())
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
+                             (user, sha, len(data), json.dumps(meta, separators=(",", ":")), rec.updated))
+            self._db.execute("COMMIT")
+            if old and old.sha256 != sha:
+                self._unlink_if_unreferenced(old.sha256)
+            return rec
+
+    def get(self, user: str) -> AdapterRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT user, sha256, bytes, meta, updated FROM adapters WHERE user=?",
+                                   (user,)).fetchone()
+        return AdapterRecord(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
+
+    def delete(self, user: str) -> AdapterRecord | None:
+        """Remove the index row, then the file (unless another user uploaded identical bytes)."""
+        with self._lock:
+            old = self.get(user)
+            if old is None:
+                return None
+            self._db.execute("DELETE FROM adapters WHERE user=?", (user,))
+            self._unlink_if_unreferenced(old.sha256)
+            return old
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+    def put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
+        """Bulk import (fleet tools): new users with adapters, every file durable before one index transaction."""
+        shas = [self._write_file(data) for _, data, _ in items]
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            for (user, data, meta), sha in zip(items, shas):
+                self._db.execute("INSERT OR IGNORE INTO users VALUES (?, ?, ?)",
+                                 (user, token_hash(secrets.token_urlsafe(32)), now))
+                self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
+                                 (user, sha, len(data), json.dumps(meta, separators=(",", ":")), now))
+            self._db.execute("COMMIT")
+        return len(items)
+
+    # ---- crash recovery ----------------------------------------------------------------------------------
+    def check(self) -> dict:
+        """Compare files with index rows; change nothing. A healthy store has every list empty."""
+        with self._lock:
+            rows = dict(self._db.execute("SELECT sha256, bytes FROM adapters").fetchall())
+        on_disk, temps = {}, []
+        for p in self.files.rglob("*"):
+            if p.is_file():
+                (on_disk.__setitem__(p.name[: -len(SUFFIX)], p) if p.name.endswith(SUFFIX)
+                 and not p.name.startswith(".") else temps.append(str(p)))
+        missing = sorted(s for s in rows if s not in on_disk)
+        wrong_size = sorted(s for s, n in rows.items() if s in on_disk and on_disk[s].stat().st_size != n)
+        orphans = sorted(str(p) for s, p in on_disk.items() if s not in rows)
+        return {"rows": len(rows), "files": len(on_disk), "temp_files": temps, "orphan_files": orphans,
+                "missing_files": missing, "wrong_size": wrong_size}
+
+    def sweep(self) -> dict:
+        """Remove stray temp files and unreferenced adapter files left by a crash; report what was found."""
+        report = self.check()
+        for p in report["temp_files"] + report["orphan_files"]:
+            Path(p).unlink(missing_ok=True)
+        return report
+
+
+def admin_token(root) -> tuple[str, str]:
+    """(token, where): from $SHAREDLLM_ADMIN_TOKEN, else read or generate `<store>/admin_token` (mode 0600)."""
+    env = os.environ.get(ADMIN_ENV)
+    if env:
+        return env, f"${ADMIN_ENV}"
+    path = Path(root) / "admin_token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path) + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("adm-" + secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(str(path) + ".tmp", path)
+        fsync_dir(path.parent)
+    os.chmod(path, 0o600)
+    return path.read_text().strip(), str(path)

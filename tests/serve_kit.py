@@ -1,0 +1,75 @@
+"""Shared helpers for the server tests: adapters for the tiny base, single-user references, a live server."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import torch
+
+from sharedllm import wire
+from sharedllm.personalise import load_adapted, new_adapter, save_adapted
+
+ADMIN = "test-admin-token"
+
+
+def adapter_bytes(base, seed: int, tmp_path, scale: float = 0.3, method: str = "norm") -> bytes:
+    """A norm adapter for `base` whose gains differ from the base's (seeded), as the CLI would save it."""
+    adapted = new_adapter(base, method)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.params.values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    path = tmp_path / f"{method}-{seed}.safetensors"
+    save_adapted(adapted, path, base)
+    return path.read_bytes()
+
+
+def raw_adapter(flat: torch.Tensor, meta: dict) -> bytes:
+    return wire.adapter_bytes({"adapter": flat}, meta)
+
+
+def text_ids(base, text: str) -> list[int]:
+    return [base.tokenizer.bos_id] + base.tokenizer.encode(text)
+
+
+@torch.no_grad()
+def reference_score(model, ids: list[int]) -> float:
+    """Summed log-probability of ids[1:] given the prefix, one sequence alone."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+
+
+def alone(base, data: bytes):
+    return load_adapted(base, data=data, source="reference").model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free loopback port in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
