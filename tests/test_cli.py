@@ -54,3 +54,30 @@ def test_command_line_entry_point_runs(user_text, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sharedllm.cli", "inspect", str(user_text)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["norm", "lora"])
+def test_export_loads_back_in_transformers_and_peft(capsys, tiny, method, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sharedllm.personalise import new_adapter, save_adapted
+
+    adapted = new_adapter(tiny, method)
+    with torch.no_grad():
+        for p in adapted.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_adapted(adapted, tmp_path / "a.safetensors", tiny, dtype=torch.float32)
+    out = tmp_path / "export"
+    assert main(["export", "--adapter", str(path), "--out", str(out), "--base", "tiny"]) == 0
+    if method == "lora":
+        from peft import PeftModel
+
+        import copy
+        model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(out))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, adapted.model(input_ids=ids).logits, atol=1e-5)
+    assert main(["export", "--adapter", str(path), "--out", str(out), "--base", "tiny"]) == 2

@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .errors import SharedLLMError
 
-SUBCOMMANDS = ["adapt", "eval", "inspect", "demo", "quantize", "compress", "serve", "bet", "bets"]
+SUBCOMMANDS = ["adapt", "eval", "inspect", "demo", "export", "quantize", "compress", "serve", "bet", "bets"]
 
 
 def _load(name: str):
