@@ -81,3 +81,14 @@ def test_export_loads_back_in_transformers_and_peft(capsys, tiny, method, tmp_pa
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, adapted.model(input_ids=ids).logits, atol=1e-5)
     assert main(["export", "--adapter", str(path), "--out", str(out), "--base", "tiny"]) == 2
+
+
+def test_demo_compares_three_methods_on_the_builtin_user(capsys, tmp_path):
+    code, r = run_json(capsys, "demo", "--base", "tiny", "--steps", "2", "--eval-tokens", "256",
+                       "--out-dir", str(tmp_path))
+    assert code == 0
+    assert [row["method"] for row in r["rows"]] == ["base (no adapter)", "norm", "lora", "full"]
+    sizes = {row["method"]: row["bytes"] for row in r["rows"]}
+    assert 0 < sizes["norm"] < sizes["lora"] < sizes["full"]
+    assert all(row["personal_ppl"] > 1 and row["general_ppl"] > 1 for row in r["rows"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "lora.safetensors", "norm.safetensors"]
