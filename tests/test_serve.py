@@ -122,6 +122,7 @@ def test_upload_replace_delete(server, two_users, tiny, tmp_path):
     store = server.router.store
     first = server.client.get("/v1/users/ann/adapter", headers=auth(toks["ann"])).json()
     assert first["sha256"] == wire.hashlib.sha256(data["ann"]).hexdigest() and first["method"] == "norm"
+    assert first["meta"] == wire.parse_file(data["ann"], "upload")[1]  # the file's full metadata
     new = adapter_bytes(tiny, 7, tmp_path)
     assert server.score(toks["ann"]).status_code == 200  # the old adapter is now cached
     rec = server.put("ann", toks["ann"], new).json()

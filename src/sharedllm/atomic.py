@@ -6,8 +6,10 @@ import tempfile
 from pathlib import Path
 
 
-def write_bytes_atomic(path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (same-directory temp file, fsync, os.replace, fsync dir)."""
+def write_bytes_atomic(path, data: bytes, sync_dir: bool = True) -> Path:
+    """Write `data` to `path` atomically (same-directory temp file, fsync, os.replace, fsync dir).
+
+    sync_dir=False leaves the directory fsync to the caller (bulk writers sync each directory once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -20,7 +22,8 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
     return path
 
 

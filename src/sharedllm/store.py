@@ -51,6 +51,14 @@ class AdapterRecord:
                 "meta": self.meta}
 
 
+INDEX_META = ("method", "scheme", "params", "base_fingerprint", "layout", "format_version", "version")
+
+
+def _compact(meta: dict) -> str:
+    """The few metadata fields the index keeps per row (the full metadata stays in the file's header)."""
+    return json.dumps({k: meta[k] for k in INDEX_META if k in meta}, separators=(",", ":"))
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -82,12 +90,12 @@ class AdapterStore:
     def path_of(self, sha: str) -> Path:
         return self.files / sha[:2] / f"{sha}{SUFFIX}"
 
-    def _write_file(self, data: bytes) -> str:
+    def _write_file(self, data: bytes, sync_dir: bool = True) -> str:
         sha = sha256_hex(data)
         path = self.path_of(sha)
         if not (path.is_file() and path.stat().st_size == len(data)):
             fresh = not path.parent.exists()
-            write_bytes_atomic(path, data)
+            write_bytes_atomic(path, data, sync_dir=sync_dir)
             if fresh:
                 fsync_dir(self.files)
         return sha
@@ -132,10 +140,10 @@ class AdapterStore:
                 raise SharedLLMError(f"no user {user!r}")
             sha = self._write_file(data)
             old = self.get(user)
-            rec = AdapterRecord(user, sha, len(data), meta, time.time())
+            rec = AdapterRecord(user, sha, len(data), json.loads(_compact(meta)), time.time())
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-                             (user, sha, len(data), json.dumps(meta, separators=(",", ":")), rec.updated))
+                             (user, sha, len(data), _compact(meta), rec.updated))
             self._db.execute("COMMIT")
             if old and old.sha256 != sha:
                 self._unlink_if_unreferenced(old.sha256)
@@ -163,7 +171,9 @@ class AdapterStore:
 
     def put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
         """Bulk import (fleet tools): new users with adapters, every file durable before one index transaction."""
-        shas = [self._write_file(data) for _, data, _ in items]
+        shas = [self._write_file(data, sync_dir=False) for _, data, _ in items]
+        for d in {self.path_of(sha).parent for sha in shas}:
+            fsync_dir(d)
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -171,7 +181,7 @@ class AdapterStore:
                 self._db.execute("INSERT OR IGNORE INTO users VALUES (?, ?, ?)",
                                  (user, token_hash(secrets.token_urlsafe(32)), now))
                 self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-                                 (user, sha, len(data), json.dumps(meta, separators=(",", ":")), now))
+                                 (user, sha, len(data), _compact(meta), now))
             self._db.execute("COMMIT")
         return len(items)
 

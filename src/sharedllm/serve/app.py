@@ -118,7 +118,7 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         rec = store.get(user)
         if rec is None:
             raise HTTPException(404, f"user {user!r} has no adapter")
-        return rec.to_json()
+        return {**rec.to_json(), "meta": router.file_meta(rec.sha256)}
 
     @app.delete("/v1/users/{user}/adapter")
     def delete_adapter(user: str, request: Request) -> dict:

@@ -165,6 +165,11 @@ class Router:
         self.cache.put(rec.sha256, self.model.gains_from(named, rec.sha256))
         return rec
 
+    def file_meta(self, sha256: str) -> dict:
+        """The full metadata in a stored adapter's header (the index keeps only a few fields per row)."""
+        _, meta = wire.parse_file(self.store.read(sha256), f"stored adapter {sha256[:16]}")
+        return meta
+
     def gains_for(self, user: str, adapter: str = "user") -> Gains:
         """The gains a request of `user` runs with; adapter="none" asks explicitly for the bare base."""
         if adapter == "none":
