@@ -1,0 +1,85 @@
+"""sharedllm quantize: write a ternary base file (decoder linears as packed ternary codes + scales)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..base import load_base
+from ..cli import add_base_args, say
+from ..data import read_user_text, split_by_position
+from ..errors import SharedLLMError
+from ..quant.ptq import METHODS, NEEDS_CALIB, PTQConfig, quantize_model
+from ..quant.ternary import save_ternary_base
+
+HELP = "ternarise a base's decoder linears into one file (5 trits/byte + scales); use it with --base FILE"
+
+
+def configure(p) -> None:
+    p.add_argument("--out", required=True, help="ternary base file to write (.safetensors)")
+    p.add_argument("--method", default="gptq-asym", choices=list(METHODS),
+                   help="absmean (naive baseline) | asym (per-row alpha*T+mu, no data) | gptq-asym (calibrated)")
+    p.add_argument("--calib", default=None,
+                   help="general text for calibration and repair; only its first 80 %% is used")
+    d = PTQConfig()
+    p.add_argument("--group", type=int, default=d.group, help="columns per scale group (0 = whole row)")
+    p.add_argument("--calib-seqs", type=int, default=d.calib_seqs)
+    p.add_argument("--calib-len", type=int, default=d.calib_len)
+    p.add_argument("--damp", type=float, default=d.damp)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="GPTQ rounding + refit passes per matrix")
+    p.add_argument("--target-bpw", type=float, default=d.target_bpw,
+                   help="bits/weight budget for keeping damaged matrices as int8 (0 = all ternary)")
+    p.add_argument("--keep-err", type=float, default=d.keep_err,
+                   help="relative output error above which a matrix is kept as int8 (within the budget)")
+    p.add_argument("--repair-steps", type=int, default=d.repair_steps,
+                   help="distillation steps re-tuning norm gains and scales on the calibration text")
+    p.add_argument("--repair-lr", type=float, default=d.repair_lr)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    add_base_args(p)
+
+
+def ptq_config(args) -> PTQConfig:
+    return PTQConfig(group=args.group, calib_seqs=args.calib_seqs, calib_len=args.calib_len, damp=args.damp,
+                     rounds=args.rounds, target_bpw=args.target_bpw, keep_err=args.keep_err,
+                     repair_steps=args.repair_steps, repair_lr=args.repair_lr, log=say)
+
+
+def calibration_tokens(path, tokenizer) -> torch.Tensor:
+    """The first 80 % of a general text (the last 20 % stays free for evaluating the result)."""
+    train, _ = split_by_position(read_user_text(path))
+    return torch.tensor(tokenizer.encode(train), dtype=torch.long)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ptq_config(args)
+    needs = args.method in NEEDS_CALIB or cfg.repair_steps
+    if needs and not args.calib:
+        raise SharedLLMError(f"--method {args.method} (or --repair-steps) needs --calib TEXT (general text)")
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    calib = calibration_tokens(args.calib, base.tokenizer).to(base.device) if args.calib else None
+    t0 = time.time()
+    model, q = quantize_model(base.model, args.method, calib if needs else None, cfg)
+    wall = time.time() - t0
+    info = {"method": args.method, "params": cfg.used(args.method), "source_fingerprint": base.fingerprint,
+            "source_name": base.name, "quantize_wall_s": round(wall, 1)}
+    meta = save_ternary_base(args.out, model, base.tokenizer, q, info)
+    kept = sorted(n for n, k in meta["kinds"].items() if k != "ternary")
+    return {"out": args.out, "method": args.method, "bits_per_weight": meta["bits_per_weight"],
+            "bytes": meta["bytes"], "bytes_decoder_linears": meta["bytes_decoder_linears"],
+            "bytes_embeddings_fp16": meta["bytes_embeddings_fp16"],
+            "bytes_norms_biases_fp32": meta["bytes_norms_biases_fp32"], "bytes_tokenizer": meta["bytes_tokenizer"],
+            "kept_int8": kept, "fingerprint": meta["fingerprint"], "source_fingerprint": base.fingerprint,
+            "wall_s": round(wall, 1)}
+
+
+def render(r: dict) -> str:
+    return "\n".join([
+        f"ternary base  {r['out']}  ({r['method']}, {r['bytes']:,} bytes, fingerprint {r['fingerprint'][:16]}...)",
+        f"decoder linears: {r['bits_per_weight']:.4f} bits/weight incl. scales ({r['bytes_decoder_linears']:,} bytes;"
+        f" {len(r['kept_int8'])} matrices kept as int8)",
+        f"stored apart: embeddings fp16 {r['bytes_embeddings_fp16']:,} bytes, norms/biases fp32 "
+        f"{r['bytes_norms_biases_fp32']:,} bytes, tokenizer {r['bytes_tokenizer']:,} bytes",
+        f"quantised in {r['wall_s']:.1f} s from base {r['source_fingerprint'][:16]}..."])

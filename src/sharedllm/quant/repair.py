@@ -1,0 +1,88 @@
+"""A short repair pass after ternarisation: distil the full-precision base into the ternary one.
+
+Trains only what the ternary file can store without changing its codes: every RMSNorm gain, and each ternary
+matrix's alpha and mu (its codes stay fixed). Loss: KL(teacher || student) on the next-token distribution, on
+random windows of the calibration (general) text; never on any user's text.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..base import norm_modules
+from ..data import batch_sampler
+from .ternary import TernaryTensor
+
+
+class TernaryLinear(torch.nn.Module):
+    """y = x (alpha * T + mu)^T + b with T fixed and alpha, mu trainable."""
+
+    def __init__(self, q: TernaryTensor, bias):
+        super().__init__()
+        self.register_buffer("codes", q.codes.float())
+        self.alpha = torch.nn.Parameter(q.alpha.clone())
+        self.mu = torch.nn.Parameter(q.mu.clone() if q.mu is not None else torch.zeros_like(q.alpha))
+        self.bias = bias
+        self.cols = q.codes.shape[1]
+
+    def weight_now(self) -> torch.Tensor:
+        g = self.cols // self.alpha.shape[1]
+        return self.alpha.repeat_interleave(g, 1) * self.codes + self.mu.repeat_interleave(g, 1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_now(), self.bias)
+
+    def frozen(self) -> TernaryTensor:
+        return TernaryTensor(self.codes, self.alpha.detach(), self.mu.detach())
+
+
+def _swap(model, name: str, new):
+    parent, _, child = name.rpartition(".")
+    old = getattr(model.get_submodule(parent), child)
+    setattr(model.get_submodule(parent), child, new)
+    return old
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg) -> dict:
+    """Distil `teacher` into `student` (in place); returns qtensors with the re-tuned alpha / mu."""
+    wrapped = {n: TernaryLinear(q, student.get_submodule(n).bias) for n, q in qtensors.items()
+               if isinstance(q, TernaryTensor)}
+    originals = {n: _swap(student, n, w) for n, w in wrapped.items()}
+    norms = [m.weight for m in norm_modules(student).values()]
+    scales = [p for w in wrapped.values() for p in (w.alpha, w.mu)]
+    for p in norms + scales:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": norms, "lr": cfg.repair_lr},
+                             {"params": scales, "lr": cfg.repair_lr / 10}], betas=(0.9, 0.95), weight_decay=0.0)
+    batches = batch_sampler(calib.reshape(-1), cfg.repair_batch, cfg.calib_len - 1, cfg.seed)
+    student.train()
+    t0 = time.time()
+    for step in range(cfg.repair_steps):
+        x = next(batches)[:, :-1]
+        with torch.no_grad():
+            target = teacher(input_ids=x, use_cache=False).logits
+        loss = kl_loss(student(input_ids=x, use_cache=False).logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cfg.log and (step % 10 == 0 or step == cfg.repair_steps - 1):
+            cfg.log(f"repair step {step + 1}/{cfg.repair_steps}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    student.eval()
+    out = dict(qtensors)
+    with torch.no_grad():
+        for n, w in wrapped.items():
+            out[n] = w.frozen()
+            lin = originals[n]
+            lin.weight.copy_(out[n].dequant())
+            _swap(student, n, lin)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return out
