@@ -17,6 +17,8 @@ def configure(p) -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long the oldest queued request waits for others to share its batch")
     p.add_argument("--max-batch", type=int, default=16, help="most requests in one forward pass")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="most padded positions in one batch (bounds the memory of the logits)")
     p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="upload size limit (default: 4 bytes per gain + 1 MiB)")
@@ -31,7 +33,8 @@ def run(args) -> dict:
     base = load_base(args.base, args.device)
     store = Path(args.store) if args.store else cache_dir() / f"store-{base.name}"
     app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
-                               cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes)
+                               cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
+                               max_batch_tokens=args.max_batch_tokens)
     swept = router.store.swept
     say(f"store {store}: {router.store.count()} adapters; swept {len(swept.get('temp_files', []))} temp and "
         f"{len(swept.get('orphan_files', []))} orphan files")

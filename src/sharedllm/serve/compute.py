@@ -72,7 +72,7 @@ def generate_batch(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gain
     done = [m <= 0 for m in max_tokens]
     cache = DynamicCache()
     logits = rgm.forward(ids, stacked, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True).logits[:, -1]
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
     for _ in range(max(max_tokens, default=0)):
         nxt = []
         for b, g in enumerate(out):

@@ -71,10 +71,13 @@ class Job:
 
 
 class Batcher:
-    """One worker thread; requests of one kind that arrive within `window_s` of each other share a batch."""
+    """One worker thread; requests of one kind that arrive within `window_s` of each other share a batch.
 
-    def __init__(self, run: dict, window_s: float = 0.01, max_batch: int = 16):
-        self.run, self.window_s, self.max_batch = run, window_s, max_batch
+    A batch holds at most `max_batch` rows and `max_batch_tokens` padded positions (this bounds the memory of
+    the logits: positions x vocabulary x 4 bytes); whatever does not fit waits for the next batch."""
+
+    def __init__(self, run: dict, window_s: float = 0.01, max_batch: int = 16, max_batch_tokens: int = 16384):
+        self.run, self.window_s, self.max_batch, self.max_batch_tokens = run, window_s, max_batch, max_batch_tokens
         self._q: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -109,10 +112,21 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            batch = [j for j in self._q if j.kind == kind][: self.max_batch]
+            batch = self._fit([j for j in self._q if j.kind == kind])
             for j in batch:
                 self._q.remove(j)
             return batch
+
+    def _fit(self, jobs: list[Job]) -> list[Job]:
+        """The oldest jobs that fit: at most max_batch rows and rows x padded length <= max_batch_tokens."""
+        batch, width = [], 0
+        for j in jobs[: self.max_batch]:
+            w = max(width, len(j.ids) + j.max_tokens)
+            if batch and (len(batch) + 1) * w > self.max_batch_tokens:
+                break
+            batch.append(j)
+            width = w
+        return batch
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
@@ -133,7 +147,7 @@ class Batcher:
 
 class Router:
     def __init__(self, base: Base, store: AdapterStore, window_s: float = 0.01, max_batch: int = 16,
-                 cache_size: int = 1024, max_adapter_bytes: int | None = None):
+                 cache_size: int = 1024, max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -141,7 +155,8 @@ class Router:
         self.max_adapter_bytes = max_adapter_bytes or params * 4 + (1 << 20)
         self.cache = LRU(cache_size)
         self._base_state = dict(base.model.named_parameters())
-        self.batcher = Batcher({"score": self._run_score, "generate": self._run_generate}, window_s, max_batch)
+        self.batcher = Batcher({"score": self._run_score, "generate": self._run_generate}, window_s, max_batch,
+                               max_batch_tokens)
 
     def close(self) -> None:
         self.batcher.close()
