@@ -44,6 +44,12 @@ def _progress(total: int, label: str):
     return tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty(), leave=False)
 
 
+def _log_when_not_a_terminal(label: str, step: int, total: int, loss: float) -> None:
+    """Background runs and CI logs get a line every 10 % of the steps instead of a progress bar."""
+    if not sys.stderr.isatty() and total >= 20 and step % (total // 10) == 0:
+        print(f"[sharedllm] {label}: step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+
 def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train") -> TrainResult:
     """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen."""
     torch.manual_seed(cfg.seed)
@@ -59,6 +65,7 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
             losses.append(_step(model, opt, next(batches).to(device)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            _log_when_not_a_terminal(label, len(losses), cfg.steps, losses[-1])
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses)
 
