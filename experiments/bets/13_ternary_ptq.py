@@ -1,0 +1,63 @@
+"""Bet 13: ternary post-training quantisation of the base keeps it usable."""
+from __future__ import annotations
+
+import json
+
+from sharedllm.base import load_base
+
+from .cells import fmt, one, ppl
+from .common import GENERAL
+from .harness import Bet, grade, main
+
+HYPOTHESIS = ("Ternary PTQ of the base (the best method of `sharedllm quantize`) gives a base file <= 1/8 of the "
+              "fp16 base's size with general-text ppl <= 1.5x the full-precision base.")
+CRITERIA = {
+    "measure": "size ratio = ternary base file bytes / (fp16 bytes of every base parameter); ppl ratio = "
+               "ternary general-text ppl / full-precision general-text ppl (3 eval texts pooled)",
+    "STRICT": {"max_size_ratio": 1 / 8, "max_ppl_ratio": 1.5}, "LENIENT": {"max_ppl_ratio": 3.0},
+    "CATASTROPHIC": {"min_ppl_ratio": 10.0},
+}
+
+
+def fp16_bytes(model) -> int:
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def run(ctx) -> list:
+    path = ctx.ternary_file()
+    tbase = load_base(str(path), ctx.opts.device)
+    side = path.with_suffix(".json")
+    info = json.loads(side.read_text()) if side.is_file() else {}
+    ctx.extras["quantize"] = info
+    fp_bytes, t_bytes = fp16_bytes(ctx.base.model), path.stat().st_size
+    cells = ctx.score_cells(None, GENERAL, condition="fp", bytes=fp_bytes)
+    bits = tbase.meta.get("bits_per_weight")
+    cells += ctx.rebased(tbase).score_cells(None, GENERAL, condition="ternary", bytes=t_bytes,
+                                            bits_per_weight=bits, method=tbase.meta.get("method"))
+    return cells
+
+
+def ratios(cells: list) -> tuple[float, float]:
+    size = one(cells, "bytes", condition="ternary") / one(cells, "bytes", condition="fp")
+    return size, ppl(cells, condition="ternary") / ppl(cells, condition="fp")
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    size, r = ratios(cells)
+    s = criteria["STRICT"]
+    return grade(size <= s["max_size_ratio"] and r <= s["max_ppl_ratio"], r <= criteria["LENIENT"]["max_ppl_ratio"],
+                 r > criteria["CATASTROPHIC"]["min_ppl_ratio"])
+
+
+def summary(cells: list) -> str:
+    size, r = ratios(cells)
+    return (f"general ppl fp {fmt(ppl(cells, condition='fp'))} -> ternary {fmt(ppl(cells, condition='ternary'))} "
+            f"({r:.2f}x); file {one(cells, 'bytes', condition='ternary'):,} bytes = {size:.3f} of fp16; "
+            f"decoder bits/weight {one(cells, 'bits_per_weight', condition='ternary')}")
+
+
+BET = Bet(id="13", slug="ternary_ptq", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
+          verdict=verdict, summary=summary, accepts=("ternary",))
+
+if __name__ == "__main__":
+    raise SystemExit(main(BET))

@@ -1,0 +1,58 @@
+"""Bet 37: norm-only vs LoRA-r4 vs full fine-tuning on the programmer user, 3 eval texts."""
+from __future__ import annotations
+
+from .cells import fmt, one, ppl
+from .common import USERS
+from .harness import Bet, grade, main
+
+USER = "programmer"
+METHODS = ("norm", "lora", "full")
+HYPOTHESIS = ("On the programmer user, a norm-only adapter gets within 2x of full fine-tuning's held-out ppl "
+              "while being under 1 % of its size.")
+CRITERIA = {
+    "measure": "ppl ratio = norm ppl / full-FT ppl, pooled over the 3 eval texts; size ratio = norm adapter "
+               "bytes / full-FT adapter bytes",
+    "STRICT": {"max_ppl_ratio": 2.0, "max_size_ratio": 0.01},
+    "LENIENT": {"max_ppl_ratio": 5.0},
+    "CATASTROPHIC": {"min_ppl_ratio": 10.0},
+}
+
+
+def run(ctx) -> list:
+    rel = USERS[USER]
+    cells = ctx.score_cells(None, rel, user=USER, method="none", bytes=0)
+    for method in METHODS:
+        path = ctx.adapter(rel, method)
+        ctx.curve(f"{USER}/{method}", path)
+        cells += ctx.score_cells(path, rel, user=USER, method=method, bytes=path.stat().st_size)
+        ctx.release()
+    return cells
+
+
+def ratios(cells: list, **where) -> tuple[float, float]:
+    ppl_ratio = ppl(cells, method="norm", **where) / ppl(cells, method="full", **where)
+    return ppl_ratio, one(cells, "bytes", method="norm") / one(cells, "bytes", method="full")
+
+
+def strict_holds(ppl_ratio: float, size_ratio: float, criteria: dict) -> bool:
+    s = criteria["STRICT"]
+    return ppl_ratio < s["max_ppl_ratio"] and size_ratio < s["max_size_ratio"]
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    r, size = ratios(cells)
+    return grade(strict_holds(r, size, criteria), r < criteria["LENIENT"]["max_ppl_ratio"],
+                 r > criteria["CATASTROPHIC"]["min_ppl_ratio"])
+
+
+def summary(cells: list) -> str:
+    r, size = ratios(cells)
+    p = ", ".join(f"{m} {fmt(ppl(cells, method=m))}" for m in ("none",) + METHODS)
+    return f"held-out ppl {p}; norm/full ppl ratio {r:.3f}, size ratio {size:.2e}"
+
+
+BET = Bet(id="37", slug="norm_only", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
+          verdict=verdict, summary=summary)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BET))

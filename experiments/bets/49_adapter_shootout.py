@@ -1,0 +1,72 @@
+"""Bet 49: norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning (3 users x 3 methods)."""
+from __future__ import annotations
+
+from .cells import fmt, one, ppl, values
+from .common import GENERAL, USERS
+from .harness import Bet, grade, main
+
+METHODS = ("norm", "lora", "full")
+HYPOTHESIS = ("Per-user norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning at a fixed budget "
+              "(100 steps, 2 x 256 tokens): lower held-out personal ppl, a smaller adapter, and general-text ppl "
+              "no worse than the rival's within 5 %.")
+CRITERIA = {
+    "dominance": "norm personal ppl < rival's AND norm adapter bytes < rival's AND "
+                 "norm general ppl <= (1 + general_tolerance) x rival's general ppl",
+    "general_tolerance": 0.05, "rivals": ["lora", "full"],
+    "STRICT": {"min_users_dominating_every_rival": 3},
+    "LENIENT": {"min_users_dominating_every_rival": 2},
+    "CATASTROPHIC": {"max_users_dominating_every_rival": 0},
+}
+
+
+def run(ctx) -> list:
+    cells = []
+    for user, rel in USERS.items():
+        cells += ctx.score_cells(None, rel, user=user, method="none", eval="personal", bytes=0)
+        for method in METHODS:
+            path = ctx.adapter(rel, method)
+            side = ctx.curve(f"{user}/{method}", path)
+            size = path.stat().st_size
+            cells += ctx.score_cells(path, rel, user=user, method=method, eval="personal", bytes=size,
+                                     params=side["params"])
+            cells += ctx.score_cells(path, GENERAL, user=user, method=method, eval="general", bytes=size,
+                                     params=side["params"])
+            ctx.release()
+    cells += ctx.score_cells(None, GENERAL, user="-", method="none", eval="general", bytes=0)
+    return cells
+
+
+def dominates(cells: list, user: str, rival: str, tol: float) -> bool:
+    n, r = {"user": user, "method": "norm"}, {"user": user, "method": rival}
+    return (ppl(cells, eval="personal", **n) < ppl(cells, eval="personal", **r)
+            and one(cells, "bytes", **n) < one(cells, "bytes", **r)
+            and ppl(cells, eval="general", **n) <= (1 + tol) * ppl(cells, eval="general", **r))
+
+
+def winners(cells: list, criteria: dict) -> list:
+    users = [u for u in values(cells, "user", method="norm")]
+    return [u for u in users if all(dominates(cells, u, r, criteria["general_tolerance"]) for r in criteria["rivals"])]
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    k = len(winners(cells, criteria))
+    return grade(k >= criteria["STRICT"]["min_users_dominating_every_rival"],
+                 k >= criteria["LENIENT"]["min_users_dominating_every_rival"],
+                 k <= criteria["CATASTROPHIC"]["max_users_dominating_every_rival"])
+
+
+def summary(cells: list) -> str:
+    parts = []
+    for u in values(cells, "user", method="norm"):
+        p = "/".join(fmt(ppl(cells, user=u, method=m, eval="personal")) for m in ("none",) + METHODS)
+        g = "/".join(fmt(ppl(cells, user=u, method=m, eval="general")) for m in METHODS)
+        parts.append(f"{u} personal ppl base/norm/lora/full {p}, general norm/lora/full {g}")
+    k = len(winners(cells, CRITERIA))
+    return f"norm dominates both rivals for {k}/{len(values(cells, 'user', method='norm'))} users; " + "; ".join(parts)
+
+
+BET = Bet(id="49", slug="adapter_shootout", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
+          verdict=verdict, summary=summary)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BET))

@@ -1,0 +1,60 @@
+"""Bet 55: a user's own adapter beats an ensemble of the other users' adapters (probabilities averaged)."""
+from __future__ import annotations
+
+from .cells import beats, fmt, ppl, scored, values
+from .common import USERS
+from .harness import Bet, grade, main
+from .probes import ensemble_nll
+
+HYPOTHESIS = ("For each user, their own norm adapter beats, by >= 5 % held-out ppl, the ensemble that averages "
+              "the next-token probabilities of every other user's norm adapter (their own left out).")
+CRITERIA = {
+    "margin": 0.05, "win": "own ppl <= (1 - margin) x ensemble ppl", "loss": "ensemble ppl < own ppl",
+    "STRICT": {"min_users_won": 3}, "LENIENT": {"min_users_won": 2}, "CATASTROPHIC": {"min_users_lost": 2},
+}
+
+
+def run(ctx) -> list:
+    from sharedllm.personalise import load_adapted
+
+    paths = {user: ctx.adapter(rel, "norm") for user, rel in USERS.items()}
+    cells = []
+    for user, rel in USERS.items():
+        cells += ctx.score_cells(None, rel, user=user, condition="base")
+        cells += ctx.score_cells(paths[user], rel, user=user, condition="own")
+        others = [u for u in paths if u != user]
+        models = [load_adapted(ctx.base, paths[u]).model for u in others]
+        for i, text in enumerate(ctx.texts(rel)):
+            w = ctx.windows(text)
+            cells.append(scored(ensemble_nll(models, w), int(w[:, 1:].numel()), text=i, user=user,
+                                condition="ensemble", members="+".join(others)))
+        del models
+    return cells
+
+
+def counts(cells: list, criteria: dict) -> tuple[int, int]:
+    won = lost = 0
+    for u in values(cells, "user"):
+        own, ens = ppl(cells, user=u, condition="own"), ppl(cells, user=u, condition="ensemble")
+        won, lost = won + beats(own, ens, criteria["margin"]), lost + (ens < own)
+    return won, lost
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    won, lost = counts(cells, criteria)
+    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
+                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+
+
+def summary(cells: list) -> str:
+    won, _ = counts(cells, CRITERIA)
+    per = "; ".join(f"{u} base/own/ensemble {'/'.join(fmt(ppl(cells, user=u, condition=c)) for c in ('base', 'own', 'ensemble'))}"
+                    for u in values(cells, "user"))
+    return f"own beats the others' ensemble by >= 5 % for {won}/{len(values(cells, 'user'))} users; {per}"
+
+
+BET = Bet(id="55", slug="logit_ensemble", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
+          verdict=verdict, summary=summary)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BET))

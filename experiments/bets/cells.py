@@ -1,0 +1,60 @@
+"""Pure helpers over result cells (flat dicts), shared by every bet's verdict and summary.
+
+A scored cell carries `nll` (summed nats) and `tokens` (predicted tokens); perplexity over a set of cells is
+pooled: exp(sum nll / sum tokens), i.e. the token ppl of the concatenated eval texts in the stated windows.
+"""
+from __future__ import annotations
+
+import math
+
+
+def select(cells: list, **where) -> list:
+    return [c for c in cells if all(c.get(k) == v for k, v in where.items())]
+
+
+def ppl(cells: list, **where) -> float:
+    rows = select(cells, **where)
+    if not rows:
+        raise KeyError(f"no cells match {where}")
+    return math.exp(sum(c["nll"] for c in rows) / sum(c["tokens"] for c in rows))
+
+
+def values(cells: list, key: str, **where) -> list:
+    """The distinct values of `key` among matching cells, in first-seen order."""
+    out = []
+    for c in select(cells, **where):
+        if key in c and c[key] not in out:
+            out.append(c[key])
+    return out
+
+
+def one(cells: list, key: str, **where):
+    rows = [c[key] for c in select(cells, **where) if key in c]
+    if len(set(map(str, rows))) != 1:
+        raise KeyError(f"expected one value of {key} for {where}, found {rows[:4]}")
+    return rows[0]
+
+
+def beats(ppl_a: float, ppl_b: float, margin: float) -> bool:
+    """a beats b by at least `margin` (relative): ppl_a <= (1 - margin) * ppl_b."""
+    return ppl_a <= (1.0 - margin) * ppl_b
+
+
+def scored(nll: float, tokens: int, **condition) -> dict:
+    return {**condition, "nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens)}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.3e}"
+
+
+def confusion_outcomes(cells: list, margin: float, **where) -> dict:
+    """For each eval user: (own adapter beats every other adapter and the base by >= margin, own is best).
+
+    Cells carry `adapter` (a user name, or "base") and `user` (whose eval text was scored)."""
+    out = {}
+    for u in values(cells, "user", **where):
+        own = ppl(cells, user=u, adapter=u, **where)
+        rivals = [ppl(cells, user=u, adapter=a, **where) for a in values(cells, "adapter", user=u, **where) if a != u]
+        out[u] = (all(beats(own, r, margin) for r in rivals), all(own < r for r in rivals))
+    return out

@@ -1,0 +1,229 @@
+"""What a running bet sees: the base, users' data and eval texts, trained adapters (cached under out/), and
+scoring with a score cache keyed by the exact adapter file, user, eval text and window."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sharedllm.atomic import write_text_atomic
+from sharedllm.base import load_base
+from sharedllm.cli import say
+from sharedllm.data import eval_windows, load_user
+from sharedllm.errors import SharedLLMError
+from sharedllm.metrics import score_windows
+from sharedllm.personalise import load_adapted
+from sharedllm.train import TrainConfig
+
+from . import common
+from .cells import scored
+
+QUICK = {"steps": 3, "batch": 2, "seq": 32, "lr": 5e-3, "text_len": 64, "window": 32}
+QUICK_QUANTIZE = ("--calib-seqs", "2", "--calib-len", "32")
+WINDOW = 256
+_DATA: dict = {}  # (tokenizer id, file) -> UserData, shared by bets run in one process
+
+
+class ScoreCache:
+    """A JSON file of summed NLLs: scoring the same adapter on the same text twice costs nothing."""
+
+    FLUSH_S = 30.0
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.dirty, self.flushed = False, time.monotonic()
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.dirty = True
+        if time.monotonic() - self.flushed > self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.dirty:
+            write_text_atomic(self.path, json.dumps(self.data, indent=0, sort_keys=True))
+        self.dirty, self.flushed = False, time.monotonic()
+
+
+class Context:
+    def __init__(self, bet, opts, base=None):
+        self.bet, self.opts, self.quick = bet, opts, opts.quick
+        if base is None:
+            say(f"bet {bet.name}: loading base {opts.base_spec} on {opts.device}")
+        self.base = base or load_base(opts.base_spec, opts.device)
+        self.text_len = QUICK["text_len"] if self.quick else common.EVAL_LEN
+        self.n_texts = common.EVAL_TEXTS
+        self.window = QUICK["window"] if self.quick else WINDOW
+        self.extras, self.notes, self.users_used, self.seeds_used = {}, {}, [], set()
+        self._held: tuple = (None, None)
+        self._sha: dict = {}
+        self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.base.fingerprint[:16]}.json")
+
+    # ---- configuration recorded in the result ----
+    def train_config(self, seed: int = 0) -> TrainConfig:
+        self.seeds_used.add(seed)
+        if self.quick:
+            return TrainConfig(steps=QUICK["steps"], batch=QUICK["batch"], seq=QUICK["seq"], lr=QUICK["lr"], seed=seed)
+        return TrainConfig(seed=seed)
+
+    def config(self) -> dict:
+        cfg = self.train_config(0).to_json()
+        return {"base": self.base.name, "base_spec": self.opts.base_spec, "base_fingerprint": self.base.fingerprint,
+                "users": self.users_used, "steps": cfg["steps"], "batch": cfg["batch"], "seq": cfg["seq"],
+                "lr": cfg["lr"], "betas": cfg["betas"], "weight_decay": cfg["weight_decay"],
+                "seeds": sorted(self.seeds_used), "eval": {"texts": self.n_texts, "tokens_per_text": self.text_len,
+                                                          "window": self.window, "split": "last 20 % by position"},
+                "corpora": Path(self.opts.corpora).name, "device": self.opts.device, "quick": self.quick,
+                **self.notes}
+
+    # ---- data ----
+    def user_path(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_file() or p.is_dir() else common.user_file(self.opts.corpora, rel)
+
+    def data(self, rel: str):
+        if rel not in self.users_used:
+            self.users_used.append(rel)
+        key = (self.base.name, type(self.base.tokenizer).__name__, str(self.user_path(rel)))
+        if key not in _DATA:
+            _DATA[key] = load_user(self.user_path(rel), self.base.tokenizer)
+        return _DATA[key]
+
+    def texts(self, rel: str) -> list:
+        from sharedllm.data import disjoint_slices
+
+        return disjoint_slices(self.data(rel).heldout, self.n_texts, self.text_len)
+
+    def random_tokens(self, rel: str, seed: int = 0) -> torch.Tensor:
+        """Uniform random token ids, as many as the user's training pool (the noise-floor control)."""
+        vocab = min(self.base.tokenizer.vocab_size, self.base.model.config.vocab_size)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        return torch.randint(0, vocab, (len(self.data(rel).train),), generator=gen)
+
+    # ---- adapters ----
+    def adapter(self, rel: str, method: str = "norm", seed: int = 0, tag: str = "", tokens=None, base=None) -> Path:
+        """The cached adapter for (user, method, seed, tag) on `base` (default: this bet's base); trains once."""
+        base = base or self.base
+        tokens = self.data(rel).train if tokens is None else tokens
+        cfg = self.train_config(seed)
+        if not common.adapter_path(base, rel, method, cfg, tag, self.opts.out).is_file():
+            say(f"training {method}{tag} for {rel} (seed {seed}, {cfg.steps} steps)")
+        return common.ensure_adapter(base, rel, tokens, method, cfg, tag, root=self.opts.out)
+
+    def curve(self, key: str, path: Path) -> dict:
+        side = common.sidecar(path)
+        self.extras.setdefault("loss_curves", {})[key] = [round(x, 4) for x in side["losses"]]
+        return side
+
+    def model(self, path: Path | None):
+        """The base (path None) or the base with the adapter at `path`; one adapted copy is held at a time."""
+        if path is None:
+            return self.base.model
+        if self._held[0] != str(path):
+            self._held = (None, None)
+            self._held = (str(path), load_adapted(self.base, path).model)
+        return self._held[1]
+
+    def release(self) -> None:
+        self._held = (None, None)
+        self.cache.flush()
+
+    # ---- scoring ----
+    def windows(self, text: torch.Tensor) -> torch.Tensor:
+        return eval_windows(text, self.window)
+
+    def score_model(self, model, text: torch.Tensor) -> tuple[float, int]:
+        w = self.windows(text)
+        return score_windows(model, w), int(w[:, 1:].numel())
+
+    def _file_key(self, path: Path | None) -> str:
+        if path is None:
+            return "base"
+        if str(path) not in self._sha:
+            self._sha[str(path)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        return self._sha[str(path)]
+
+    def score(self, path: Path | None, rel: str, idx: int, probe: str = "", wrap=None) -> tuple[float, int]:
+        """Summed NLL and token count of eval text `idx` of user `rel` under the adapter file (or the base).
+
+        `wrap(model, idx)` is an optional context manager (e.g. noise hooks) named by `probe` in the cache key."""
+        key = f"{self._file_key(path)}|{rel}|{idx}/{self.n_texts}x{self.text_len}|w{self.window}|{probe}"
+        hit = self.cache.get(key)
+        if hit is None:
+            model = self.model(path)
+            if wrap is None:
+                hit = list(self.score_model(model, self.texts(rel)[idx]))
+            else:
+                with wrap(model, idx):
+                    hit = list(self.score_model(model, self.texts(rel)[idx]))
+            self.cache.put(key, hit)
+        return float(hit[0]), int(hit[1])
+
+    def score_cells(self, path: Path | None, rel: str, probe: str = "", wrap=None, **condition) -> list:
+        """One scored cell per eval text of `rel` under `path`; `condition` names the cell."""
+        return [scored(*self.score(path, rel, i, probe, wrap), text=i, **condition) for i in range(self.n_texts)]
+
+    def derived_adapter(self, name: str, method: str, state: dict) -> Path:
+        """Save an adapter computed from others (e.g. an average) so that it is scored and cached like any other."""
+        from sharedllm.personalise import new_adapter, save_adapted
+        from sharedllm.adapters import load_state
+
+        adapted = new_adapter(self.base, method)
+        load_state(adapted.params, state, name)
+        path = Path(self.opts.out) / "adapters" / self.base.fingerprint[:16] / "derived" / f"{name}.safetensors"
+        return save_adapted(adapted, path, self.base, info={"derived": name})
+
+    def rebased(self, base) -> "Context":
+        """The same bet and options on another base (e.g. the ternary one), with that base's score cache."""
+        other = Context(self.bet, self.opts, base=base)
+        other.users_used, other.seeds_used, other.extras = self.users_used, self.seeds_used, self.extras
+        return other
+
+    def command(self, name: str, *argv: str) -> dict:
+        """Run a `sharedllm` subcommand in-process (exactly as the CLI would) and return its result dict."""
+        from sharedllm.cli import build_parser
+
+        parser, modules = build_parser()
+        if name not in modules:
+            from .harness import MissingDependency
+
+            raise MissingDependency(f"bet {self.bet.name} needs `sharedllm {name}` (sharedllm.commands.{name}), "
+                                    "which this checkout does not have yet; no result written")
+        return modules[name].run(parser.parse_args([name, *argv]))
+
+    def ternary_file(self) -> Path:
+        """The ternary base: --ternary FILE, else `sharedllm quantize` of this base with its default method,
+        written once under out/ternary/ (a make-style target shared by bets 13, 52 and scale_protocol)."""
+        if self.opts.ternary:
+            self.notes["ternary_file"] = str(self.opts.ternary)
+            return Path(self.opts.ternary)
+        path = Path(self.opts.out) / "ternary" / self.base.fingerprint[:16] / "quantize_default.safetensors"
+        if not path.is_file():
+            say(f"quantising base {self.opts.base_spec} to {path} (sharedllm quantize, default method)")
+            args = ["--base", self.opts.base_spec, "--out", str(path), "--device", self.opts.device,
+                    "--calib", str(common.user_file(self.opts.corpora, common.GENERAL)), *QUICK_QUANTIZE * self.quick]
+            info = {"argv": args, **self.command("quantize", *args)}
+            path.with_suffix(".json").write_text(json.dumps(info, indent=1, default=str))
+        self.notes["ternary_file"] = str(path)
+        return path
+
+    def require(self, module: str, what: str):
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                from .harness import MissingDependency
+
+                raise MissingDependency(f"bet {self.bet.name} needs {what} ({module}), which this checkout does "
+                                        "not have yet; no result written") from None
+            raise
+

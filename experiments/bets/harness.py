@@ -1,0 +1,228 @@
+"""The bets runner: a registry of bets keyed by id, options, make-style result files, and the verdict grammar.
+
+A bet is data plus two functions, fixed in its module before it runs:
+  HYPOTHESIS, CRITERIA (STRICT / LENIENT / CATASTROPHIC rules as data),
+  run(ctx) -> cells        a list of flat dicts: the condition (user, method, seed, text...) and what was measured,
+  verdict(cells, criteria) a pure function, so every committed verdict can be recomputed from its JSON alone.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sharedllm.atomic import write_text_atomic
+from sharedllm.errors import SharedLLMError
+
+from .common import DEFAULT_CORPORA, OUT, REPO
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
+BETS = {  # the registry: bet id -> module under experiments/bets/
+    "13": "13_ternary_ptq", "37": "37_norm_only", "46": "46_replication", "49": "49_adapter_shootout",
+    "52": "52_quant_plus_adapter", "53": "53_adapter_compress", "54": "54_adapter_averaging",
+    "55": "55_logit_ensemble", "58": "58_steering_vector", "60": "60_noise_floor", "61": "61_confusion_matrix",
+    "63": "63_noise_robustness", "scale_protocol": "scale_protocol",
+}
+
+
+class MissingDependency(SharedLLMError):
+    """A bet needs a piece of the package that this checkout does not have yet (no result is written)."""
+
+
+@dataclass
+class Bet:
+    id: str
+    slug: str
+    version: int
+    hypothesis: str
+    criteria: dict
+    run: Callable
+    verdict: Callable
+    summary: Callable  # cells -> one line of key numbers for REPORT.md
+    accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary
+    side_verdicts: Callable | None = None  # (cells, criteria) -> {name: verdict}, reported beside the verdict
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}_{self.slug}" if self.id != self.slug else self.id
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    force: bool = False
+    base: str | None = None
+    corpora: Path = DEFAULT_CORPORA
+    device: str = "cpu"
+    out: Path = OUT
+    results: Path | None = None
+    users: list | None = None
+    seeds: int | None = None
+    full_ft: bool = False
+    ternary: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base_spec(self) -> str:
+        return self.base or ("tiny" if self.quick else "default")
+
+    def result_dir(self) -> Path:
+        if self.results is not None:
+            return Path(self.results)
+        if self.quick:
+            return RESULTS / "quick"
+        return RESULTS if self.base_spec == "default" else RESULTS / "other" / Path(self.base_spec).name
+
+
+def get_bet(bet_id: str) -> Bet:
+    key = str(bet_id)
+    if key not in BETS:
+        match = [k for k, m in BETS.items() if m == key or m.split("_", 1)[-1] == key]
+        if not match:
+            raise SharedLLMError(f"unknown bet {bet_id!r}; choose from {', '.join(BETS)}")
+        key = match[0]
+    return importlib.import_module(f"experiments.bets.{BETS[key]}").BET
+
+
+def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
+    """The one verdict order: CATASTROPHIC first, then STRICT_PASS, LENIENT_PASS, else FAIL."""
+    if catastrophic:
+        return "CATASTROPHIC"
+    return "STRICT_PASS" if strict else "LENIENT_PASS" if lenient else "FAIL"
+
+
+def result_path(bet: Bet, opts: Options) -> Path:
+    return opts.result_dir() / f"{bet.name}.json"
+
+
+def check_options(bet: Bet, opts: Options) -> None:
+    given = {"users": opts.users is not None, "seeds": opts.seeds is not None, "full_ft": opts.full_ft,
+             "ternary": opts.ternary is not None}
+    bad = [k for k, v in given.items() if v and k not in bet.accepts]
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise SharedLLMError(f"bet {bet.name} does not take {flags} (its conditions are fixed in its module)")
+
+
+def run_bet(bet: Bet, opts: Options) -> dict:
+    """Run a bet (or reuse its result file, a make-style target) and return the result dict."""
+    check_options(bet, opts)
+    path = result_path(bet, opts)
+    if path.is_file() and not opts.force:
+        result = json.loads(path.read_text())
+        result["reused"] = str(path)
+        return result
+    from .context import Context
+
+    start, threads = time.time(), torch.get_num_threads()
+    if opts.quick:  # tiny matmuls: one thread avoids OpenMP spin contention on a busy machine
+        torch.set_num_threads(1)
+    ctx = Context(bet, opts)
+    try:
+        cells = bet.run(ctx)
+    finally:
+        ctx.cache.flush()
+        torch.set_num_threads(threads)
+    result = assemble(bet, ctx, cells, time.time() - start)
+    write_text_atomic(path, json.dumps(result, indent=1, default=float) + "\n")
+    result["written"] = str(path)
+    return result
+
+
+def assemble(bet: Bet, ctx, cells: list, wall_s: float) -> dict:
+    result = {"bet": bet.id, "slug": bet.slug, "version": bet.version, "hypothesis": bet.hypothesis,
+              "criteria": bet.criteria, "config": ctx.config(), "cells": cells,
+              "verdict": bet.verdict(cells, bet.criteria), "summary": bet.summary(cells),
+              "extras": ctx.extras, "meta": meta(wall_s, ctx.opts)}
+    if bet.side_verdicts is not None:
+        result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
+    assert result["verdict"] in VERDICTS, result["verdict"]
+    return result
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def meta(wall_s: float, opts: Options) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    import sharedllm
+
+    device = opts.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(0)})"
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--",
+                                                                             "src", "experiments/bets")),
+            "packages": {"sharedllm": sharedllm.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__,
+                         "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpus": _cpus(), "threads": torch.get_num_threads(), "device": device},
+            "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "quick": opts.quick}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+# ---- command line (shared by `python -m experiments.bets.<id>_<slug>` and `sharedllm bet <id>`) ----
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny base, a few steps, tiny eval texts (seconds)")
+    p.add_argument("--force", action="store_true", help="re-run even if the result file exists")
+    p.add_argument("--base", default=None, help="default | tiny | HF dir | ternary base file (quick: tiny)")
+    p.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="folder of <kind>/<user>.txt corpora")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--out", default=str(OUT), help="artefact folder: trained adapters, score cache")
+    p.add_argument("--results", default=None, help="folder for the result JSON (default experiments/bets/results)")
+    p.add_argument("--users", nargs="+", default=None,
+                   help="scale_protocol: user corpora (kind/name, files) or one corpora folder")
+    p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
+    p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
+    p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
+
+
+def options_from(args) -> Options:
+    return Options(quick=args.quick, force=args.force, base=args.base, corpora=Path(args.corpora),
+                   device=args.device, out=Path(args.out), results=Path(args.results) if args.results else None,
+                   users=args.users, seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary)
+
+
+def render(result: dict) -> str:
+    where = result.get("written") or f"{result.get('reused')} (reused; --force re-runs)"
+    lines = [f"bet {result['bet']} {result['slug']}: {result['verdict']}", f"  {result['summary']}"]
+    for name, v in (result.get("side_verdicts") or {}).items():
+        lines.append(f"  side verdict {name}: {v}")
+    lines.append(f"  result {where}  ({result['meta']['wall_s']} s)")
+    return "\n".join(lines)
+
+
+def main(bet: Bet, argv=None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m experiments.bets.{bet.name}", description=bet.hypothesis)
+    add_options(p)
+    args = p.parse_args(argv)
+    try:
+        print(render(run_bet(bet, options_from(args))))
+    except SharedLLMError as e:
+        print(f"bet {bet.name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

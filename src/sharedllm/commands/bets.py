@@ -1,0 +1,41 @@
+"""sharedllm bets: the bets as a whole: `report` writes REPORT.md and plots from the result files; `list` lists them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bet import bets_package
+
+HELP = "bets overview: `report` writes experiments/bets/REPORT.md + PNG plots from the results; `list` shows them"
+
+
+def configure(p) -> None:
+    p.add_argument("action", choices=["report", "list"])
+    p.add_argument("--quick", action="store_true", help="use the --quick results (results/quick/)")
+    p.add_argument("--results", default=None, help="folder of result JSON files")
+    p.add_argument("--report", default=None, help="where to write the report (default experiments/bets/REPORT.md)")
+
+
+def run(args) -> dict:
+    bets_package()
+    from experiments.bets import harness, report
+
+    folder = Path(args.results) if args.results else harness.RESULTS / "quick" if args.quick else harness.RESULTS
+    if args.action == "list":
+        found = report.load_results(folder)
+        return {"results": str(folder), "bets": {b: found[b]["verdict"] if b in found else None
+                                                 for b in harness.BETS}}
+    dest = Path(args.report) if args.report else (folder / "REPORT.md" if args.quick or args.results
+                                                 else report.REPORT)
+    return report.write_report(folder, dest)
+
+
+def render(r: dict) -> str:
+    if "bets" in r and isinstance(r["bets"], dict):
+        return "\n".join(f"{b:16s} {v or '-'}" for b, v in r["bets"].items())
+    lines = [f"wrote {r['report']} ({len(r['with_results'])}/{r['bets']} bets with results, {len(r['plots'])} plots)"]
+    lines += [f"  {b:16s} {v}" for b, v in r["verdicts"].items()]
+    if r["missing"]:
+        lines.append(f"  no result yet: {', '.join(r['missing'])}")
+    if r["mismatches"]:
+        lines.append(f"  VERDICT MISMATCH on recompute: {', '.join(r['mismatches'])}")
+    return "\n".join(lines)
