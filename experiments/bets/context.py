@@ -13,7 +13,6 @@ from sharedllm.atomic import write_text_atomic
 from sharedllm.base import load_base
 from sharedllm.cli import say
 from sharedllm.data import eval_windows, load_user
-from sharedllm.errors import SharedLLMError
 from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.train import TrainConfig
@@ -210,20 +209,6 @@ class Context:
             args = ["--base", self.opts.base_spec, "--out", str(path), "--device", self.opts.device,
                     "--calib", str(common.user_file(self.opts.corpora, common.GENERAL)), *QUICK_QUANTIZE * self.quick]
             info = {"argv": args, **self.command("quantize", *args)}
-            path.with_suffix(".json").write_text(json.dumps(info, indent=1, default=str))
+            write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=1, default=str))
         self.notes["ternary_file"] = str(path)
         return path
-
-    def require(self, module: str, what: str):
-        import importlib
-
-        try:
-            return importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                from .harness import MissingDependency
-
-                raise MissingDependency(f"bet {self.bet.name} needs {what} ({module}), which this checkout does "
-                                        "not have yet; no result written") from None
-            raise
-
