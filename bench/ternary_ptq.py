@@ -20,7 +20,7 @@ from sharedllm.data import load_user
 from sharedllm.personalise import evaluate_on
 from sharedllm.quant.ptq import METHODS, PTQConfig
 from sharedllm.quant.repair import repair
-from sharedllm.quant.ternary import decoder_linears, save_ternary_base
+from sharedllm.quant.ternary import decoder_linears, load_quantised, save_ternary_base
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 GENERAL = CORPORA / "general" / "wikipedia_squad_paragraphs.txt"
@@ -68,20 +68,28 @@ def main():
     ap.add_argument("--repair-steps", type=int, default=60)
     ap.add_argument("--repair-on", default="gptq-asym", help="methods that also get the repair pass")
     ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--repair-batch", type=int, default=4)
     ap.add_argument("--keep-err", type=float, default=PTQConfig().keep_err)
     ap.add_argument("--general-tokens", type=int, default=8192)
     ap.add_argument("--user-tokens", type=int, default=4096)
     ap.add_argument("--out", default="out/ternary")
+    ap.add_argument("--resume", default=None, help="a ternary file to continue repairing (--repair-steps more)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     base = load_base(args.base)
     texts = held_out(base)
     calib = calibration_tokens(GENERAL, base.tokenizer)
-    cfg = PTQConfig(calib_seqs=args.calib_seqs, keep_err=args.keep_err, repair_steps=args.repair_steps, log=log)
+    cfg = PTQConfig(calib_seqs=args.calib_seqs, keep_err=args.keep_err, repair_steps=args.repair_steps,
+                    repair_batch=args.repair_batch, log=log)
     n = sum(m.weight.numel() for m in decoder_linears(base.model).values())
     rows = [{"method": "fp (source)", "bits_per_weight": 32.0, "decoder_linear_weights": n,
              **{f"ppl_{k}": v for k, v in score(base.model, base, texts, args).items()}}]
     log(json.dumps(rows[0]))
+    if args.resume:
+        rows.append(resume(args, base, texts, calib, cfg))
+        (Path(args.out) / f"bench_{args.base}_resume.json").write_text(json.dumps(rows, indent=1))
+        print(table(rows))
+        return
     for method in args.methods.split(","):
         t0 = time.time()
         student = copy.deepcopy(base.model)
@@ -100,6 +108,19 @@ def main():
         del student
         (Path(args.out) / f"bench_{args.base}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
+
+
+def resume(args, base, texts, calib, cfg) -> dict:
+    """Continue the repair of a saved file: its steps and wall time add to the new ones."""
+    student, q, meta = load_quantised(args.resume)
+    done = meta["params"].get("repair_steps", 0) if "+repair" in Path(args.resume).stem else 0
+    cfg.seed += done  # fresh calibration windows, not a replay of the first pass
+    t0 = time.time()
+    q = repair(student, base.model, q, calib, cfg)
+    wall = meta["quantize_wall_s"] + time.time() - t0
+    cfg.repair_steps += done
+    name = f"{meta['method']}+repair{cfg.repair_steps}"
+    return finish(name, student, q, base, texts, wall, cfg, meta["method"], args)
 
 
 def table(rows) -> str:

@@ -63,18 +63,26 @@ def run(args) -> dict:
 
 def run_policy(args, base, raw, flat, layout, base_state) -> dict:
     user = load_user(args.text, base.tokenizer).check(1, args.window)
-    ppl = lambda model: evaluate_on(model, base, user.heldout, args.window, args.eval_tokens or None)["ppl"]  # noqa
     say(f"scoring {user.source}'s held-out text: no adapter, raw, {', '.join(adapter_int8.SCHEMES)}")
-    raw_bytes = encoded(flat, layout, base_state, raw.meta, policy.RAW)
+    out = policy_for(base, raw, user.heldout, args.window, args.eval_tokens or None, source=args.adapter)
+    out["text"] = Path(args.text).name
+    return out
+
+
+def policy_for(base, raw, heldout, window: int = 256, max_tokens: int | None = None, source: str = "adapter") -> dict:
+    """Score no adapter, raw and every int8 scheme of adapter `raw` on `heldout` tokens; the policy's verdict."""
+    flat, layout = wire.flatten(adapter_state(raw.params)), wire.layout_of(raw.params)
+    base_state = dict(base.model.named_parameters())
+    ppl = lambda model: evaluate_on(model, base, heldout, window, max_tokens)  # noqa: E731
     cands = []
     for scheme in adapter_int8.SCHEMES:
-        data = encoded(flat, layout, base_state, raw.meta, scheme)
-        model = load_adapted(base, data=data, source=f"{args.adapter} as {scheme}").model
-        cands.append(policy.Candidate(scheme, len(data), ppl(model)))
-    raw_c = policy.Candidate(policy.RAW, len(raw_bytes), ppl(raw.model))
-    out = policy.decide(ppl(base.model), raw_c, cands)
-    out.update({"text": Path(args.text).name, "eval_tokens": min(len(user.heldout) - 1, args.eval_tokens or 1 << 62),
-                "window": args.window})
+        data = encoded(flat, layout, base_state, raw.meta or {}, scheme)
+        cands.append(policy.Candidate(scheme, len(data), ppl(load_adapted(base, data=data, source=
+                                                                          f"{source} as {scheme}").model)["ppl"]))
+    raw_bytes = encoded(flat, layout, base_state, raw.meta or {}, policy.RAW)
+    r = ppl(raw.model)
+    out = policy.decide(ppl(base.model)["ppl"], policy.Candidate(policy.RAW, len(raw_bytes), r["ppl"]), cands)
+    out.update({"eval_tokens": r["tokens"], "window": window})
     return out
 
 

@@ -28,6 +28,7 @@ FORMAT = "sharedllm-ternary-base"
 FORMAT_VERSION = 1
 TOKENIZER_PREFIX = "__tokenizer__/"
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+_LUT = torch.stack([(torch.arange(256) // int(p)) % 3 - 1 for p in _POW3], dim=1).to(torch.int8)  # byte -> 5 codes
 
 
 # ----------------------------------------------------------------------------------------------- trit packing
@@ -46,11 +47,9 @@ def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != -(-n // 5):
         raise SharedLLMError(f"packed trits: expected {-(-n // 5)} uint8 bytes for {n} codes, got "
                              f"{packed.numel()} {packed.dtype}")
-    v = packed.to(torch.int16)
-    if v.numel() and v.max() > 242:
+    if packed.numel() and packed.max() > 242:
         raise SharedLLMError("packed trits: byte value above 242 (3^5 - 1); the payload is corrupt")
-    digits = torch.stack([(v // int(p)) % 3 for p in _POW3], dim=1).reshape(-1)[:n]
-    return (digits - 1).to(torch.int8)
+    return _LUT[packed.long()].reshape(-1)[:n]
 
 
 # ------------------------------------------------------------------------------------- quantised tensors
@@ -274,6 +273,15 @@ def dequantised_model(tensors: dict, meta: dict, source: str):
         raise SharedLLMError(f"{source}: tensors do not match the stored config (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
     return model
+
+
+def load_quantised(path) -> tuple[object, dict, dict]:
+    """(dequantised model, {linear name: quantised tensor}, metadata): to continue working on a file."""
+    tensors, meta = read_ternary_file(path)
+    model = dequantised_model(tensors, meta, str(path))
+    q = {mod: _quantised(tensors, mod, kind, tuple(model.get_submodule(mod).weight.shape), str(path))
+         for mod, kind in meta["kinds"].items()}
+    return model, q, meta
 
 
 def load_ternary_base(path, device: str = "cpu") -> Base:
