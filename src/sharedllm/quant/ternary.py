@@ -236,10 +236,14 @@ def _quantised(tensors: dict, mod: str, kind: str, shape, source: str):
 
 def _model_from_config(config: dict, source: str):
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     try:
         cfg = AutoConfig.for_model(**config)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with no_init_weights():  # every weight is overwritten from the file; random init only costs time
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.tie_weights()
+        return model
     except (ValueError, KeyError, TypeError) as e:
         raise SharedLLMError(f"{source}: cannot build the model from the stored config ({e})") from None
 
