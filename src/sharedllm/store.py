@@ -189,7 +189,8 @@ class AdapterStore:
     def check(self) -> dict:
         """Compare files with index rows; change nothing. A healthy store has every list empty."""
         with self._lock:
-            rows = dict(self._db.execute("SELECT sha256, bytes FROM adapters").fetchall())
+            rows = dict(self._db.execute("SELECT sha256, bytes FROM adapters").fetchall())  # distinct files
+            n_rows = self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
         on_disk, temps = {}, []
         for p in self.files.rglob("*"):
             if p.is_file():
@@ -198,7 +199,7 @@ class AdapterStore:
         missing = sorted(s for s in rows if s not in on_disk)
         wrong_size = sorted(s for s, n in rows.items() if s in on_disk and on_disk[s].stat().st_size != n)
         orphans = sorted(str(p) for s, p in on_disk.items() if s not in rows)
-        return {"rows": len(rows), "files": len(on_disk), "temp_files": temps, "orphan_files": orphans,
+        return {"rows": n_rows, "files": len(on_disk), "temp_files": temps, "orphan_files": orphans,
                 "missing_files": missing, "wrong_size": wrong_size}
 
     def sweep(self) -> dict:

@@ -7,6 +7,7 @@ for revocation). Missing or unknown token -> 401, someone else's adapter -> 403,
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import secrets
 import time
@@ -160,8 +161,6 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
 
 
 def _ppl(logprob: float, tokens: int) -> float:
-    import math
-
     return math.exp(-logprob / tokens)
 
 
