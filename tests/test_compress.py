@@ -117,6 +117,12 @@ def test_policy_accepts_smallest_good_scheme():
     assert d["no_adapter_ppl"] == 12.0 and d["raw"]["ppl"] == 10.0
 
 
+def test_policy_compares_payload_not_header_bytes():
+    raw = Candidate(RAW, 70_300, 10.0, 70_272)
+    d = decide(12.0, raw, [Candidate("int8", 36_460, 10.4, 35_380), Candidate("int8-delta", 36_468, 10.0, 35_380)])
+    assert d["decision"] == "int8-delta"
+
+
 def test_policy_refuses_int8_that_breaks_the_adapter():
     raw = Candidate(RAW, 70_000, 10.0)
     d = decide(12.0, raw, [Candidate("int8", 35_500, 15.5), Candidate("int8-channel", 36_000, 11.0)])
@@ -142,6 +148,8 @@ def test_cli_policy_records_decision_and_numbers(tiny, tmp_path, capsys):
     assert pol == json.loads(json.dumps(r["policy"]))
     assert meta["scheme"] == pol["decision"] == r["scheme"]
     assert {row["scheme"] for row in pol["schemes"]} == set(adapter_int8.SCHEMES)
-    assert all(row["ppl"] > 0 and row["bytes"] > 0 for row in pol["schemes"])
+    assert all(row["ppl"] > 0 and row["bytes"] > row["payload"] > 0 for row in pol["schemes"])
+    sizes = {row["scheme"]: row["payload"] for row in pol["schemes"]}
+    assert sizes["int8"] == sizes["int8-delta"] <= sizes["int8-channel"]
     assert pol["raw"]["scheme"] == RAW and pol["no_adapter_ppl"] > 0
     load_adapted(tiny, out)

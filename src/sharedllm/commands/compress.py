@@ -77,13 +77,17 @@ def policy_for(base, raw, heldout, window: int = 256, max_tokens: int | None = N
     cands = []
     for scheme in adapter_int8.SCHEMES:
         data = encoded(flat, layout, base_state, raw.meta or {}, scheme)
-        cands.append(policy.Candidate(scheme, len(data), ppl(load_adapted(base, data=data, source=
-                                                                          f"{source} as {scheme}").model)["ppl"]))
+        model = load_adapted(base, data=data, source=f"{source} as {scheme}").model
+        cands.append(policy.Candidate(scheme, len(data), ppl(model)["ppl"], _payload(data)))
     raw_bytes = encoded(flat, layout, base_state, raw.meta or {}, policy.RAW)
     r = ppl(raw.model)
-    out = policy.decide(ppl(base.model)["ppl"], policy.Candidate(policy.RAW, len(raw_bytes), r["ppl"]), cands)
+    out = policy.decide(ppl(base.model)["ppl"], policy.Candidate(policy.RAW, len(raw_bytes), r["ppl"], _payload(raw_bytes)), cands)
     out.update({"eval_tokens": r["tokens"], "window": window})
     return out
+
+
+def _payload(data: bytes) -> int:
+    return sum(t.numel() * t.element_size() for t in wire.parse_file(data, "encoded")[0].values())
 
 
 def render(r: dict) -> str:
