@@ -186,27 +186,40 @@ class AdapterStore:
         return len(items)
 
     # ---- crash recovery ----------------------------------------------------------------------------------
-    def check(self) -> dict:
-        """Compare files with index rows; change nothing. A healthy store has every list empty."""
+    def check(self, sizes: bool = True) -> dict:
+        """Compare files with index rows; change nothing. A healthy store has every list empty.
+        sizes=False skips the per-file stat (the startup sweep needs only names: one directory listing)."""
         with self._lock:
             rows = dict(self._db.execute("SELECT sha256, bytes FROM adapters").fetchall())  # distinct files
             n_rows = self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
-        on_disk, temps = {}, []
-        for p in self.files.rglob("*"):
-            if p.is_file():
-                (on_disk.__setitem__(p.name[: -len(SUFFIX)], p) if p.name.endswith(SUFFIX)
-                 and not p.name.startswith(".") else temps.append(str(p)))
+        on_disk, temps = self._listing()
         missing = sorted(s for s in rows if s not in on_disk)
-        wrong_size = sorted(s for s, n in rows.items() if s in on_disk and on_disk[s].stat().st_size != n)
-        orphans = sorted(str(p) for s, p in on_disk.items() if s not in rows)
+        wrong_size = sorted(s for s, n in rows.items()
+                            if sizes and s in on_disk and os.stat(on_disk[s]).st_size != n)
+        orphans = sorted(p for s, p in on_disk.items() if s not in rows)
         return {"rows": n_rows, "files": len(on_disk), "temp_files": temps, "orphan_files": orphans,
                 "missing_files": missing, "wrong_size": wrong_size}
 
+    def _listing(self) -> tuple[dict[str, str], list[str]]:
+        """(sha256 -> path of every adapter file, paths of everything else) under adapters/."""
+        on_disk, other = {}, []
+        for shard in os.scandir(self.files):
+            if not shard.is_dir():
+                other.append(shard.path)
+                continue
+            for e in os.scandir(shard.path):
+                if e.name.endswith(SUFFIX) and not e.name.startswith("."):
+                    on_disk[e.name[: -len(SUFFIX)]] = e.path
+                else:
+                    other.append(e.path)
+        return on_disk, sorted(other)
+
     def sweep(self) -> dict:
         """Remove stray temp files and unreferenced adapter files left by a crash; report what was found."""
-        report = self.check()
+        report = self.check(sizes=False)
         for p in report["temp_files"] + report["orphan_files"]:
-            Path(p).unlink(missing_ok=True)
+            if os.path.isfile(p):  # never a directory someone put there
+                os.unlink(p)
         return report
 
 
