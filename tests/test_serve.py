@@ -231,3 +231,18 @@ def test_concurrent_requests_of_different_users_share_a_batch_and_each_gets_its_
         assert out[u]["logprob"] == pytest.approx(reference_score(alone(tiny, data[u]), text_ids(tiny, texts[u])),
                                                   abs=1e-4)
     s.close()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-channel", "int8-delta"])
+def test_int8_adapters_are_served_like_the_cli_loads_them(server, tiny, tmp_path, scheme):
+    from sharedllm.commands.compress import encoded
+
+    token = server.user("ann")
+    raw = adapter_bytes(tiny, 9, tmp_path)
+    tensors, meta = wire.parse_file(raw, "raw")
+    layout = [(n, tuple(s)) for n, s in zip(server.router.model.names, meta["shapes"])]
+    data = encoded(tensors["adapter"].float(), layout, dict(tiny.model.named_parameters()), meta, scheme)
+    r = server.put("ann", token, data)
+    assert r.status_code == 200 and r.json()["scheme"] == scheme, r.text
+    got = server.score(token).json()["logprob"]
+    assert got == pytest.approx(reference_score(alone(tiny, data), text_ids(tiny, TEXT)), abs=1e-4)
