@@ -29,6 +29,8 @@ def run(ctx) -> list:
     side = path.with_suffix(".json")
     info = json.loads(side.read_text()) if side.is_file() else {}
     ctx.extras["quantize"] = info
+    ctx.notes.update({"ternary_fingerprint": tbase.fingerprint, "ternary_method": tbase.meta.get("method"),
+                      "ternary_source_fingerprint": tbase.meta.get("source_fingerprint")})
     fp_bytes, t_bytes = fp16_bytes(ctx.base.model), path.stat().st_size
     cells = ctx.score_cells(None, GENERAL, condition="fp", bytes=fp_bytes)
     bits = tbase.meta.get("bits_per_weight")

@@ -90,12 +90,12 @@ def confusion_plot(result: dict, folder: Path) -> Path:
     cells = result["cells"]
     adapters, users = values(cells, "adapter"), values(cells, "user")
     grid = [[ppl(cells, adapter=a, user=u) / ppl(cells, adapter="base", user=u) for u in users] for a in adapters]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(users), 1.2 + 0.6 * len(adapters)))
+    fig, ax = plt.subplots(figsize=(3.5 + 1.8 * len(users), 1.4 + 0.6 * len(adapters)))
     im = ax.imshow(grid, cmap="RdYlGn_r", vmin=min(map(min, grid)), vmax=max(1.0, max(map(max, grid))))
     for i, a in enumerate(adapters):
         for j, u in enumerate(users):
             ax.text(j, i, f"{ppl(cells, adapter=a, user=u):.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(users)), users)
+    ax.set_xticks(range(len(users)), users, rotation=15)
     ax.set_yticks(range(len(adapters)), [f"adapter: {a}" for a in adapters])
     ax.set_xlabel("held-out text of user")
     ax.set_title("Bet 61: held-out ppl (colour: ratio to base)")
