@@ -78,9 +78,10 @@ def make_plots(results: dict, folder: Path) -> list:
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
     made = []
-    for fn, bet_id in ((confusion_plot, "61"), (loss_plot, "49"), (pareto_plot, "49")):
-        if bet_id in results:
-            made.append(str(fn(results[bet_id], folder)))
+    shootout = results.get("49") or results.get("37")  # 37 is 49's programmer column
+    for fn, result in ((confusion_plot, results.get("61")), (loss_plot, shootout), (pareto_plot, shootout)):
+        if result is not None:
+            made.append(str(fn(result, folder)))
     return made
 
 
@@ -113,7 +114,7 @@ def loss_plot(result: dict, folder: Path) -> Path:
         for key, losses in curves.items():
             if key.split("/")[1] == m:
                 ax.plot(range(1, len(losses) + 1), _smooth(losses), label=key.split("/")[0])
-        ax.set_title(f"{m} (5-step moving mean)")
+        ax.set_title(f"Bet {result['bet']}: {m} (5-step moving mean)")
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("training loss (nats/token)")
     axes[0][0].legend()
@@ -123,7 +124,7 @@ def loss_plot(result: dict, folder: Path) -> Path:
 def pareto_plot(result: dict, folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    cells = select(result["cells"], eval="personal")
+    cells = [c for c in result["cells"] if c.get("eval", "personal") == "personal"]
     fig, ax = plt.subplots(figsize=(6, 4))
     marks = {"norm": "o", "lora": "s", "full": "^"}
     for k, user in enumerate(values(cells, "user", method="norm")):
@@ -136,7 +137,7 @@ def pareto_plot(result: dict, folder: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("adapter file bytes (fp16, log scale)")
     ax.set_ylabel("held-out personal ppl")
-    ax.set_title("Bet 49: size vs quality (dotted: bare base)")
+    ax.set_title(f"Bet {result['bet']}: size vs quality (dotted: bare base)")
     ax.legend(fontsize=6, ncol=3)
     return _save(fig, folder / "pareto.png")
 
