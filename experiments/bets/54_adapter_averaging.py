@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sharedllm.personalise import load_adapted
 
-from .cells import beats, fmt, ppl, values
+from .cells import head_to_head, per_user_ppl, values
 from .common import USERS
 from .harness import Bet, grade, main
 from .probes import mean_state
@@ -29,11 +29,7 @@ def run(ctx) -> list:
 
 
 def counts(cells: list, criteria: dict) -> tuple[int, int]:
-    won = lost = 0
-    for u in values(cells, "user"):
-        own, avg = ppl(cells, user=u, condition="own"), ppl(cells, user=u, condition="average")
-        won, lost = won + beats(own, avg, criteria["margin"]), lost + (avg < own)
-    return won, lost
+    return head_to_head(cells, criteria["margin"], "own", "average")
 
 
 def verdict(cells: list, criteria: dict) -> str:
@@ -44,8 +40,7 @@ def verdict(cells: list, criteria: dict) -> str:
 
 def summary(cells: list) -> str:
     won, _ = counts(cells, CRITERIA)
-    per = "; ".join(f"{u} base/own/average {'/'.join(fmt(ppl(cells, user=u, condition=c)) for c in ('base', 'own', 'average'))}"
-                    for u in values(cells, "user"))
+    per = per_user_ppl(cells, ('base', 'own', 'average'))
     return f"own beats the average by >= 5 % for {won}/{len(values(cells, 'user'))} users; {per}"
 
 

@@ -1,7 +1,7 @@
 """Bet 55: a user's own adapter beats an ensemble of the other users' adapters (probabilities averaged)."""
 from __future__ import annotations
 
-from .cells import beats, fmt, ppl, scored, values
+from .cells import head_to_head, per_user_ppl, scored, values
 from .common import USERS
 from .harness import Bet, grade, main
 from .probes import ensemble_nll
@@ -33,11 +33,7 @@ def run(ctx) -> list:
 
 
 def counts(cells: list, criteria: dict) -> tuple[int, int]:
-    won = lost = 0
-    for u in values(cells, "user"):
-        own, ens = ppl(cells, user=u, condition="own"), ppl(cells, user=u, condition="ensemble")
-        won, lost = won + beats(own, ens, criteria["margin"]), lost + (ens < own)
-    return won, lost
+    return head_to_head(cells, criteria["margin"], "own", "ensemble")
 
 
 def verdict(cells: list, criteria: dict) -> str:
@@ -48,8 +44,7 @@ def verdict(cells: list, criteria: dict) -> str:
 
 def summary(cells: list) -> str:
     won, _ = counts(cells, CRITERIA)
-    per = "; ".join(f"{u} base/own/ensemble {'/'.join(fmt(ppl(cells, user=u, condition=c)) for c in ('base', 'own', 'ensemble'))}"
-                    for u in values(cells, "user"))
+    per = per_user_ppl(cells, ('base', 'own', 'ensemble'))
     return f"own beats the others' ensemble by >= 5 % for {won}/{len(values(cells, 'user'))} users; {per}"
 
 

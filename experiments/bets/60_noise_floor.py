@@ -1,7 +1,7 @@
 """Bet 60: a norm adapter trained on the user's text beats one trained on uniform random tokens."""
 from __future__ import annotations
 
-from .cells import beats, fmt, ppl, values
+from .cells import head_to_head, per_user_ppl, values
 from .common import USERS
 from .harness import Bet, grade, main
 
@@ -28,11 +28,7 @@ def run(ctx) -> list:
 
 
 def counts(cells: list, criteria: dict) -> tuple[int, int]:
-    won = lost = 0
-    for u in values(cells, "user"):
-        real, rand = ppl(cells, user=u, condition="real"), ppl(cells, user=u, condition="random")
-        won, lost = won + beats(real, rand, criteria["margin"]), lost + (rand <= real)
-    return won, lost
+    return head_to_head(cells, criteria["margin"], "real", "random", ties_lose=True)
 
 
 def verdict(cells: list, criteria: dict) -> str:
@@ -43,8 +39,7 @@ def verdict(cells: list, criteria: dict) -> str:
 
 def summary(cells: list) -> str:
     won, _ = counts(cells, CRITERIA)
-    per = "; ".join(f"{u} base/real/random {'/'.join(fmt(ppl(cells, user=u, condition=c)) for c in ('base', 'real', 'random'))}"
-                    for u in values(cells, "user"))
+    per = per_user_ppl(cells, ('base', 'real', 'random'))
     return f"real beats random by >= 5 % for {won}/{len(values(cells, 'user'))} users; {per}"
 
 

@@ -58,3 +58,18 @@ def confusion_outcomes(cells: list, margin: float, **where) -> dict:
         rivals = [ppl(cells, user=u, adapter=a, **where) for a in values(cells, "adapter", user=u, **where) if a != u]
         out[u] = (all(beats(own, r, margin) for r in rivals), all(own < r for r in rivals))
     return out
+
+
+def head_to_head(cells: list, margin: float, mine: str, rival: str, ties_lose: bool = False) -> tuple[int, int]:
+    """Per user: does condition `mine` beat `rival` by >= margin (won), and does `rival` beat `mine` (lost)?"""
+    won = lost = 0
+    for u in values(cells, "user"):
+        a, b = ppl(cells, user=u, condition=mine), ppl(cells, user=u, condition=rival)
+        won, lost = won + beats(a, b, margin), lost + ((b <= a) if ties_lose else (b < a))
+    return won, lost
+
+
+def per_user_ppl(cells: list, conditions: tuple) -> str:
+    """'user a/b/c ppl1/ppl2/ppl3; ...' for a summary line."""
+    return "; ".join(f"{u} {'/'.join(conditions)} {'/'.join(fmt(ppl(cells, user=u, condition=c)) for c in conditions)}"
+                     for u in values(cells, "user"))
