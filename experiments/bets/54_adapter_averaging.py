@@ -5,7 +5,7 @@ from sharedllm.personalise import load_adapted
 
 from .cells import head_to_head, per_user_ppl, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade_users, main
 from .probes import mean_state
 
 HYPOTHESIS = ("Each user's own norm adapter beats the element-wise mean of all users' norm adapters on that "
@@ -33,9 +33,7 @@ def counts(cells: list, criteria: dict) -> tuple[int, int]:
 
 
 def verdict(cells: list, criteria: dict) -> str:
-    won, lost = counts(cells, criteria)
-    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
-                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+    return grade_users(*counts(cells, criteria), criteria)
 
 
 def summary(cells: list) -> str:

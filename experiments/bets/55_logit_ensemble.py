@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .cells import head_to_head, per_user_ppl, scored, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade_users, main
 from .probes import ensemble_nll
 
 HYPOTHESIS = ("For each user, their own norm adapter beats, by >= 5 % held-out ppl, the ensemble that averages "
@@ -37,9 +37,7 @@ def counts(cells: list, criteria: dict) -> tuple[int, int]:
 
 
 def verdict(cells: list, criteria: dict) -> str:
-    won, lost = counts(cells, criteria)
-    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
-                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+    return grade_users(*counts(cells, criteria), criteria)
 
 
 def summary(cells: list) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .cells import head_to_head, per_user_ppl, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade_users, main
 
 HYPOTHESIS = ("Norm-only adapters learn the user, not just 'being fine-tuned': trained on the user's text they "
               "beat, by >= 5 % held-out ppl, the same method trained on uniform random tokens (same token count).")
@@ -32,9 +32,7 @@ def counts(cells: list, criteria: dict) -> tuple[int, int]:
 
 
 def verdict(cells: list, criteria: dict) -> str:
-    won, lost = counts(cells, criteria)
-    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
-                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+    return grade_users(*counts(cells, criteria), criteria)
 
 
 def summary(cells: list) -> str:

@@ -101,6 +101,12 @@ def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
     return "STRICT_PASS" if strict else "LENIENT_PASS" if lenient else "FAIL"
 
 
+def grade_users(won: int, lost: int, criteria: dict) -> str:
+    """The per-user head-to-head rule: STRICT / LENIENT by users won, CATASTROPHIC by users lost."""
+    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
+                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+
+
 def result_path(bet: Bet, opts: Options) -> Path:
     return opts.result_dir() / f"{bet.name}.json"
 
