@@ -101,3 +101,33 @@ def test_cli_bet_and_bets(out_dir, tmp_path, capsys):
     assert listed["37"] in VERDICTS and listed["49"] is None
     assert main(["bet", "49", "--quick", "--users", "a"]) == 2
     assert "does not take --users" in capsys.readouterr().err
+
+
+def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Long bets checkpoint each finished unit under results/partial/; a resumed run does only what is left."""
+    from experiments.bets.context import Context
+
+    bet, calls = get_bet("46"), []
+    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=2)
+    real = Context.adapter
+
+    def cut_off_at_fourth(self, *a, **k):
+        calls.append(a)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("machine taken away")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Context, "adapter", cut_off_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_bet(bet, opts)
+    partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
+    assert set(json.loads(partial.read_text())["units"]) == {"norm/seed0", "full/seed0", "norm/seed1"}
+    monkeypatch.setattr(Context, "adapter", real)
+    resumed = []
+    monkeypatch.setattr(Context, "adapter", lambda self, *a, **k: resumed.append(a) or real(self, *a, **k))
+    result = run_bet(bet, opts)
+    assert len(resumed) == 1 and resumed[0][1] == "full"  # only the unit that was cut off is trained
+    assert result["meta"]["resumed"]["units_reused"] == 3 and not partial.exists()
+    assert sorted(result["config"]["seeds"]) == [0, 1] and len(result["cells"]) == 4 * 3
+    assert result["verdict"] == bet.verdict(result["cells"], result["criteria"])
+    assert set(result["extras"]["loss_curves"]) == {f"programmer/{m}/seed{s}" for m in ("norm", "full") for s in (0, 1)}

@@ -22,10 +22,15 @@ def run(ctx) -> list:
     seeds = ctx.opts.seeds or SEEDS
     for seed in range(seeds):
         for method in ("norm", "full"):
-            path = ctx.adapter(rel, method, seed=seed)
-            ctx.curve(f"{USER}/{method}/seed{seed}", path)
-            cells += ctx.score_cells(path, rel, user=USER, method=method, seed=seed, bytes=path.stat().st_size)
-            ctx.release()
+            cells += ctx.unit(f"{method}/seed{seed}", lambda m=method, s=seed: trained_cells(ctx, rel, m, s))
+    return cells
+
+
+def trained_cells(ctx, rel: str, method: str, seed: int) -> list:
+    path = ctx.adapter(rel, method, seed=seed)
+    ctx.curve(f"{USER}/{method}/seed{seed}", path)
+    cells = ctx.score_cells(path, rel, user=USER, method=method, seed=seed, bytes=path.stat().st_size)
+    ctx.release()
     return cells
 
 def holding(cells: list, criteria: dict) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from . import common
 from .cells import scored
 
 QUICK = {"steps": 3, "batch": 2, "seq": 32, "lr": 5e-3, "text_len": 64, "window": 32}
-QUICK_QUANTIZE = ("--calib-seqs", "2", "--calib-len", "32")
+QUICK_QUANTIZE = ("--calib-seqs", "2", "--calib-len", "32", "--repair-steps", "2")
 WINDOW = 256
 _DATA: dict = {}  # (tokenizer id, file) -> UserData, shared by bets run in one process
 
@@ -51,8 +51,39 @@ class ScoreCache:
         self.dirty, self.flushed = False, time.monotonic()
 
 
+class Checkpoint:
+    """Finished units of a long bet, written after each one to results/partial/<bet>.json (committed with the
+    results), so a run that is cut off, or continued in another session on another machine, resumes where it
+    stopped. The file is stamped with the run's configuration; a different configuration starts it afresh."""
+
+    def __init__(self, path: Path, stamp: dict, fresh: bool = False):
+        self.path, self.stamp = Path(path), stamp
+        data = json.loads(self.path.read_text()) if self.path.is_file() and not fresh else {}
+        if data and data.get("stamp") != stamp:
+            say(f"{self.path}: written for another configuration; starting afresh")
+            data = {}
+        self.units: dict = data.get("units", {})
+        self.reused: list = []
+
+    def get(self, key: str):
+        hit = self.units.get(key)
+        if hit is not None and key not in self.reused:
+            self.reused.append(key)
+        return hit
+
+    def put(self, key: str, value: dict) -> None:
+        self.units[key] = value
+        write_text_atomic(self.path, json.dumps({"stamp": self.stamp, "units": self.units}, indent=0) + "\n")
+
+    def wall_s(self) -> float:
+        return sum(u.get("wall_s", 0.0) for u in self.units.values())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class Context:
-    def __init__(self, bet, opts, base=None):
+    def __init__(self, bet, opts, base=None, checkpoint=None):
         self.bet, self.opts, self.quick = bet, opts, opts.quick
         if base is None:
             say(f"bet {bet.name}: loading base {opts.base_spec} on {opts.device}")
@@ -64,6 +95,34 @@ class Context:
         self._held: tuple = (None, None)
         self._sha: dict = {}
         self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.base.fingerprint[:16]}.json")
+        self.checkpoint = checkpoint or Checkpoint(opts.result_dir() / "partial" / f"{bet.name}.json",
+                                                   self._stamp(), opts.force)
+
+    def _stamp(self) -> dict:
+        cfg = self.train_config(0).to_json()
+        self.seeds_used.clear()
+        return {"bet": self.bet.name, "version": self.bet.version, "base_fingerprint": self.base.fingerprint,
+                "train": {k: cfg[k] for k in ("steps", "batch", "seq", "lr", "betas", "weight_decay")},
+                "eval": [self.n_texts, self.text_len, self.window], "corpora": Path(self.opts.corpora).name}
+
+    def unit(self, key: str, compute) -> list:
+        """Cells of one resumable unit of work (e.g. train one adapter and score it): computed once, then
+        checkpointed with the loss curves it recorded; a resumed run takes them from the checkpoint."""
+        done = self.checkpoint.get(key)
+        if done is None:
+            start, before = time.time(), set(self.extras.get("loss_curves", {}))
+            users, seeds = len(self.users_used), set(self.seeds_used)
+            cells = compute()
+            curves = {k: v for k, v in self.extras.get("loss_curves", {}).items() if k not in before}
+            done = {"cells": cells, "curves": curves, "users": self.users_used[users:],
+                    "seeds": sorted(self.seeds_used - seeds), "wall_s": round(time.time() - start, 1)}
+            self.checkpoint.put(key, done)
+        else:
+            say(f"{key}: reused from {self.checkpoint.path}")
+            self.users_used.extend(u for u in done["users"] if u not in self.users_used)
+            self.seeds_used.update(done["seeds"])
+        self.extras.setdefault("loss_curves", {}).update(done["curves"])
+        return [dict(c) for c in done["cells"]]
 
     # ---- configuration recorded in the result ----
     def train_config(self, seed: int = 0) -> TrainConfig:
@@ -181,7 +240,7 @@ class Context:
 
     def rebased(self, base) -> "Context":
         """The same bet and options on another base (e.g. the ternary one), with that base's score cache."""
-        other = Context(self.bet, self.opts, base=base)
+        other = Context(self.bet, self.opts, base=base, checkpoint=self.checkpoint)
         other.users_used, other.seeds_used, other.extras = self.users_used, self.seeds_used, self.extras
         return other
 

@@ -141,6 +141,7 @@ def run_bet(bet: Bet, opts: Options) -> dict:
         torch.set_num_threads(threads)
     result = assemble(bet, ctx, cells, time.time() - start)
     write_text_atomic(path, json.dumps(result, indent=1, default=float) + "\n")
+    ctx.checkpoint.remove()  # every unit is in the result now
     result["written"] = str(path)
     return result
 
@@ -150,6 +151,9 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float) -> dict:
               "criteria": bet.criteria, "config": ctx.config(), "cells": cells,
               "verdict": bet.verdict(cells, bet.criteria), "summary": bet.summary(cells),
               "extras": ctx.extras, "meta": meta(wall_s, ctx.opts)}
+    if ctx.checkpoint.reused:  # a resumed run: say how much of it came from the checkpoint of earlier runs
+        result["meta"]["resumed"] = {"units_reused": len(ctx.checkpoint.reused),
+                                     "wall_s_all_units": round(ctx.checkpoint.wall_s(), 1)}
     if bet.side_verdicts is not None:
         result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
     assert result["verdict"] in VERDICTS, result["verdict"]

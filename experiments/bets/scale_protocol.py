@@ -58,14 +58,23 @@ def run(ctx) -> list:
 def confusion(ctx, users: list, seeds: int) -> list:
     cells = []
     for u in users:
-        cells += ctx.score_cells(None, u, kind="confusion", adapter="base", user=name(u), seed=-1)
+        cells += ctx.unit(f"base/{name(u)}", lambda u=u: ctx.score_cells(
+            None, u, kind="confusion", adapter="base", user=name(u), seed=-1))
     for seed in range(seeds):
         for a in users:
-            path = ctx.adapter(a, "norm", seed=seed)
-            ctx.curve(f"{name(a)}/norm/seed{seed}", path)
-            for u in users:
-                cells += ctx.score_cells(path, u, kind="confusion", adapter=name(a), user=name(u), seed=seed)
-            ctx.release()
+            row = lambda a=a, seed=seed: confusion_row(ctx, users, a, seed)  # noqa: E731
+            cells += ctx.unit(f"confusion/{name(a)}/seed{seed}", row)
+    return cells
+
+
+def confusion_row(ctx, users: list, a: str, seed: int) -> list:
+    """Train user a's norm adapter and score it on every user's eval texts."""
+    path = ctx.adapter(a, "norm", seed=seed)
+    ctx.curve(f"{name(a)}/norm/seed{seed}", path)
+    cells = []
+    for u in users:
+        cells += ctx.score_cells(path, u, kind="confusion", adapter=name(a), user=name(u), seed=seed)
+    ctx.release()
     return cells
 
 
@@ -74,20 +83,29 @@ def rival_methods(ctx, users: list, seeds: int, methods: list) -> list:
     for method in methods:
         for seed in range(seeds):
             for u in users:
-                path = ctx.adapter(u, method, seed=seed)
-                ctx.curve(f"{name(u)}/{method}/seed{seed}", path)
-                cells += ctx.score_cells(path, u, kind="method", method=method, user=name(u), seed=seed,
-                                         bytes=path.stat().st_size)
-                ctx.release()
+                cells += ctx.unit(f"{method}/{name(u)}/seed{seed}", lambda m=method, s=seed, u=u: rival(ctx, u, m, s))
+    return cells
+
+
+def rival(ctx, u: str, method: str, seed: int) -> list:
+    path = ctx.adapter(u, method, seed=seed)
+    ctx.curve(f"{name(u)}/{method}/seed{seed}", path)
+    cells = ctx.score_cells(path, u, kind="method", method=method, user=name(u), seed=seed, bytes=path.stat().st_size)
+    ctx.release()
     return cells
 
 
 def random_control(ctx, users: list) -> list:
     cells = []
     for u in users:
-        path = ctx.adapter(u, "norm", tag="_random", tokens=ctx.random_tokens(u))
-        cells += ctx.score_cells(path, u, kind="random", user=name(u), seed=0)
-        ctx.release()
+        cells += ctx.unit(f"random/{name(u)}", lambda u=u: random_cells(ctx, u))
+    return cells
+
+
+def random_cells(ctx, u: str) -> list:
+    path = ctx.adapter(u, "norm", tag="_random", tokens=ctx.random_tokens(u))
+    cells = ctx.score_cells(path, u, kind="random", user=name(u), seed=0)
+    ctx.release()
     return cells
 
 
@@ -102,10 +120,15 @@ def ternary_composition(ctx, users: list) -> list:
         return []
     tctx, cells = ctx.rebased(tbase), []
     for u in users:
-        cells += tctx.score_cells(None, u, kind="ternary", condition="ternary_base", user=name(u), seed=0)
-        path = tctx.adapter(u, "norm")
-        cells += tctx.score_cells(path, u, kind="ternary", condition="ternary_norm", user=name(u), seed=0)
-        tctx.release()
+        cells += ctx.unit(f"ternary/{tbase.fingerprint[:16]}/{name(u)}", lambda u=u: ternary_cells(tctx, u))
+    return cells
+
+
+def ternary_cells(tctx, u: str) -> list:
+    cells = tctx.score_cells(None, u, kind="ternary", condition="ternary_base", user=name(u), seed=0)
+    path = tctx.adapter(u, "norm")
+    cells += tctx.score_cells(path, u, kind="ternary", condition="ternary_norm", user=name(u), seed=0)
+    tctx.release()
     return cells
 
 
