@@ -6,7 +6,6 @@ import torch
 
 from sharedllm import wire
 from sharedllm.adapters import adapter_state
-from sharedllm.base import load_base
 from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted

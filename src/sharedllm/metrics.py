@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .losses import next_token_nll
+
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """Token perplexity: exp(mean negative log-likelihood in nats)."""
@@ -31,8 +33,7 @@ def score_windows(model, windows: torch.Tensor, batch: int = 4) -> float:
     total = 0.0
     for i in range(0, len(windows), batch):
         w = windows[i: i + batch].to(device)
-        logits = model(input_ids=w[:, :-1], use_cache=False).logits
-        total += window_nll(logits, w[:, 1:]).sum().item()
+        total += next_token_nll(model, w).sum().item()
     return total
 
 

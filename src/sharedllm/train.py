@@ -6,9 +6,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .data import batch_sampler
+from .losses import next_token_loss
 
 
 @dataclass
@@ -71,8 +71,7 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
 
 
 def _step(model, opt, batch: torch.Tensor) -> float:
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss = next_token_loss(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
