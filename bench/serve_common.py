@@ -13,6 +13,7 @@ import httpx
 import torch
 
 from sharedllm.personalise import new_adapter, save_adapted
+from sharedllm.serve import wait_until_healthy
 
 CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 ADMIN = "bench-admin-token"
@@ -60,16 +61,8 @@ class ServerProcess:
     def start(self, timeout: float = 300) -> "ServerProcess":
         env = {**os.environ, "SHAREDLLM_ADMIN_TOKEN": ADMIN}
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
+        if wait_until_healthy(self.url, self.proc, timeout):
+            return self
         raise RuntimeError(f"server did not start; see {self.log}")
 
     def stop(self) -> None:

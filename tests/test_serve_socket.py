@@ -4,13 +4,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from sharedllm.serve import build
+from sharedllm.serve import build, wait_until_healthy
 from sharedllm.store import ADMIN_ENV
 
 from .serve_kit import ADMIN, LiveServer, adapter_bytes, alone, free_port, reference_score, text_ids
@@ -51,16 +50,8 @@ def _start(store, port, log):
     cmd = [sys.executable, "-m", "sharedllm.cli", "serve", "--base", "tiny", "--store", str(store),
            "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
+    if wait_until_healthy(f"http://127.0.0.1:{port}", proc, 120):
+        return proc
     proc.kill()
     raise AssertionError(f"server did not start: {open(log.name).read()}")
 

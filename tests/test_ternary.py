@@ -6,7 +6,6 @@ import struct
 import pytest
 import torch
 
-from sharedllm import wire
 from sharedllm.base import load_base
 from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError

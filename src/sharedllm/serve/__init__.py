@@ -15,3 +15,23 @@ def build(base: Base, store_dir, **router_kwargs):
     token, where = admin_token(store_dir)
     router = Router(base, store, **router_kwargs)
     return create_app(router, token), router, where
+
+
+def wait_until_healthy(url: str, proc=None, timeout: float = 120.0) -> bool:
+    """Poll `url`/health until it answers 200 (True), `proc` (a Popen) exits, or `timeout` passes (False)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False

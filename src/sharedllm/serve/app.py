@@ -51,6 +51,12 @@ def _http(e: SharedLLMError) -> HTTPException:
     return HTTPException(status, str(e))
 
 
+def _found(rec, user: str):
+    if rec is None:
+        raise HTTPException(404, f"user {user!r} has no adapter")
+    return rec
+
+
 def create_app(router: Router, admin_token: str) -> FastAPI:
     app = FastAPI(title="sharedllm", version=__version__,
                   description="One frozen base, one norm adapter per user, mixed-user batches.")
@@ -116,17 +122,13 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
     @app.get("/v1/users/{user}/adapter")
     def get_adapter(user: str, request: Request) -> dict:
         owner(request, user)
-        rec = store.get(user)
-        if rec is None:
-            raise HTTPException(404, f"user {user!r} has no adapter")
+        rec = _found(store.get(user), user)
         return {**rec.to_json(), "meta": router.file_meta(rec.sha256)}
 
     @app.delete("/v1/users/{user}/adapter")
     def delete_adapter(user: str, request: Request) -> dict:
         owner(request, user)
-        rec = store.delete(user)
-        if rec is None:
-            raise HTTPException(404, f"user {user!r} has no adapter")
+        rec = _found(store.delete(user), user)
         return {"user": user, "deleted": rec.sha256}
 
     @app.post("/v1/completions")
