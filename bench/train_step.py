@@ -4,7 +4,9 @@ Times norm-only, LoRA-r4 and full fine-tuning steps at batch 2 x 256, a forward-
 measured fp32 matmul peak (a large torch.mm), and PEFT's own LNTuningConfig step on the same model and batch.
 Prints achieved GFLOP/s, the fraction of measured peak and the ratio to PEFT.
 
-    PYTHONPATH=src python bench/train_step.py [--base default] [--steps 5] [--warmup 2]
+    PYTHONPATH=src python bench/train_step.py [--base default] [--steps 3] [--warmup 1] [--rounds 3]
+
+Rows are timed in interleaved rounds and the median kept: these machines are noisy.
 """
 from __future__ import annotations
 
@@ -75,37 +77,55 @@ def peft_ln_tuning(base_model):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def contenders(base, batch, steps: int, warmup: int) -> dict:
+    """name -> (a function timing one round of `steps` steps, FLOP multiple of a forward pass).
+
+    A norm-only step computes activation gradients but no weight gradients: ~2 x forward; full: ~3 x forward.
+    sharedllm's rows use its trainer's loss (chunked head + cross-entropy, sharedllm.losses); the "(plain CE)" row
+    and PEFT use full logits, so the table separates the loss's share from the rest of the step."""
+    rows = {}
+    for name, mult, loss_fn in [("norm", 2.0, next_token_loss), ("norm (plain CE)", 2.0, plain_loss),
+                                ("lora", 2.0, next_token_loss), ("full", 3.0, next_token_loss)]:
+        model, params = adapted_model(base.model, get_method(name.split()[0]))
+        rows[name] = (lambda m=model, p=list(params.values()), f=loss_fn: time_steps(m, p, batch, steps, warmup, f),
+                      mult)
+    model, params = peft_ln_tuning(base.model)
+    rows["peft_ln_tuning"] = (lambda: time_steps(model, params, batch, steps, warmup, plain_loss), 2.0)
+    rows["score (sharedllm)"] = (lambda: time_forward(base.model, batch, steps, next_token_nll), 1.0)
+    rows["forward (logits)"] = (lambda: time_forward(base.model, batch, steps, plain_loss), 1.0)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="default")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all rows, interleaved; the median is kept")
+    ap.add_argument("--rows", default="", help="comma-separated subset of rows (peft_ln_tuning is always kept)")
     args = ap.parse_args()
     base = load_base(args.base)
     batch = torch.randint(0, base.model.config.vocab_size, (2, 257), generator=torch.Generator().manual_seed(0))
     tokens = 2 * 256
     fwd = forward_flops(base.model, tokens, 256)
-    peak = matmul_peak()
-    rows = {}
-    # a norm-only step computes activation gradients but no weight gradients: ~2 x forward; full: ~3 x forward
-    # sharedllm's rows use its trainer's loss (chunked head + cross-entropy, sharedllm.losses); "(plain CE)" rows
-    # and PEFT use full logits, so the table separates the loss's share from the rest of the step
-    for name, mult, loss_fn in [("norm", 2.0, next_token_loss), ("norm (plain CE)", 2.0, plain_loss),
-                                ("lora", 2.0, next_token_loss), ("full", 3.0, next_token_loss)]:
-        model, params = adapted_model(base.model, get_method(name.split()[0]))
-        rows[name] = (time_steps(model, list(params.values()), batch, args.steps, args.warmup, loss_fn), mult)
-        del model, params
-    model, params = peft_ln_tuning(base.model)
-    rows["peft_ln_tuning"] = (time_steps(model, params, batch, args.steps, args.warmup, plain_loss), 2.0)
-    rows["score (sharedllm)"] = (time_forward(base.model, batch, args.steps, next_token_nll), 1.0)
-    rows["forward (logits)"] = (time_forward(base.model, batch, args.steps, plain_loss), 1.0)
-    report(rows, fwd, peak, tokens, args)
+    rows, peaks = contenders(base, batch, args.steps, args.warmup), []
+    if args.rows:
+        keep = set(args.rows.split(",")) | {"peft_ln_tuning"}
+        rows = {k: v for k, v in rows.items() if k in keep}
+    times: dict = {name: [] for name in rows}
+    for _ in range(args.rounds):  # interleaved so that a noisy neighbour hits every row alike
+        peaks.append(matmul_peak())
+        for name, (timer, _mult) in rows.items():
+            times[name].append(timer())
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    report({n: (median(times[n]), rows[n][1]) for n in rows}, fwd, max(peaks), tokens, args)
 
 
 def report(rows, fwd, peak, tokens, args) -> None:
-    print(f"base {args.base}; batch 2 x 256; {args.steps} timed steps after {args.warmup} warm-up; "
+    print(f"base {args.base}; batch 2 x 256; median of {args.rounds} interleaved rounds of {args.steps} timed steps "
+          f"(after {args.warmup} warm-up); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
-    print(f"measured fp32 matmul peak (2048^3 torch.mm): {peak:.1f} GFLOP/s")
+    print(f"measured fp32 matmul peak (2048^3 torch.mm, best of the rounds): {peak:.1f} GFLOP/s")
     print(f"{'what':18s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s}")
     peft_s = rows["peft_ln_tuning"][0]
     out = {"peak_gflops": peak}

@@ -64,3 +64,4 @@ def test_a_scaled_head_falls_back_to_the_model_forward(tiny):
     model = copy.deepcopy(tiny.model)
     model.config.final_logit_softcapping = 30.0
     assert causal_lm_parts(model) is None
+
