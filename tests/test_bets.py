@@ -131,3 +131,40 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert sorted(result["config"]["seeds"]) == [0, 1] and len(result["cells"]) == 4 * 3
     assert result["verdict"] == bet.verdict(result["cells"], result["criteria"])
     assert set(result["extras"]["loss_curves"]) == {f"programmer/{m}/seed{s}" for m in ("norm", "full") for s in (0, 1)}
+
+
+def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path, monkeypatch):
+    """A unit claimed by another live process is left to it; the run waits, then takes it over once that dies."""
+    import subprocess
+    import threading
+    import time
+
+    from experiments.bets.context import Checkpoint, Context
+
+    monkeypatch.setattr(harness, "POLL_S", 0.1)
+    bet = get_bet("46")
+    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
+    partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
+    other = subprocess.Popen(["sleep", "120"])  # stands in for a second worker busy with full/seed0
+    claim = Checkpoint(partial, {})._claim_file("full/seed0")
+    claim.parent.mkdir(parents=True)
+    claim.write_text(str(other.pid))
+    trained, real = [], Context.adapter
+    monkeypatch.setattr(Context, "adapter", lambda self, *a, **k: trained.append(a[1]) or real(self, *a, **k))
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(run_bet(bet, opts)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and "norm/seed0" in json.loads(partial.read_text())["units"]):
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert worker.is_alive() and trained == ["norm"]  # waiting: it did not touch the claimed unit
+    finally:
+        other.kill()
+        other.wait()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and trained == ["norm", "full"]  # the dead worker's unit was taken over
+    assert len(out["cells"]) == 2 * 3 and out["verdict"] == bet.verdict(out["cells"], out["criteria"])
+    assert not partial.exists() and not claim.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -54,32 +55,90 @@ class ScoreCache:
 class Checkpoint:
     """Finished units of a long bet, written after each one to results/partial/<bet>.json (committed with the
     results), so a run that is cut off, or continued in another session on another machine, resumes where it
-    stopped. The file is stamped with the run's configuration; a different configuration starts it afresh."""
+    stopped. The file is stamped with the run's configuration; a different configuration starts it afresh.
+
+    Several processes may work on one bet at once (one per core): each unit is claimed by a file under
+    results/partial/<bet>.claims/ holding the worker's pid, writes merge with what other workers wrote (under a
+    lock), and a unit whose claimer has died is taken over."""
 
     def __init__(self, path: Path, stamp: dict, fresh: bool = False):
         self.path, self.stamp = Path(path), stamp
-        data = json.loads(self.path.read_text()) if self.path.is_file() and not fresh else {}
-        if data and data.get("stamp") != stamp:
+        self.claims = self.path.with_suffix(".claims")
+        if fresh:
+            self.path.unlink(missing_ok=True)
+        elif self._read() == {} and self.path.is_file():
             say(f"{self.path}: written for another configuration; starting afresh")
-            data = {}
-        self.units: dict = data.get("units", {})
+            self.path.unlink()
         self.reused: list = []
 
+    def _read(self) -> dict:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return data.get("units", {}) if data.get("stamp") == self.stamp else {}
+
+    @property
+    def units(self) -> dict:
+        return self._read()
+
     def get(self, key: str):
-        hit = self.units.get(key)
+        hit = self._read().get(key)
         if hit is not None and key not in self.reused:
             self.reused.append(key)
         return hit
 
     def put(self, key: str, value: dict) -> None:
-        self.units[key] = value
-        write_text_atomic(self.path, json.dumps({"stamp": self.stamp, "units": self.units}, indent=0) + "\n")
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            units = {**self._read(), key: value}
+            write_text_atomic(self.path, json.dumps({"stamp": self.stamp, "units": units}, indent=0) + "\n")
+        self._claim_file(key).unlink(missing_ok=True)
+
+    def _claim_file(self, key: str) -> Path:
+        return self.claims / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
+
+    def claim(self, key: str) -> bool:
+        """True if this process may compute `key`; False while another live process is computing it."""
+        f = self._claim_file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            pid = int(f.read_text() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            return False
+        write_text_atomic(f, str(os.getpid()))
+        return True
+
+    def busy(self, key: str) -> bool:
+        """Another live worker holds `key` and has not finished it yet."""
+        f = self._claim_file(key)
+        try:
+            pid = int(f.read_text() or 0)
+        except (OSError, ValueError):
+            return False
+        return key not in self._read() and pid != os.getpid() and _alive(pid)
 
     def wall_s(self) -> float:
-        return sum(u.get("wall_s", 0.0) for u in self.units.values())
+        return sum(u.get("wall_s", 0.0) for u in self._read().values())
 
     def remove(self) -> None:
+        import shutil
+
         self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".lock").unlink(missing_ok=True)
+        shutil.rmtree(self.claims, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Context:
@@ -94,6 +153,7 @@ class Context:
         self.extras, self.notes, self.users_used, self.seeds_used = {}, {}, [], set()
         self._held: tuple = (None, None)
         self._sha: dict = {}
+        self.pending: list = []  # units left to other workers in this pass
         self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.base.fingerprint[:16]}.json")
         self.checkpoint = checkpoint or Checkpoint(opts.result_dir() / "partial" / f"{bet.name}.json",
                                                    self._stamp(), opts.force)
@@ -109,6 +169,10 @@ class Context:
         """Cells of one resumable unit of work (e.g. train one adapter and score it): computed once, then
         checkpointed with the loss curves it recorded; a resumed run takes them from the checkpoint."""
         done = self.checkpoint.get(key)
+        if done is None and not self.checkpoint.claim(key):
+            say(f"{key}: being computed by another worker; left to it")
+            self.pending.append(key)
+            return []
         if done is None:
             start, before = time.time(), set(self.extras.get("loss_curves", {}))
             users, seeds = len(self.users_used), set(self.seeds_used)

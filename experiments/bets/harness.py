@@ -21,11 +21,13 @@ from typing import Callable
 import torch
 
 from sharedllm.atomic import write_text_atomic
+from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
 
 from .common import DEFAULT_CORPORA, OUT, REPO
 
 RESULTS = Path(__file__).resolve().parent / "results"
+POLL_S = 20.0  # how often a worker looks whether the units other workers hold are done
 VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
 BETS = {  # the registry: bet id -> module under experiments/bets/
     "13": "13_ternary_ptq", "37": "37_norm_only", "46": "46_replication", "49": "49_adapter_shootout",
@@ -136,6 +138,12 @@ def run_bet(bet: Bet, opts: Options) -> dict:
     ctx = Context(bet, opts)
     try:
         cells = bet.run(ctx)
+        while ctx.pending:  # units other workers were computing: wait for them, then assemble from the checkpoint
+            say(f"bet {bet.name}: waiting for {len(ctx.pending)} unit(s) other workers are computing")
+            while any(ctx.checkpoint.busy(k) for k in ctx.pending):
+                time.sleep(POLL_S)
+            ctx.pending = []
+            cells = bet.run(ctx)
     finally:
         ctx.cache.flush()
         torch.set_num_threads(threads)
