@@ -168,3 +168,15 @@ def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path,
     assert not worker.is_alive() and trained == ["norm", "full"]  # the dead worker's unit was taken over
     assert len(out["cells"]) == 2 * 3 and out["verdict"] == bet.verdict(out["cells"], out["criteria"])
     assert not partial.exists() and not claim.exists()
+
+
+def test_report_shows_bets_in_progress(tmp_path):
+    from experiments.bets.report import write_report
+
+    partial = tmp_path / "results" / "partial" / "46_replication.json"
+    partial.parent.mkdir(parents=True)
+    partial.write_text(json.dumps({"stamp": {}, "units": {"norm/seed0": {}, "full/seed0": {}}}))
+    out = write_report(tmp_path / "results", tmp_path / "REPORT.md", tmp_path / "plots")
+    line = next(x for x in (tmp_path / "REPORT.md").read_text().splitlines() if x.startswith("| 46_replication"))
+    assert "in progress: 2 unit(s)" in line and "full/seed0, norm/seed0" in line
+    assert out["in_progress"] == {"46": ["full/seed0", "norm/seed0"]} and "46" in out["missing"]
