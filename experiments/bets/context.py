@@ -47,7 +47,9 @@ class ScoreCache:
             self.flush()
 
     def flush(self) -> None:
-        if self.dirty:
+        if self.dirty:  # merge with what other workers wrote meanwhile
+            if self.path.is_file():
+                self.data = {**json.loads(self.path.read_text()), **self.data}
             write_text_atomic(self.path, json.dumps(self.data, indent=0, sort_keys=True))
         self.dirty, self.flushed = False, time.monotonic()
 
