@@ -180,3 +180,35 @@ def test_report_shows_bets_in_progress(tmp_path):
     line = next(x for x in (tmp_path / "REPORT.md").read_text().splitlines() if x.startswith("| 46_replication"))
     assert "in progress: 2 unit(s)" in line and "full/seed0, norm/seed0" in line
     assert out["in_progress"] == {"46": ["full/seed0", "norm/seed0"]} and "46" in out["missing"]
+
+
+def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monkeypatch):
+    import subprocess
+    import threading
+    import time
+
+    from experiments.bets.context import Checkpoint
+
+    monkeypatch.setattr(harness, "POLL_S", 0.1)
+    bet = get_bet("46")
+    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
+    partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
+    other = subprocess.Popen(["sleep", "120"])
+    claim = Checkpoint(partial, {})._claim_file("full/seed0")
+    claim.parent.mkdir(parents=True)
+    claim.write_text(str(other.pid))
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(run_bet(bet, opts)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and "norm/seed0" in json.loads(partial.read_text())["units"]):
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.1)
+        finished = {"bet": "46", "verdict": "FAIL", "cells": [], "by": "the other worker"}
+        (tmp_path / "res" / f"{bet.name}.json").write_text(json.dumps(finished))
+    finally:
+        other.kill()
+        other.wait()
+    worker.join(timeout=120)
+    assert out["by"] == "the other worker" and out["reused"]

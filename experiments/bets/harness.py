@@ -142,6 +142,8 @@ def run_bet(bet: Bet, opts: Options) -> dict:
             say(f"bet {bet.name}: waiting for {len(ctx.pending)} unit(s) other workers are computing")
             while any(ctx.checkpoint.busy(k) for k in ctx.pending):
                 time.sleep(POLL_S)
+            if path.is_file():  # another worker finished the bet and wrote the result meanwhile
+                return {**json.loads(path.read_text()), "reused": str(path)}
             ctx.pending = []
             cells = bet.run(ctx)
     finally:
