@@ -142,6 +142,8 @@ def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path,
     from experiments.bets.context import Checkpoint, Context
 
     monkeypatch.setattr(harness, "POLL_S", 0.1)
+    said: list = []
+    monkeypatch.setattr(harness, "say", said.append)
     bet = get_bet("46")
     opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
     partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
@@ -156,11 +158,11 @@ def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path,
     worker.start()
     try:
         deadline = time.monotonic() + 120
-        while not (partial.is_file() and "norm/seed0" in json.loads(partial.read_text())["units"]):
+        while not any("waiting for 1 unit(s)" in m for m in said):  # it has done its part and now waits
             assert time.monotonic() < deadline and worker.is_alive()
             time.sleep(0.1)
-        time.sleep(0.5)
         assert worker.is_alive() and trained == ["norm"]  # waiting: it did not touch the claimed unit
+        assert "norm/seed0" in json.loads(partial.read_text())["units"]
     finally:
         other.kill()
         other.wait()
@@ -190,6 +192,8 @@ def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monke
     from experiments.bets.context import Checkpoint
 
     monkeypatch.setattr(harness, "POLL_S", 0.1)
+    said: list = []
+    monkeypatch.setattr(harness, "say", said.append)
     bet = get_bet("46")
     opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
     partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
@@ -202,7 +206,7 @@ def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monke
     worker.start()
     try:
         deadline = time.monotonic() + 120
-        while not (partial.is_file() and "norm/seed0" in json.loads(partial.read_text())["units"]):
+        while not any("waiting for 1 unit(s)" in m for m in said):  # it has done its part and now waits
             assert time.monotonic() < deadline and worker.is_alive()
             time.sleep(0.1)
         finished = {"bet": "46", "verdict": "FAIL", "cells": [], "by": "the other worker"}
