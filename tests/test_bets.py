@@ -133,43 +133,58 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert set(result["extras"]["loss_curves"]) == {f"programmer/{m}/seed{s}" for m in ("norm", "full") for s in (0, 1)}
 
 
+class BesideABusyWorker:
+    """Bet 46 (quick, 1 seed) run in a thread while a stand-in process (`sleep`) holds the claim on full/seed0."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        import subprocess
+        import threading
+
+        from experiments.bets.context import Checkpoint, Context
+
+        monkeypatch.setattr(harness, "POLL_S", 0.1)
+        self.said, self.trained, self.out, real = [], [], {}, Context.adapter
+        monkeypatch.setattr(harness, "say", self.said.append)
+        monkeypatch.setattr(Context, "adapter", lambda ctx, *a, **k: self.trained.append(a[1]) or real(ctx, *a, **k))
+        self.bet = get_bet("46")
+        self.opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
+        self.partial = tmp_path / "res" / "partial" / f"{self.bet.name}.json"
+        self.result = tmp_path / "res" / f"{self.bet.name}.json"
+        self.other = subprocess.Popen(["sleep", "120"])
+        self.claim = Checkpoint(self.partial, {})._claim_file("full/seed0")
+        self.claim.parent.mkdir(parents=True)
+        self.claim.write_text(str(self.other.pid))
+        self.worker = threading.Thread(target=lambda: self.out.update(run_bet(self.bet, self.opts)))
+        self.worker.start()
+
+    def wait_until_it_waits(self) -> None:
+        import time
+
+        deadline = time.monotonic() + 120
+        while not any("waiting for 1 unit(s)" in m for m in self.said):  # it has done its part and now waits
+            assert time.monotonic() < deadline and self.worker.is_alive()
+            time.sleep(0.1)
+
+    def other_dies(self) -> dict:
+        self.other.kill()
+        self.other.wait()
+        self.worker.join(timeout=120)
+        assert not self.worker.is_alive()
+        return self.out
+
+
 def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path, monkeypatch):
     """A unit claimed by another live process is left to it; the run waits, then takes it over once that dies."""
-    import subprocess
-    import threading
-    import time
-
-    from experiments.bets.context import Checkpoint, Context
-
-    monkeypatch.setattr(harness, "POLL_S", 0.1)
-    said: list = []
-    monkeypatch.setattr(harness, "say", said.append)
-    bet = get_bet("46")
-    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
-    partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
-    other = subprocess.Popen(["sleep", "120"])  # stands in for a second worker busy with full/seed0
-    claim = Checkpoint(partial, {})._claim_file("full/seed0")
-    claim.parent.mkdir(parents=True)
-    claim.write_text(str(other.pid))
-    trained, real = [], Context.adapter
-    monkeypatch.setattr(Context, "adapter", lambda self, *a, **k: trained.append(a[1]) or real(self, *a, **k))
-    out: dict = {}
-    worker = threading.Thread(target=lambda: out.update(run_bet(bet, opts)))
-    worker.start()
+    run = BesideABusyWorker(tmp_path, monkeypatch)
     try:
-        deadline = time.monotonic() + 120
-        while not any("waiting for 1 unit(s)" in m for m in said):  # it has done its part and now waits
-            assert time.monotonic() < deadline and worker.is_alive()
-            time.sleep(0.1)
-        assert worker.is_alive() and trained == ["norm"]  # waiting: it did not touch the claimed unit
-        assert "norm/seed0" in json.loads(partial.read_text())["units"]
+        run.wait_until_it_waits()
+        assert run.trained == ["norm"]  # waiting: it did not touch the claimed unit
+        assert "norm/seed0" in json.loads(run.partial.read_text())["units"]
     finally:
-        other.kill()
-        other.wait()
-    worker.join(timeout=120)
-    assert not worker.is_alive() and trained == ["norm", "full"]  # the dead worker's unit was taken over
-    assert len(out["cells"]) == 2 * 3 and out["verdict"] == bet.verdict(out["cells"], out["criteria"])
-    assert not partial.exists() and not claim.exists()
+        out = run.other_dies()
+    assert run.trained == ["norm", "full"]  # the dead worker's unit was taken over
+    assert len(out["cells"]) == 2 * 3 and out["verdict"] == run.bet.verdict(out["cells"], out["criteria"])
+    assert not run.partial.exists() and not run.claim.exists()
 
 
 def test_report_shows_bets_in_progress(tmp_path):
@@ -185,34 +200,11 @@ def test_report_shows_bets_in_progress(tmp_path):
 
 
 def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monkeypatch):
-    import subprocess
-    import threading
-    import time
-
-    from experiments.bets.context import Checkpoint
-
-    monkeypatch.setattr(harness, "POLL_S", 0.1)
-    said: list = []
-    monkeypatch.setattr(harness, "say", said.append)
-    bet = get_bet("46")
-    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
-    partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
-    other = subprocess.Popen(["sleep", "120"])
-    claim = Checkpoint(partial, {})._claim_file("full/seed0")
-    claim.parent.mkdir(parents=True)
-    claim.write_text(str(other.pid))
-    out: dict = {}
-    worker = threading.Thread(target=lambda: out.update(run_bet(bet, opts)))
-    worker.start()
+    run = BesideABusyWorker(tmp_path, monkeypatch)
     try:
-        deadline = time.monotonic() + 120
-        while not any("waiting for 1 unit(s)" in m for m in said):  # it has done its part and now waits
-            assert time.monotonic() < deadline and worker.is_alive()
-            time.sleep(0.1)
+        run.wait_until_it_waits()
         finished = {"bet": "46", "verdict": "FAIL", "cells": [], "by": "the other worker"}
-        (tmp_path / "res" / f"{bet.name}.json").write_text(json.dumps(finished))
+        run.result.write_text(json.dumps(finished))
     finally:
-        other.kill()
-        other.wait()
-    worker.join(timeout=120)
-    assert out["by"] == "the other worker" and out["reused"]
+        out = run.other_dies()
+    assert out["by"] == "the other worker" and out["reused"] and run.trained == ["norm"]
