@@ -77,10 +77,6 @@ class Checkpoint:
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         return data.get("units", {}) if data.get("stamp") == self.stamp else {}
 
-    @property
-    def units(self) -> dict:
-        return self._read()
-
     def get(self, key: str):
         hit = self._read().get(key)
         if hit is not None and key not in self.reused:
