@@ -17,11 +17,10 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from sharedllm.adapters import adapted_model, get_method
 from sharedllm.base import load_base
-from sharedllm.losses import next_token_loss, next_token_nll
+from sharedllm.losses import logits_loss as plain_loss, next_token_loss, next_token_nll
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -39,12 +38,6 @@ def forward_flops(model, tokens: int, seq: int) -> float:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     attn = 2 * cfg.num_hidden_layers * tokens * seq * cfg.hidden_size
     return 2 * linear * tokens + attn
-
-
-def plain_loss(model, batch):
-    """The usual HF-style loss: full [tokens, vocab] logits, then cross-entropy (what PEFT training does)."""
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
 def time_steps(model, params, batch, steps: int, warmup: int, loss_fn) -> float:

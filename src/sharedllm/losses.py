@@ -80,12 +80,17 @@ def token_nll_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return out.reshape(targets.shape)
 
 
+def logits_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """The same loss the usual way: full [tokens, vocab] logits from the model's forward, then cross-entropy."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `batch` [B, L+1] (the training loss of every adapter method)."""
     parts = causal_lm_parts(model)
     if parts is None:
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return logits_loss(model, batch)
     decoder, weight = parts
     hidden = decoder(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
     return linear_cross_entropy(hidden, weight, batch[:, 1:])

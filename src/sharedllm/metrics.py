@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .losses import next_token_nll
 
@@ -17,12 +16,6 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
     """Total negative log-likelihood (nats) expressed in bits per UTF-8 byte of the scored text."""
     return nll_sum / math.log(2) / n_bytes
-
-
-def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (nats) per row: logits [B, T, V], targets [B, T] -> [B]."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    return nll.sum(dim=1)
 
 
 @torch.no_grad()
