@@ -208,3 +208,33 @@ def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monke
     finally:
         out = run.other_dies()
     assert out["by"] == "the other worker" and out["reused"] and run.trained == ["norm"]
+
+
+def _claim_once(path: str, barrier, results) -> None:
+    from experiments.bets.context import Checkpoint
+
+    barrier.wait()
+    results.put(Checkpoint(path, {"bet": "race"}).claim("unit/a"))
+    barrier.wait()  # stay alive until every worker has tried: a dead claimer's unit may rightly be taken over
+
+
+def test_a_unit_is_claimed_by_exactly_one_of_many_racing_workers(tmp_path):
+    import multiprocessing as mp
+
+    ctx, n = mp.get_context("fork"), 6
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_claim_once, args=(str(tmp_path / "race.json"), barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(results.get(timeout=5) for _ in range(n)) == [False] * (n - 1) + [True]
+
+
+def test_a_finished_unit_is_not_claimed_again(tmp_path):
+    from experiments.bets.context import Checkpoint
+
+    cp = Checkpoint(tmp_path / "b.json", {"bet": "b"})
+    assert cp.claim("unit/a")
+    cp.put("unit/a", {"cells": [], "curves": {}, "users": [], "seeds": [], "wall_s": 0.0})
+    assert not Checkpoint(tmp_path / "b.json", {"bet": "b"}).claim("unit/a")

@@ -2,6 +2,8 @@
 scoring with a score cache keyed by the exact adapter file, user, eval text and window."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,15 @@ WINDOW = 256
 _DATA: dict = {}  # (tokenizer id, file) -> UserData, shared by bets run in one process
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on `path`.lock: read-modify-write of a file shared by several workers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class ScoreCache:
     """A JSON file of summed NLLs: scoring the same adapter on the same text twice costs nothing."""
 
@@ -48,9 +59,10 @@ class ScoreCache:
 
     def flush(self) -> None:
         if self.dirty:  # merge with what other workers wrote meanwhile
-            if self.path.is_file():
-                self.data = {**json.loads(self.path.read_text()), **self.data}
-            write_text_atomic(self.path, json.dumps(self.data, indent=0, sort_keys=True))
+            with locked(self.path):
+                if self.path.is_file():
+                    self.data = {**json.loads(self.path.read_text()), **self.data}
+                write_text_atomic(self.path, json.dumps(self.data, indent=0, sort_keys=True))
         self.dirty, self.flushed = False, time.monotonic()
 
 
@@ -84,11 +96,7 @@ class Checkpoint:
         return hit
 
     def put(self, key: str, value: dict) -> None:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self.path):
             units = {**self._read(), key: value}
             write_text_atomic(self.path, json.dumps({"stamp": self.stamp, "units": units}, indent=0) + "\n")
         self._claim_file(key).unlink(missing_ok=True)
@@ -97,17 +105,19 @@ class Checkpoint:
         return self.claims / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
 
     def claim(self, key: str) -> bool:
-        """True if this process may compute `key`; False while another live process is computing it."""
+        """True if this process may compute `key`; False while another live process is computing it, or once
+        another worker has finished it."""
         f = self._claim_file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            pid = int(f.read_text() or 0)
-        except (OSError, ValueError):
-            pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-            return False
-        write_text_atomic(f, str(os.getpid()))
-        return True
+        with locked(self.path):  # check-then-write as one step: two workers never both claim a unit
+            try:
+                pid = int(f.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if key in self._read() or (pid and pid != os.getpid() and _alive(pid)):
+                return False
+            write_text_atomic(f, str(os.getpid()))
+            return True
 
     def busy(self, key: str) -> bool:
         """Another live worker holds `key` and has not finished it yet."""
