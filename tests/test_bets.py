@@ -86,7 +86,8 @@ def test_report_from_quick_results(res_dir, tmp_path):
     for bet_id in got["with_results"]:
         assert f"| {BETS[bet_id]} |" in text and got["verdicts"][bet_id] in text
     names = {p.split("/")[-1] for p in got["plots"]}
-    assert {"confusion_matrix.png", "loss_curves.png", "pareto.png"} <= names
+    assert {"confusion_matrix.png", "loss_curves.png", "pareto.png", "scale_confusion_matrix.png",
+            "scale_protocol.png"} <= names
     assert all((tmp_path / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
 
 

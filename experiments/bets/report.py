@@ -94,26 +94,77 @@ def make_plots(results: dict, folder: Path) -> list:
     for fn, result in ((confusion_plot, results.get("61")), (loss_plot, shootout), (pareto_plot, shootout)):
         if result is not None:
             made.append(str(fn(result, folder)))
+    if "scale_protocol" in results:
+        cells = results["scale_protocol"]["cells"]
+        made.append(str(confusion_plot({"cells": select(cells, kind="confusion"), "bet": "scale_protocol"}, folder,
+                                       "scale_confusion_matrix.png")))
+        made.append(str(scale_plot(cells, folder)))
     return made
 
 
-def confusion_plot(result: dict, folder: Path) -> Path:
+def scale_conditions(cells: list, user: str) -> dict:
+    """Each condition's held-out ppl on `user`'s text as a fraction of the bare base's (ternary: of the ternary
+    base's); absent conditions are left out."""
+    conf, base = select(cells, kind="confusion"), ppl(cells, kind="confusion", adapter="base", user=user)
+    others = [ppl(conf, adapter=a, user=user) for a in values(conf, "adapter") if a not in ("base", user)]
+    out = {"own norm": ppl(conf, adapter=user, user=user) / base}
+    if others:
+        out["best other user's norm"] = min(others) / base
+    for m in values(cells, "method", kind="method"):
+        out[f"own {m}"] = ppl(cells, kind="method", method=m, user=user) / base
+    if select(cells, kind="random", user=user):
+        out["norm on random tokens"] = ppl(cells, kind="random", user=user) / base
+    if select(cells, kind="ternary", user=user):
+        out["ternary: own norm / ternary base"] = (ppl(cells, kind="ternary", condition="ternary_norm", user=user)
+                                                   / ppl(cells, kind="ternary", condition="ternary_base", user=user))
+    return out
+
+
+def scale_plot(cells: list, folder: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    users = values(select(cells, kind="confusion"), "user")
+    rows = {u: scale_conditions(cells, u) for u in users}
+    names = list(dict.fromkeys(k for r in rows.values() for k in r))
+    fig, ax = plt.subplots(figsize=(4 + 0.9 * len(users), 4.6))
+    width = 0.8 / len(names)
+    for k, cond in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(users))]
+        ax.bar(xs, [rows[u].get(cond, float("nan")) for u in users], width, label=cond, color=f"C{k}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.95, color="k", lw=0.8, ls="--", label="5 % better than the base")
+    ax.set_xticks(range(len(users)), users, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("held-out ppl / base ppl")
+    ax.set_ylim(min(0.9, min(min(r.values()) for r in rows.values()) - 0.02), 1.05)
+    ax.set_title("Scale protocol: each user's held-out ppl relative to the base (lower is better)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, folder / "scale_protocol.png")
+
+
+def confusion_plot(result: dict, folder: Path, name: str = "confusion_matrix.png") -> Path:
+    """Rows: adapters (the base first), columns: users' held-out texts; colour: ppl over the base's ppl."""
     import matplotlib.pyplot as plt
 
     cells = result["cells"]
-    adapters, users = values(cells, "adapter"), values(cells, "user")
+    users = values(cells, "user")
+    adapters = ["base"] + [a for a in values(cells, "adapter") if a != "base"]
     grid = [[ppl(cells, adapter=a, user=u) / ppl(cells, adapter="base", user=u) for u in users] for a in adapters]
-    fig, ax = plt.subplots(figsize=(3.5 + 1.8 * len(users), 1.4 + 0.6 * len(adapters)))
-    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=min(map(min, grid)), vmax=max(1.0, max(map(max, grid))))
+    small = len(users) > 4
+    fig, ax = plt.subplots(figsize=(4 + (0.75 if small else 1.5) * len(users), 2.4 + 0.4 * len(adapters)))
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=min(map(min, grid)), vmax=max(1.0, max(map(max, grid))),
+                   aspect="auto")
     for i, a in enumerate(adapters):
         for j, u in enumerate(users):
-            ax.text(j, i, f"{ppl(cells, adapter=a, user=u):.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(users)), users, rotation=15)
-    ax.set_yticks(range(len(adapters)), [f"adapter: {a}" for a in adapters])
+            ax.text(j, i, f"{ppl(cells, adapter=a, user=u):.{1 if small else 2}f}", ha="center", va="center",
+                    fontsize=6 if small else 8, fontweight="bold" if a == u else "normal")
+    ax.set_xticks(range(len(users)), users, rotation=40 if small else 15, ha="right" if small else "center")
+    ax.set_yticks(range(len(adapters)), adapters)
     ax.set_xlabel("held-out text of user")
-    ax.set_title("Bet 61: held-out ppl (colour: ratio to base)")
+    ax.set_ylabel("adapter")
+    ax.set_title(f"Bet {result['bet']}: held-out ppl\n(colour: ratio to the base's ppl; bold: own adapter)",
+                 fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.05)
-    return _save(fig, folder / "confusion_matrix.png")
+    return _save(fig, folder / name)
 
 
 def loss_plot(result: dict, folder: Path) -> Path:
