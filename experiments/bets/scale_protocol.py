@@ -144,11 +144,21 @@ def verdict(cells: list, criteria: dict) -> str:
                  f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + eps)
 
 
+def _span(xs: list) -> str:
+    return f"{100 * min(xs):.1f}-{100 * max(xs):.1f} %"
+
+
 def summary(cells: list) -> str:
     conf = select(cells, kind="confusion")
     users = values(conf, "user")
     own = {u: ppl(conf, user=u, adapter=u) for u in users}
-    parts = [f"own norm adapter wins by >= 5 % for {won_fraction(cells, CRITERIA):.0%} of {len(users)} users"]
+    best_other = {u: min(ppl(conf, user=u, adapter=a) for a in values(conf, "adapter", user=u) if a not in (u, "base"))
+                  for u in users}
+    n_best = sum(best for _, best in confusion_outcomes(conf, CRITERIA["margin"]).values())
+    parts = [f"own norm adapter wins by >= 5 % for {won_fraction(cells, CRITERIA):.0%} of {len(users)} users",
+             f"own adapter is the best one for {n_best}/{len(users)}: "
+             f"{_span([1 - own[u] / ppl(conf, user=u, adapter='base') for u in users])} below the base, "
+             f"{_span([1 - own[u] / best_other[u] for u in users])} below the best other user's adapter"]
     if select(cells, kind="random"):
         k = sum(beats(own[u], ppl(cells, kind="random", user=u), 0.05) for u in users)
         parts.append(f"real beats random-token control by >= 5 % for {k}/{len(users)}")
