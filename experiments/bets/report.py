@@ -76,6 +76,8 @@ def render_markdown(results: dict, plots: list, root: Path, partial: dict | None
         check = "" if recomputed(r) == r["verdict"] else " (MISMATCH on recompute)"
         side = "".join(f"; {k}: {v}" for k, v in (r.get("side_verdicts") or {}).items())
         wall = f"{r['meta']['wall_s'] / 60:.1f} min"
+        if r["meta"].get("resumed"):  # a checkpointed run: the last pass, and every unit's time summed
+            wall += f" (units: {r['meta']['resumed']['wall_s_all_units'] / 3600:.1f} h)"
         lines.append(f"| {module} | {_cell(r['hypothesis'])} | **{r['verdict']}**{check}{side} | "
                      f"{_cell(get_bet(bet_id).summary(r['cells']))} | {wall} | {r['meta']['git_commit'][:8]} |")
     lines += ["", "## Plots", ""]
