@@ -60,6 +60,11 @@ def confusion_outcomes(cells: list, margin: float, **where) -> dict:
     return out
 
 
+def best_other_adapter(cells: list, user: str) -> float:
+    """The lowest ppl on `user`'s text among the other users' adapters (not own, not the base)."""
+    return min(ppl(cells, user=user, adapter=a) for a in values(cells, "adapter", user=user) if a not in (user, "base"))
+
+
 def head_to_head(cells: list, margin: float, mine: str, rival: str, ties_lose: bool = False) -> tuple[int, int]:
     """Per user: does condition `mine` beat `rival` by >= margin (won), and does `rival` beat `mine` (lost)?"""
     won = lost = 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sharedllm.atomic import write_text_atomic
 
-from .cells import ppl, select, values
+from .cells import best_other_adapter, ppl, select, values
 from .harness import BETS, RESULTS, get_bet
 
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
@@ -109,10 +109,8 @@ def scale_conditions(cells: list, user: str) -> dict:
     """Each condition's held-out ppl on `user`'s text as a fraction of the bare base's (ternary: of the ternary
     base's); absent conditions are left out."""
     conf, base = select(cells, kind="confusion"), ppl(cells, kind="confusion", adapter="base", user=user)
-    others = [ppl(conf, adapter=a, user=user) for a in values(conf, "adapter") if a not in ("base", user)]
-    out = {"own norm": ppl(conf, adapter=user, user=user) / base}
-    if others:
-        out["best other user's norm"] = min(others) / base
+    out = {"own norm": ppl(conf, adapter=user, user=user) / base,
+           "best other user's norm": best_other_adapter(conf, user) / base}
     for m in values(cells, "method", kind="method"):
         out[f"own {m}"] = ppl(cells, kind="method", method=m, user=user) / base
     if select(cells, kind="random", user=user):

@@ -11,7 +11,7 @@ from pathlib import Path
 from sharedllm.base import load_base
 from sharedllm.errors import SharedLLMError
 
-from .cells import beats, confusion_outcomes, ppl, select, values
+from .cells import beats, best_other_adapter, confusion_outcomes, ppl, select, values
 from .harness import Bet, MissingDependency, grade, main
 
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
@@ -152,8 +152,7 @@ def summary(cells: list) -> str:
     conf = select(cells, kind="confusion")
     users = values(conf, "user")
     own = {u: ppl(conf, user=u, adapter=u) for u in users}
-    best_other = {u: min(ppl(conf, user=u, adapter=a) for a in values(conf, "adapter", user=u) if a not in (u, "base"))
-                  for u in users}
+    best_other = {u: best_other_adapter(conf, u) for u in users}
     n_best = sum(best for _, best in confusion_outcomes(conf, CRITERIA["margin"]).values())
     parts = [f"own norm adapter wins by >= 5 % for {won_fraction(cells, CRITERIA):.0%} of {len(users)} users",
              f"own adapter is the best one for {n_best}/{len(users)}: "
