@@ -178,9 +178,11 @@ class Context:
         checkpointed with the loss curves it recorded; a resumed run takes them from the checkpoint."""
         done = self.checkpoint.get(key)
         if done is None and not self.checkpoint.claim(key):
-            say(f"{key}: being computed by another worker; left to it")
-            self.pending.append(key)
-            return []
+            done = self.checkpoint.get(key)  # another worker may have finished it in between
+            if done is None:
+                say(f"{key}: being computed by another worker; left to it")
+                self.pending.append(key)
+                return []
         if done is None:
             start, before = time.time(), set(self.extras.get("loss_curves", {}))
             users, seeds = len(self.users_used), set(self.seeds_used)
