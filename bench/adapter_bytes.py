@@ -18,7 +18,7 @@ from sharedllm.personalise import load_adapted, personalise, save_adapted
 from sharedllm.quant.policy import table
 from sharedllm.train import TrainConfig
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 USERS = {"programmer": "programmer/cpython_asyncio.txt", "novelist": "novelist/austen_pride_and_prejudice.txt",
          "scientist": "scientist/arxiv_astro_ph.txt"}
 

@@ -15,7 +15,7 @@ import torch
 from sharedllm.personalise import new_adapter, save_adapted
 from sharedllm.serve import wait_until_healthy
 
-CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 ADMIN = "bench-admin-token"
 MACHINE = "2 vCPU x86_64 AVX2, 24 GiB, no GPU"
 

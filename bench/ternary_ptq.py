@@ -22,7 +22,7 @@ from sharedllm.quant.ptq import METHODS, PTQConfig
 from sharedllm.quant.repair import repair
 from sharedllm.quant.ternary import decoder_linears, load_quantised, save_ternary_base
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 GENERAL = CORPORA / "general" / "wikipedia_squad_paragraphs.txt"
 USERS = {"programmer": "programmer/cpython_asyncio.txt", "novelist": "novelist/austen_pride_and_prejudice.txt",
          "scientist": "scientist/arxiv_astro_ph.txt"}

@@ -5,7 +5,7 @@ import pytest
 
 from sharedllm.base import load_base
 
-CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from sharedllm.personalise import load_adapted, personalise, save_adapted
 from sharedllm.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
+DEFAULT_CORPORA = REPO / "data" / "corpora"
 OUT = REPO / "out"
 USERS = {"programmer": "programmer/cpython_asyncio", "novelist": "novelist/austen_pride_and_prejudice",
          "scientist": "scientist/arxiv_astro_ph"}
