@@ -199,11 +199,13 @@ class Context:
         return [dict(c) for c in done["cells"]]
 
     # ---- configuration recorded in the result ----
-    def train_config(self, seed: int = 0) -> TrainConfig:
+    def train_config(self, seed: int = 0, lr: float | None = None) -> TrainConfig:
+        """The bet's training budget; `lr` overrides the learning rate (a bet that sweeps it, e.g. lr_sensitivity)."""
         self.seeds_used.add(seed)
         if self.quick:
-            return TrainConfig(steps=QUICK["steps"], batch=QUICK["batch"], seq=QUICK["seq"], lr=QUICK["lr"], seed=seed)
-        return TrainConfig(seed=seed)
+            return TrainConfig(steps=QUICK["steps"], batch=QUICK["batch"], seq=QUICK["seq"], lr=lr or QUICK["lr"],
+                               seed=seed)
+        return TrainConfig(seed=seed) if lr is None else TrainConfig(seed=seed, lr=lr)
 
     def config(self) -> dict:
         cfg = self.train_config(0).to_json()
@@ -233,6 +235,12 @@ class Context:
 
         return disjoint_slices(self.data(rel).heldout, self.n_texts, self.text_len)
 
+    def dev_text(self, rel: str) -> torch.Tensor:
+        """The user's development slice: held-out tokens after the eval texts, for every choice a bet makes."""
+        from sharedllm.data import dev_slice
+
+        return dev_slice(self.data(rel).heldout, self.n_texts, self.text_len)
+
     def random_tokens(self, rel: str, seed: int = 0) -> torch.Tensor:
         """Uniform random token ids, as many as the user's training pool (the noise-floor control)."""
         vocab = min(self.base.tokenizer.vocab_size, self.base.model.config.vocab_size)
@@ -240,11 +248,12 @@ class Context:
         return torch.randint(0, vocab, (len(self.data(rel).train),), generator=gen)
 
     # ---- adapters ----
-    def adapter(self, rel: str, method: str = "norm", seed: int = 0, tag: str = "", tokens=None, base=None) -> Path:
-        """The cached adapter for (user, method, seed, tag) on `base` (default: this bet's base); trains once."""
+    def adapter(self, rel: str, method: str = "norm", seed: int = 0, tag: str = "", tokens=None, base=None,
+                lr: float | None = None) -> Path:
+        """The cached adapter for (user, method, seed, tag, lr) on `base` (default: this bet's base); trains once."""
         base = base or self.base
         tokens = self.data(rel).train if tokens is None else tokens
-        cfg = self.train_config(seed)
+        cfg = self.train_config(seed, lr)
         if not common.adapter_path(base, rel, method, cfg, tag, self.opts.out).is_file():
             say(f"training {method}{tag} for {rel} (seed {seed}, {cfg.steps} steps)")
         return common.ensure_adapter(base, rel, tokens, method, cfg, tag, root=self.opts.out)
@@ -295,6 +304,15 @@ class Context:
             else:
                 with wrap(model, idx):
                     hit = list(self.score_model(model, self.texts(rel)[idx]))
+            self.cache.put(key, hit)
+        return float(hit[0]), int(hit[1])
+
+    def score_dev(self, path: Path | None, rel: str) -> tuple[float, int]:
+        """Summed NLL and token count of the user's dev slice under the adapter file (or the base)."""
+        key = f"{self._file_key(path)}|{rel}|dev{self.n_texts}x{self.text_len}|w{self.window}|"
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = list(self.score_model(self.model(path), self.dev_text(rel)))
             self.cache.put(key, hit)
         return float(hit[0]), int(hit[1])
 

@@ -89,6 +89,19 @@ def disjoint_slices(tokens: torch.Tensor, count: int, length: int) -> list[torch
     return [tokens[i * length: (i + 1) * length + 1] for i in range(count)]
 
 
+def dev_slice(tokens: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    """The development text: `length`+1 held-out tokens after the `count` eval texts, sharing no token with them.
+
+    Every choice a bet makes (learning rate, method, repair steps) is made on this slice, never on the eval texts;
+    the training pool (the first 80 %) is disjoint from both by construction."""
+    start = count * length + 1  # the eval texts cover tokens [0, count * length]
+    need = start + length + 1
+    if len(tokens) < need:
+        raise SharedLLMError(f"held-out slice has {len(tokens)} tokens; {count} eval texts of {length} plus a dev "
+                             f"text of {length} need {need}")
+    return tokens[start: need]
+
+
 def batch_sampler(tokens: torch.Tensor, batch: int, seq: int, seed: int):
     """Endless random training windows [batch, seq+1] from the training pool, reproducible from `seed`."""
     gen = torch.Generator().manual_seed(seed)
