@@ -55,3 +55,27 @@ def test_metric_formulas():
     assert perplexity(0.0, 10) == 1.0
     assert perplexity(10 * math.log(5), 10) == pytest.approx(5.0)
     assert bits_per_byte(8 * math.log(2), 8) == pytest.approx(1.0)
+
+
+def test_train_eval_and_dev_are_disjoint():
+    """The bets' three slices never share a token position: train pool (first 80 %), eval texts, dev slice."""
+    from sharedllm.data import dev_slice, disjoint_slices
+
+    n, count, length = 20_000, 3, 512
+    positions = torch.arange(n)
+    cut = int(n * 0.8)
+    train, heldout = positions[:cut], positions[cut:]
+    evals = disjoint_slices(heldout, count, length)
+    dev = dev_slice(heldout, count, length)
+    eval_pos = set(torch.cat(evals).tolist())
+    assert len(dev) == length + 1 and len(eval_pos) == count * length + 1
+    assert not eval_pos & set(dev.tolist()) and not eval_pos & set(train.tolist())
+    assert not set(dev.tolist()) & set(train.tolist())
+    assert int(dev[0]) == max(eval_pos) + 1  # the dev text starts right after the eval texts
+
+
+def test_dev_slice_refuses_a_short_heldout():
+    from sharedllm.data import dev_slice
+
+    with pytest.raises(SharedLLMError, match="dev text"):
+        dev_slice(torch.arange(3 * 64 + 10), 3, 64)
