@@ -102,7 +102,46 @@ def make_plots(results: dict, folder: Path) -> list:
         made.append(str(confusion_plot({"cells": select(cells, kind="confusion"), "bet": "scale_protocol"}, folder,
                                        "scale_confusion_matrix.png")))
         made.append(str(scale_plot(cells, folder)))
+    if "lr_sensitivity" in results:
+        made.append(str(lr_plot(results["lr_sensitivity"]["cells"], folder)))
+    if "chat_cohort" in results:
+        from .chat_cohort import matrix_at, tuned_norm_lr
+
+        cells = results["chat_cohort"]["cells"]
+        made.append(str(confusion_plot({"cells": matrix_at(cells, tuned_norm_lr(cells)), "bet": "chat_cohort"},
+                                       folder, "chat_confusion_matrix.png")))
     return made
+
+
+def lr_plot(cells: list, folder: Path) -> Path:
+    """Bet lr_sensitivity: held-out ppl relative to the base against lr, one panel per method; solid: eval texts,
+    dashed: dev slice (where the lr was chosen), dotted black: general text; grey line: the dev-chosen lr."""
+    import matplotlib.pyplot as plt
+
+    from .lr_sensitivity import GRID, tuned_lr
+
+    fig, axes = plt.subplots(1, len(GRID), figsize=(4.2 * len(GRID), 3.6), sharey=True)
+    for ax, method in zip(axes, GRID):
+        lrs = sorted(values(cells, "lr", kind="grid", method=method))
+        for k, user in enumerate(values(cells, "user", kind="grid", method=method)):
+            for ev, style in (("personal", "-"), ("dev", "--")):
+                base = ppl(cells, kind="grid", method="none", user=user, eval=ev)
+                ys = [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval=ev) / base for lr in lrs]
+                ax.plot(lrs, ys, style, marker="o", color=f"C{k}", label=f"{user} ({'eval' if ev == 'personal' else ev})")
+            gen = ppl(cells, kind="grid", method="none", eval="general")
+            ax.plot(lrs, [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval="general") / gen for lr in lrs],
+                    ":", color="black", lw=1)
+        ax.axvline(tuned_lr(cells, method), color="grey", lw=3, alpha=0.4)
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
+        ax.set_title(f"{method}: chosen lr {tuned_lr(cells, method):g}", fontsize=10)
+        ax.set_xlabel("learning rate (100 steps, AdamW)")
+    axes[0].set_ylabel("held-out ppl / base ppl")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("lr_sensitivity: solid eval texts, dashed dev slice, dotted general text (all users)", fontsize=10)
+    return _save(fig, folder / "lr_sensitivity.png")
 
 
 def scale_conditions(cells: list, user: str) -> dict:
