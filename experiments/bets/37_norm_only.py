@@ -54,7 +54,7 @@ def verdict(cells: list, criteria: dict) -> str:
 def controls(cells: list, criteria: dict) -> dict:
     """The bare base (0 bytes) in the norm adapter's place."""
     have = select(cells, method="none")
-    return {"bare base": judge(cells, criteria, "none") if have else not_run("no base cells (method none)")}
+    return {"bare base": judge(cells, criteria, "none") if have else not_run("no base cells, method none")}
 
 
 def summary(cells: list) -> str:

@@ -62,7 +62,7 @@ def controls(cells: list, criteria: dict) -> dict:
     """The bare base (0 bytes, the same for every seed) in the norm adapter's place, pair by pair."""
     base = select(cells, method="none")
     if not base:
-        return {"bare base": not_run("no base cells (method none)")}
+        return {"bare base": not_run("no base cells, method none")}
     per_seed = [{**c, "seed": s} for s in values(cells, "seed", method="full") for c in base]
     return {"bare base": grade_pairs(*holding(select(cells, method="full") + per_seed, criteria, "none"), criteria)}
 

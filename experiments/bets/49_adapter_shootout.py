@@ -64,7 +64,7 @@ def controls(cells: list, criteria: dict) -> dict:
     """The bare base (0 bytes) in the norm adapter's place; its general-text cells (user "-") serve every user."""
     general = select(cells, method="none", eval="general")
     if not general or not select(cells, method="none", eval="personal"):
-        return {"bare base": not_run("no base cells (method none)")}
+        return {"bare base": not_run("no base cells, method none")}
     lent = [{**c, "user": u} for u in values(cells, "user", method="norm") for c in general]
     return {"bare base": judge([c for c in cells if c not in general] + lent, criteria, "none")}
 

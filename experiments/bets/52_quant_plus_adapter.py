@@ -53,7 +53,7 @@ def controls(cells: list, criteria: dict) -> dict:
     """A norm adapter trained on uniform random tokens on the ternary base: does 'repairing the base' alone pass?"""
     name = "norm adapter of random tokens on the ternary base"
     if not select(cells, condition="ternary_random"):
-        return {name: not_run("no ternary_random cells in this result (runs added 2026-11-30; --force re-runs)")}
+        return {name: not_run("no ternary_random cells in this result; run added 2026-11-30, --force runs it")}
     return {name: judge(cells, criteria, "ternary_random")}
 
 

@@ -58,7 +58,7 @@ def controls(cells: list, criteria: dict) -> dict:
     base's own gains (int8-delta of a zero delta: its ppl is the base's, its bytes the scheme's file's)."""
     base = select(cells, scheme="none")
     if not base:
-        return {"bare base": not_run("no base cells (scheme none)")}
+        return {"bare base": not_run("no base cells, scheme none")}
     s, size = criteria["scheme"], {u: one(cells, "bytes", user=u, scheme=criteria["scheme"]) for u in values(cells, "user")}
     gains = [{**c, "scheme": "base_gains", "bytes": size[c["user"]]} for c in base]
     return {"bare base": verdict(cells, {**criteria, "scheme": "none"}),

@@ -74,7 +74,7 @@ CONTROLS = {"random": "norm adapter of random tokens under the same noise",
 def controls(cells: list, criteria: dict) -> dict:
     """The same rule with a control adapter in the own adapter's place (same noise draws, same base)."""
     return {name: judge(cells, criteria, key) if select(cells, adapter=key)
-            else not_run(f"no adapter={key} cells in this result (runs added 2026-11-30; --force re-runs)")
+            else not_run(f"no adapter={key} cells in this result; run added 2026-11-30, --force runs it")
             for key, name in CONTROLS.items()}
 
 

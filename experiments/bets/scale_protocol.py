@@ -171,7 +171,7 @@ def random_as_own(cells: list) -> list:
 def controls(cells: list, criteria: dict) -> dict:
     name = "norm adapter of random tokens as the user's own"
     if not select(cells, kind="random"):
-        return {name: not_run("no random-token cells (kind random)")}
+        return {name: not_run("no random-token cells, kind random")}
     return {name: verdict(random_as_own(cells), criteria)}
 
 
