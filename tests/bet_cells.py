@@ -137,3 +137,25 @@ def noise(margins: dict, users=USERS3, adapter: str = "own", base: bool = True) 
 def margins(m0: float, at_check: float, at_gone: float | None = None) -> dict:
     """Bet 63's sigmas: m0 up to 1e-4, at_gone at 1e-3 (default m0), m0 at 1e-2, at_check at 0.1, 0 at 1.0."""
     return {0.0: m0, 1e-4: m0, 1e-3: m0 if at_gone is None else at_gone, 1e-2: m0, 0.1: at_check, 1.0: 0.0}
+
+
+def lr_grid(won: int = 3, general: float = 1.0, tuned: float = 2e-3, users=USERS3) -> list:
+    """lr_sensitivity: every grid cell (dev ppl 9 at norm's `tuned` lr and at every rival lr, 9.5 elsewhere; base 10),
+    general ppl = general x the base's 20, and the confusion matrix at `tuned`: own 9.0 for the first `won` users,
+    9.8 (best, but by < 5 %) for the rest, every other adapter and the base 10."""
+    from experiments.bets.lr_sensitivity import GRID
+
+    out = [c(20.0, kind="grid", user="-", method="none", lr=0.0, eval="general")]
+    for u in users:
+        out += [c(10.0, kind="grid", user=u, method="none", lr=0.0, eval=e, text=0) for e in ("dev", "personal")]
+    for m, lrs in GRID.items():
+        for lr in lrs:
+            dev, tag = 9.0 if m != "norm" or lr == tuned else 9.5, {"kind": "grid", "method": m, "lr": lr}
+            for u in users:
+                out += [c(dev, user=u, eval="dev", text=0, bytes=len(m), **tag),
+                        c(9.0, user=u, eval="personal", bytes=len(m), **tag),
+                        c(20.0 * general, user=u, eval="general", bytes=len(m), **tag)]
+    own = dict(zip(users, [9.0] * won + [9.8] * len(users)))
+    for a in ("base",) + tuple(users):
+        out += [c(own[u] if a == u else 10.0, kind="confusion", adapter=a, user=u, lr=tuned) for u in users]
+    return out

@@ -258,3 +258,18 @@ def test_63_controls_when_run_and_not_run():
     cells += b.noise(b.margins(0.02, -0.01), adapter="other", base=False)
     got = b.controls("63", cells)
     assert list(got.values()) == ["STRICT_PASS", "FAIL"]
+
+
+@pytest.mark.parametrize("cells, want", [
+    (b.lr_grid(won=3), "STRICT_PASS"),
+    (b.lr_grid(won=2), "STRICT_PASS"),                       # STRICT: >= 2 of 3 users
+    (b.lr_grid(won=1), "LENIENT_PASS"),                      # 1 won, own best for 3/3
+    (b.lr_grid(general=1.05 * UP), "LENIENT_PASS"),
+    (b.lr_grid(general=1.10 * DOWN), "LENIENT_PASS"),
+    (b.lr_grid(general=1.10 * UP), "FAIL"),
+    (b.lr_grid(general=1.25 * UP), "CATASTROPHIC"),
+    (b.lr_grid(tuned=5e-5), "CATASTROPHIC"),                 # tuned lr is the catalogue's: "under-trained" refuted
+    (b.lr_grid(won=2, users=("p", "n")), "FAIL"),            # 2 users, both won: fewer than declared, not STRICT
+])
+def test_lr_sensitivity(cells, want):
+    assert judge("lr_sensitivity", cells) == want
