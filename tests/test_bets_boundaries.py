@@ -244,6 +244,11 @@ def test_63_margin_rule(at_check, at_gone, want):
     assert judge("63", b.noise(b.margins(0.1, at_check, at_gone))) == want
 
 
+def test_63_a_negative_margin_is_never_kept():
+    """With no noiseless margin (own worse than the base), 'keeping half of it' is no win: margin(0.1) must be > 0."""
+    assert judge("63", b.noise(b.margins(-0.1, -0.01, 0.01))) == "FAIL"
+
+
 def test_63_user_counts():
     cells = b.noise(b.margins(0.1, 0.06), users=("p", "n")) + b.noise(b.margins(0.1, 0.04), users=("s",))
     assert judge("63", cells) == "LENIENT_PASS"
