@@ -12,9 +12,7 @@ from experiments.bets.harness import get_bet, grade
 from experiments.bets.probes import block_noise, ensemble_nll, mean_state
 from sharedllm.metrics import score_windows
 
-
-def c(ppl_value: float, **cond) -> dict:
-    return scored(math.log(ppl_value) * 100, 100, **cond)
+from .bet_cells import confusion
 
 
 def test_grade_order():
@@ -29,55 +27,9 @@ def test_pooled_ppl_weights_by_tokens():
     assert ppl(cells, u="a") == pytest.approx(math.exp(2.0))
 
 
-def shootout(norm_general: float, norm_bytes: int = 10) -> list:
-    cells = []
-    for user in ("p", "n", "s"):
-        for m, pers, gen, size in (("norm", 10, norm_general, norm_bytes), ("lora", 11, 20, 100),
-                                   ("full", 12, 20, 1000), ("none", 13, 20, 0)):
-            cells += [c(pers, user=user, method=m, eval="personal", bytes=size),
-                      c(gen, user=user, method=m, eval="general", bytes=size)]
-    return cells
-
-
-def test_shootout_dominance_uses_the_five_percent_general_tolerance():
-    bet = get_bet("49")
-    assert bet.verdict(shootout(20.9), bet.criteria) == "STRICT_PASS"   # 4.5 % worse on general text: allowed
-    assert bet.verdict(shootout(21.1), bet.criteria) == "CATASTROPHIC"  # 5.5 % worse: not dominating
-    assert bet.verdict(shootout(20.0, norm_bytes=5000), bet.criteria) == "CATASTROPHIC"  # bigger than LoRA
-
-
-def confusion(own: float) -> list:
-    users = ("p", "n", "s")
-    return [c(own if a == u else 10.0, adapter=a, user=u) for a in ("base",) + users for u in users]
-
-
-def test_confusion_margin_and_catastrophe():
-    bet = get_bet("61")
-    assert bet.verdict(confusion(9.4), bet.criteria) == "STRICT_PASS"   # 6 % better than every rival
-    assert bet.verdict(confusion(9.6), bet.criteria) == "FAIL"          # best, but by only 4 %
-    assert bet.verdict(confusion(10.5), bet.criteria) == "CATASTROPHIC"  # own is never best
-    assert confusion_outcomes(confusion(9.6), 0.05) == {u: (False, True) for u in ("p", "n", "s")}
-
-
-def test_replication_counts_pairs():
-    bet = get_bet("46")
-    cells = []
-    for seed in range(5):
-        for text in range(3):
-            bad = seed == 0 and text < 2  # 13/15 pairs hold -> LENIENT
-            cells += [c(30 if bad else 15, method="norm", seed=seed, text=text, bytes=1),
-                      c(10, method="full", seed=seed, text=text, bytes=1000)]
-    assert bet.verdict(cells, bet.criteria) == "LENIENT_PASS"
-
-
-def test_noise_robustness_margin_rule():
-    bet = get_bet("63")
-    cells = []
-    for user in ("p", "n", "s"):
-        for s in bet.criteria["sigmas"]:
-            own = 8.0 if s < 0.05 else (9.5 if s < 0.5 else 10.0)  # margin ln(10/8)=0.22 -> ln(10/9.5)=0.05
-            cells += [c(10.0, user=user, adapter="base", sigma_rel=s), c(own, user=user, adapter="own", sigma_rel=s)]
-    assert bet.verdict(cells, bet.criteria) == "FAIL"  # 23 % of the margin kept at 0.1 (< 50 %), not gone at 1e-3
+def test_confusion_outcomes_margin_and_ties():
+    cells = confusion([9.6, 10.0, 9.4])
+    assert confusion_outcomes(cells, 0.05) == {"p": (False, True), "n": (False, False), "s": (True, True)}
 
 
 def test_every_registered_bet_declares_its_criteria():

@@ -1,9 +1,9 @@
 """Bet 37: norm-only vs LoRA-r4 vs full fine-tuning on the programmer user, 3 eval texts."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl
-from .common import USERS
-from .harness import Bet, grade, main
+from .cells import fmt, one, ppl, select, values
+from .common import EVAL_TEXTS, USERS
+from .harness import Bet, grade, main, not_run
 
 USER = "programmer"
 METHODS = ("norm", "lora", "full")
@@ -29,9 +29,9 @@ def run(ctx) -> list:
     return cells
 
 
-def ratios(cells: list, **where) -> tuple[float, float]:
-    ppl_ratio = ppl(cells, method="norm", **where) / ppl(cells, method="full", **where)
-    return ppl_ratio, one(cells, "bytes", method="norm") / one(cells, "bytes", method="full")
+def ratios(cells: list, mine: str = "norm", **where) -> tuple[float, float]:
+    ppl_ratio = ppl(cells, method=mine, **where) / ppl(cells, method="full", **where)
+    return ppl_ratio, one(cells, "bytes", method=mine) / one(cells, "bytes", method="full")
 
 
 def strict_holds(ppl_ratio: float, size_ratio: float, criteria: dict) -> bool:
@@ -39,10 +39,22 @@ def strict_holds(ppl_ratio: float, size_ratio: float, criteria: dict) -> bool:
     return ppl_ratio < s["max_ppl_ratio"] and size_ratio < s["max_size_ratio"]
 
 
-def verdict(cells: list, criteria: dict) -> str:
-    r, size = ratios(cells)
-    return grade(strict_holds(r, size, criteria), r < criteria["LENIENT"]["max_ppl_ratio"],
+def judge(cells: list, criteria: dict, mine: str = "norm") -> str:
+    """The rule, for the norm adapter or a control in its place; STRICT needs all the declared eval texts."""
+    r, size = ratios(cells, mine)
+    texts = min(len(values(cells, "text", method=m)) for m in (mine, "full"))
+    return grade(strict_holds(r, size, criteria) and texts >= EVAL_TEXTS, r < criteria["LENIENT"]["max_ppl_ratio"],
                  r > criteria["CATASTROPHIC"]["min_ppl_ratio"])
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return judge(cells, criteria)
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    """The bare base (0 bytes) in the norm adapter's place."""
+    have = select(cells, method="none")
+    return {"bare base": judge(cells, criteria, "none") if have else not_run("no base cells, method none")}
 
 
 def summary(cells: list) -> str:
@@ -52,7 +64,7 @@ def summary(cells: list) -> str:
 
 
 BET = Bet(id="37", slug="norm_only", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary)
+          verdict=verdict, summary=summary, controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

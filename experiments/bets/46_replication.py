@@ -1,9 +1,9 @@
 """Bet 46: Bet 37's norm-vs-full comparison replicated over 5 seeds x 3 eval texts."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, values
+from .cells import fmt, one, ppl, select, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade, main, not_run
 
 USER = "programmer"
 SEEDS = 5
@@ -20,6 +20,7 @@ CRITERIA = {
 def run(ctx) -> list:
     rel, cells = USERS[USER], []
     seeds = ctx.opts.seeds or SEEDS
+    cells += ctx.unit("base", lambda: ctx.score_cells(None, rel, user=USER, method="none", bytes=0))  # the control
     for seed in range(seeds):
         for method in ("norm", "full"):
             cells += ctx.unit(f"{method}/seed{seed}", lambda m=method, s=seed: trained_cells(ctx, rel, m, s))
@@ -33,20 +34,38 @@ def trained_cells(ctx, rel: str, method: str, seed: int) -> list:
     ctx.release()
     return cells
 
-def holding(cells: list, criteria: dict) -> tuple[int, int]:
+
+def holding(cells: list, criteria: dict, mine: str = "norm") -> tuple[int, int]:
+    """(pairs where 37's STRICT rule holds for `mine` against full FT, pairs scored)."""
     k = n = 0
-    for seed in values(cells, "seed"):
-        for text in values(cells, "text", seed=seed):
+    for seed in values(cells, "seed", method="full"):
+        for text in values(cells, "text", method="full", seed=seed):
             w = {"seed": seed, "text": text}
-            r = ppl(cells, method="norm", **w) / ppl(cells, method="full", **w)
-            size = one(cells, "bytes", method="norm", **w) / one(cells, "bytes", method="full", **w)
+            r = ppl(cells, method=mine, **w) / ppl(cells, method="full", **w)
+            size = one(cells, "bytes", method=mine, **w) / one(cells, "bytes", method="full", **w)
             k, n = k + (r < criteria["max_ppl_ratio"] and size < criteria["max_size_ratio"]), n + 1
     return k, n
 
-def verdict(cells: list, criteria: dict) -> str:
-    k, n = holding(cells, criteria)
+
+def grade_pairs(k: int, n: int, criteria: dict) -> str:
+    """Fractions of the declared pairs; fewer pairs than declared can never be STRICT."""
     frac = lambda key: criteria[key][next(iter(criteria[key]))] / criteria["pairs"]  # noqa: E731
-    return grade(k / n >= frac("STRICT"), k / n >= frac("LENIENT"), k / n < frac("CATASTROPHIC"))
+    return grade(n >= criteria["pairs"] and k / n >= frac("STRICT"), k / n >= frac("LENIENT"),
+                 k / n < frac("CATASTROPHIC"))
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return grade_pairs(*holding(cells, criteria), criteria)
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    """The bare base (0 bytes, the same for every seed) in the norm adapter's place, pair by pair."""
+    base = select(cells, method="none")
+    if not base:
+        return {"bare base": not_run("no base cells, method none")}
+    per_seed = [{**c, "seed": s} for s in values(cells, "seed", method="full") for c in base]
+    return {"bare base": grade_pairs(*holding(select(cells, method="full") + per_seed, criteria, "none"), criteria)}
+
 
 def summary(cells: list) -> str:
     k, n = holding(cells, CRITERIA)
@@ -55,7 +74,8 @@ def summary(cells: list) -> str:
             f"{', '.join(fmt(r) for r in rs)}")
 
 BET = Bet(id="46", slug="replication", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary, accepts=("seeds",))
+          verdict=verdict, summary=summary, accepts=("seeds",),
+          controls=controls, borrow=(("37", {"method": "none"}),))
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

@@ -1,9 +1,9 @@
 """Bet 49: norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning (3 users x 3 methods)."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, values
+from .cells import fmt, one, ppl, select, values
 from .common import GENERAL, USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade, main, not_run
 
 METHODS = ("norm", "lora", "full")
 HYPOTHESIS = ("Per-user norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning at a fixed budget "
@@ -36,23 +36,37 @@ def run(ctx) -> list:
     return cells
 
 
-def dominates(cells: list, user: str, rival: str, tol: float) -> bool:
-    n, r = {"user": user, "method": "norm"}, {"user": user, "method": rival}
+def dominates(cells: list, user: str, rival: str, tol: float, mine: str = "norm") -> bool:
+    n, r = {"user": user, "method": mine}, {"user": user, "method": rival}
     return (ppl(cells, eval="personal", **n) < ppl(cells, eval="personal", **r)
             and one(cells, "bytes", **n) < one(cells, "bytes", **r)
             and ppl(cells, eval="general", **n) <= (1 + tol) * ppl(cells, eval="general", **r))
 
 
-def winners(cells: list, criteria: dict) -> list:
+def winners(cells: list, criteria: dict, mine: str = "norm") -> list:
     users = [u for u in values(cells, "user", method="norm")]
-    return [u for u in users if all(dominates(cells, u, r, criteria["general_tolerance"]) for r in criteria["rivals"])]
+    tol = criteria["general_tolerance"]
+    return [u for u in users if all(dominates(cells, u, r, tol, mine) for r in criteria["rivals"])]
 
 
-def verdict(cells: list, criteria: dict) -> str:
-    k = len(winners(cells, criteria))
+def judge(cells: list, criteria: dict, mine: str = "norm") -> str:
+    k = len(winners(cells, criteria, mine))
     return grade(k >= criteria["STRICT"]["min_users_dominating_every_rival"],
                  k >= criteria["LENIENT"]["min_users_dominating_every_rival"],
                  k <= criteria["CATASTROPHIC"]["max_users_dominating_every_rival"])
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return judge(cells, criteria)
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    """The bare base (0 bytes) in the norm adapter's place; its general-text cells (user "-") serve every user."""
+    general = select(cells, method="none", eval="general")
+    if not general or not select(cells, method="none", eval="personal"):
+        return {"bare base": not_run("no base cells, method none")}
+    lent = [{**c, "user": u} for u in values(cells, "user", method="norm") for c in general]
+    return {"bare base": judge([c for c in cells if c not in general] + lent, criteria, "none")}
 
 
 def summary(cells: list) -> str:
@@ -66,7 +80,7 @@ def summary(cells: list) -> str:
 
 
 BET = Bet(id="49", slug="adapter_shootout", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary)
+          verdict=verdict, summary=summary, controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from sharedllm.base import load_base
 
-from .cells import fmt, ppl, values
+from .cells import fmt, ppl, select, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade, main, not_run
 
 HYPOTHESIS = ("A norm-only adapter trained on the ternary base (same budget as on the fp base) improves each "
               "user's held-out ppl by >= 30 % over the bare ternary base.")
@@ -26,21 +26,35 @@ def run(ctx) -> list:
         path = tctx.adapter(rel, "norm")
         tctx.curve(f"{user}/norm_on_ternary", path)
         cells += tctx.score_cells(path, rel, user=user, condition="ternary_norm")
+        rand = tctx.adapter(rel, "norm", tag="_random", tokens=tctx.random_tokens(rel))  # the control
+        cells += tctx.score_cells(rand, rel, user=user, condition="ternary_random")
         tctx.release()
     ctx.notes["ternary_fingerprint"] = tbase.fingerprint
     return cells
 
 
-def improvements(cells: list) -> dict:
-    return {u: 1 - ppl(cells, user=u, condition="ternary_norm") / ppl(cells, user=u, condition="ternary_base")
+def improvements(cells: list, mine: str = "ternary_norm") -> dict:
+    return {u: 1 - ppl(cells, user=u, condition=mine) / ppl(cells, user=u, condition="ternary_base")
             for u in values(cells, "user")}
 
 
-def verdict(cells: list, criteria: dict) -> str:
-    imp = list(improvements(cells).values())
+def judge(cells: list, criteria: dict, mine: str = "ternary_norm") -> str:
+    imp = list(improvements(cells, mine).values())
     count = lambda key: sum(i >= criteria[key]["min_improvement"] for i in imp)  # noqa: E731
     return grade(count("STRICT") >= criteria["STRICT"]["min_users"], count("LENIENT") >= criteria["LENIENT"]["min_users"],
                  criteria["CATASTROPHIC"]["no_improvement_on_any_user"] and all(i <= 0 for i in imp))
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return judge(cells, criteria)
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    """A norm adapter trained on uniform random tokens on the ternary base: does 'repairing the base' alone pass?"""
+    name = "norm adapter of random tokens on the ternary base"
+    if not select(cells, condition="ternary_random"):
+        return {name: not_run("no ternary_random cells in this result; run added 2026-11-30, --force runs it")}
+    return {name: judge(cells, criteria, "ternary_random")}
 
 
 def summary(cells: list) -> str:
@@ -51,7 +65,8 @@ def summary(cells: list) -> str:
 
 
 BET = Bet(id="52", slug="quant_plus_adapter", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary, accepts=("ternary",))
+          verdict=verdict, summary=summary, accepts=("ternary",),
+          controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

@@ -1,9 +1,9 @@
 """Bet 53: int8 compression of norm adapters keeps their gain."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, values
+from .cells import fmt, one, ppl, select, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade, main, not_run
 
 SCHEMES = ("int8", "int8-channel", "int8-delta")
 HYPOTHESIS = ("Per-tensor symmetric int8 (scale = max|w| / 127) of a norm-only adapter keeps held-out ppl within "
@@ -53,6 +53,18 @@ def side_verdicts(cells: list, criteria: dict) -> dict:
     return {s: verdict(cells, {**criteria, "scheme": s}) for s in SCHEMES if s != criteria["scheme"]}
 
 
+def controls(cells: list, criteria: dict) -> dict:
+    """Judged in the scheme's place: the bare base (0 bytes), and a file of the scheme's size that decodes to the
+    base's own gains (int8-delta of a zero delta: its ppl is the base's, its bytes the scheme's file's)."""
+    base = select(cells, scheme="none")
+    if not base:
+        return {"bare base": not_run("no base cells, scheme none")}
+    s, size = criteria["scheme"], {u: one(cells, "bytes", user=u, scheme=criteria["scheme"]) for u in values(cells, "user")}
+    gains = [{**c, "scheme": "base_gains", "bytes": size[c["user"]]} for c in base]
+    return {"bare base": verdict(cells, {**criteria, "scheme": "none"}),
+            f"{s} file of the base's own gains": verdict(cells + gains, {**criteria, "scheme": "base_gains"})}
+
+
 def summary(cells: list) -> str:
     users = values(cells, "user")
     parts = []
@@ -64,7 +76,8 @@ def summary(cells: list) -> str:
 
 
 BET = Bet(id="53", slug="adapter_compress", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary, side_verdicts=side_verdicts)
+          verdict=verdict, summary=summary, side_verdicts=side_verdicts,
+          controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

@@ -25,11 +25,12 @@ def run(ctx) -> list:
 
 
 def confusion_verdict(outcomes: dict, criteria: dict) -> str:
+    """Fractions of the users scored; fewer users than the bet declares (USERS) can never be STRICT."""
     n = len(outcomes)
     won = sum(w for w, _ in outcomes.values()) / n
     best = sum(b for _, b in outcomes.values()) / n
     eps = 1e-9
-    return grade(won >= criteria["STRICT"]["min_fraction_of_users_won"] - eps,
+    return grade(won >= criteria["STRICT"]["min_fraction_of_users_won"] - eps and n >= len(USERS),
                  won >= criteria["LENIENT"]["min_fraction_of_users_won"] - eps,
                  best <= criteria["CATASTROPHIC"]["max_fraction_of_users_own_best"] + eps)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 
-from .cells import fmt, ppl, values
+from .cells import fmt, ppl, select, values
 from .common import USERS
-from .harness import Bet, grade, main
+from .harness import Bet, grade, main, not_run
 from .probes import block_noise
 
 SIGMAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -27,35 +27,55 @@ def noise(sigma: float):
 
 
 def run(ctx) -> list:
-    cells = []
-    for user, rel in USERS.items():
-        own = ctx.adapter(rel, "norm")
+    cells, users = [], list(USERS)
+    for i, (user, rel) in enumerate(USERS.items()):
+        other = users[(i + 1) % len(users)]  # the control "another user's adapter": the next user's
+        adapters = {"own": ctx.adapter(rel, "norm"), "other": ctx.adapter(USERS[other], "norm"),
+                    "random": ctx.adapter(rel, "norm", tag="_random", tokens=ctx.random_tokens(rel))}
         for sigma in SIGMAS:
             probe, wrap = (f"noise{sigma:g}", noise(sigma)) if sigma else ("", None)
             cells += ctx.score_cells(None, rel, probe=probe, wrap=wrap, user=user, adapter="base", sigma_rel=sigma)
-            cells += ctx.score_cells(own, rel, probe=probe, wrap=wrap, user=user, adapter="own", sigma_rel=sigma)
+            for name, path in adapters.items():
+                tag = {"source": other} if name == "other" else {}
+                cells += ctx.score_cells(path, rel, probe=probe, wrap=wrap, user=user, adapter=name, sigma_rel=sigma,
+                                         **tag)
         ctx.release()
     return cells
 
 
-def margin(cells: list, user: str, sigma: float) -> float:
+def margin(cells: list, user: str, sigma: float, mine: str = "own") -> float:
     return (math.log(ppl(cells, user=user, adapter="base", sigma_rel=sigma))
-            - math.log(ppl(cells, user=user, adapter="own", sigma_rel=sigma)))
+            - math.log(ppl(cells, user=user, adapter=mine, sigma_rel=sigma)))
 
 
-def counts(cells: list, criteria: dict) -> tuple[int, int]:
+def counts(cells: list, criteria: dict, mine: str = "own") -> tuple[int, int]:
     won = gone = 0
     for u in values(cells, "user"):
-        m0, mc = margin(cells, u, 0.0), margin(cells, u, criteria["check_sigma"])
+        m0, mc = margin(cells, u, 0.0, mine), margin(cells, u, criteria["check_sigma"], mine)
         won += mc > 0 and mc >= criteria["keep_fraction"] * m0
-        gone += margin(cells, u, criteria["gone_sigma"]) <= 0
+        gone += margin(cells, u, criteria["gone_sigma"], mine) <= 0
     return won, gone
 
 
-def verdict(cells: list, criteria: dict) -> str:
-    won, gone = counts(cells, criteria)
+def judge(cells: list, criteria: dict, mine: str = "own") -> str:
+    won, gone = counts(cells, criteria, mine)
     return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
                  gone >= criteria["CATASTROPHIC"]["min_users_margin_gone_at_gone_sigma"])
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return judge(cells, criteria)
+
+
+CONTROLS = {"random": "norm adapter of random tokens under the same noise",
+            "other": "another user's norm adapter under the same noise"}
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    """The same rule with a control adapter in the own adapter's place (same noise draws, same base)."""
+    return {name: judge(cells, criteria, key) if select(cells, adapter=key)
+            else not_run(f"no adapter={key} cells in this result; run added 2026-11-30, --force runs it")
+            for key, name in CONTROLS.items()}
 
 
 def summary(cells: list) -> str:
@@ -67,7 +87,7 @@ def summary(cells: list) -> str:
 
 
 BET = Bet(id="63", slug="noise_robustness", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary)
+          verdict=verdict, summary=summary, controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

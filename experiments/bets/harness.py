@@ -29,6 +29,7 @@ from .common import DEFAULT_CORPORA, OUT, REPO
 RESULTS = Path(__file__).resolve().parent / "results"
 POLL_S = 20.0  # how often a worker looks whether the units other workers hold are done
 VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
+NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
 BETS = {  # the registry: bet id -> module under experiments/bets/
     "13": "13_ternary_ptq", "37": "37_norm_only", "46": "46_replication", "49": "49_adapter_shootout",
     "52": "52_quant_plus_adapter", "53": "53_adapter_compress", "54": "54_adapter_averaging",
@@ -54,6 +55,10 @@ class Bet:
     summary: Callable  # cells -> one line of key numbers for REPORT.md
     accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary
     side_verdicts: Callable | None = None  # (cells, criteria) -> {name: verdict}, reported beside the verdict
+    # (cells, criteria) -> {control name: verdict, or a "not run: ..." line}: the same rule applied to controls that
+    # could meet it without the thing under test (the bare base, an adapter of random tokens, ...)
+    controls: Callable | None = None
+    borrow: tuple = ()  # (bet id, {cell selector}): control cells another result may lend (report.lent_cells)
 
     @property
     def name(self) -> str:
@@ -102,6 +107,10 @@ def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
     if catastrophic:
         return "CATASTROPHIC"
     return "STRICT_PASS" if strict else "LENIENT_PASS" if lenient else "FAIL"
+
+
+def not_run(why: str) -> str:
+    return f"{NOT_RUN}: {why}"
 
 
 def grade_users(won: int, lost: int, criteria: dict) -> str:
@@ -167,6 +176,7 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float) -> dict:
                                      "wall_s_all_units": round(ctx.checkpoint.wall_s(), 1)}
     if bet.side_verdicts is not None:
         result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
+    result["control_verdicts"] = bet.controls(cells, bet.criteria) if bet.controls is not None else {}
     assert result["verdict"] in VERDICTS, result["verdict"]
     return result
 
@@ -233,6 +243,8 @@ def render(result: dict) -> str:
     lines = [f"bet {result['bet']} {result['slug']}: {result['verdict']}", f"  {result['summary']}"]
     for name, v in (result.get("side_verdicts") or {}).items():
         lines.append(f"  side verdict {name}: {v}")
+    for name, v in (result.get("control_verdicts") or {}).items():
+        lines.append(f"  control {name}: {v}")
     lines.append(f"  result {where}  ({result['meta']['wall_s']} s)")
     return "\n".join(lines)
 

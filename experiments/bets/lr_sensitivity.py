@@ -139,7 +139,8 @@ def verdict(cells: list, criteria: dict) -> str:
     best = sum(b for _, b, _ in out.values())
     worst_general = max(g for _, _, g in out.values())
     untuned = c["if_tuned_norm_lr_is_catalogue"] and tuned_lr(cells, "norm") == criteria["catalogue_lr"]
-    return grade(won >= s["min_users_won"] and worst_general <= s["max_general_ratio"],
+    declared = len(out) >= len(USERS)  # fewer users than the bet declares can never be STRICT
+    return grade(won >= s["min_users_won"] and worst_general <= s["max_general_ratio"] and declared,
                  won >= le["min_users_won"] and best >= le["own_best_users"] and worst_general <= le["max_general_ratio"],
                  untuned or best <= c["max_users_own_best"] or worst_general > c["above_general_ratio"])
 

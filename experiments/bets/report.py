@@ -9,7 +9,7 @@ from pathlib import Path
 from sharedllm.atomic import write_text_atomic
 
 from .cells import best_other_adapter, ppl, select, values
-from .harness import BETS, RESULTS, get_bet
+from .harness import BETS, NOT_RUN, RESULTS, get_bet
 
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
 
@@ -29,16 +29,121 @@ def recomputed(result: dict) -> str:
     return get_bet(result["bet"]).verdict(result["cells"], result["criteria"])
 
 
-def write_report(results_dir: Path = RESULTS, report: Path = REPORT, plots_dir: Path | None = None) -> dict:
+def side_verdicts(result: dict) -> dict:
+    """Side verdicts recomputed from the file's cells (old results get them without re-running)."""
+    bet = get_bet(result["bet"])
+    return bet.side_verdicts(result["cells"], result["criteria"]) if bet.side_verdicts is not None else {}
+
+
+SAME_RUN = ("base_fingerprint", "eval", "users", "steps", "batch", "seq", "lr")  # config keys a lender must share
+
+
+def lent_cells(result: dict, results: dict) -> list:
+    """Control cells the bet may borrow from another committed result (`Bet.borrow`) when its own cells lack them
+    and both ran on the same base, users, budget and eval texts; each lent cell says where it came from."""
+    out = []
+    for lender, where in get_bet(result["bet"]).borrow:
+        other = results.get(lender)
+        if select(result["cells"], **where) or other is None:
+            continue
+        if all(other["config"].get(k) == result["config"].get(k) for k in SAME_RUN):
+            out += [{**c, "lent_by": lender} for c in select(other["cells"], **where)]
+    return out
+
+
+def control_verdicts(result: dict, results: dict) -> dict | None:
+    """{control: verdict or "not run: ..."} by the bet's own rule, recomputed from the committed cells (plus lent
+    ones); None when the bet defines no control."""
+    bet = get_bet(result["bet"])
+    if bet.controls is None:
+        return None
+    lent = lent_cells(result, results)
+    out = bet.controls(result["cells"] + lent, result["criteria"])
+    if lent:
+        out = {f"{k} (cells lent by bet {lent[0]['lent_by']})": v for k, v in out.items()}
+    return out
+
+
+PASS_RANK = {"STRICT_PASS": 2, "LENIENT_PASS": 1}
+
+
+def discriminating(verdict: str, controls: dict | None) -> bool:
+    """False when the bet passes and a control reaches the same pass tier (or a higher one) by the same rule."""
+    rank = PASS_RANK.get(verdict, 0)
+    return not (rank and any(PASS_RANK.get(v, 0) >= rank for v in (controls or {}).values()))
+
+
+def control_column(controls: dict | None) -> str:
+    """REPORT.md's "a control passes too?": yes / no / not run, then each control's verdict."""
+    if controls is None:
+        return "no control defined"
+    detail = "; ".join(f"{k} ({v[len(NOT_RUN) + 2:]})" if v.startswith(NOT_RUN) else f"{k} {v}"
+                       for k, v in controls.items())
+    if any(v in PASS_RANK for v in controls.values()):
+        return f"yes: {detail}"
+    if any(v.startswith(NOT_RUN) for v in controls.values()):
+        return f"not run: {detail}" if all(v.startswith(NOT_RUN) for v in controls.values()) else f"not known: {detail}"
+    return f"no: {detail}"
+
+
+def write_report(results_dir: Path = RESULTS, report: Path = REPORT, plots_dir: Path | None = None,
+                 readme: Path | None = None) -> dict:
+    """REPORT.md and plots from the result files; with `readme`, also the generated bets block of that README."""
     results = load_results(results_dir)
     plots_dir = Path(plots_dir or Path(results_dir) / "plots")
     plots = make_plots(results, plots_dir)
     text = render_markdown(results, plots, Path(report).parent, in_progress(results_dir))
     write_text_atomic(report, text)
+    if readme is not None:
+        write_text_atomic(readme, with_readme_block(Path(readme).read_text(), results))
+    controls = {b: control_verdicts(r, results) for b, r in results.items()}
     return {"report": str(report), "bets": len(BETS), "with_results": sorted(results), "plots": plots,
             "missing": [b for b in BETS if b not in results], "in_progress": in_progress(results_dir),
-            "verdicts": {b: r["verdict"] for b, r in results.items()},
-            "mismatches": [b for b, r in results.items() if recomputed(r) != r["verdict"]]}
+            "verdicts": {b: r["verdict"] for b, r in results.items()}, "controls": controls,
+            "readme": str(readme) if readme is not None else None,
+            "not_discriminating": [b for b, r in results.items() if not discriminating(r["verdict"], controls[b])],
+            "mismatches": [b for b, r in results.items() if recomputed(r) != r["verdict"]
+                           or side_verdicts(r) != r.get("side_verdicts", side_verdicts(r))]}
+
+
+# ---- the README's bets block: generated from the results, so the numbers it quotes cannot drift ----
+
+README = REPORT.parents[2] / "README.md"
+BEGIN = "<!-- bets:begin: generated by `sharedllm bets report` from experiments/bets/results/*.json; edits here are overwritten -->"
+END = "<!-- bets:end -->"
+
+
+def readme_line(bet_id: str, r: dict, results: dict) -> str:
+    bet, controls = get_bet(bet_id), control_verdicts(r, results)
+    verdict = f"**{r['verdict']}**"
+    if not discriminating(r["verdict"], controls):
+        passing = [f"{k} {v}" for k, v in controls.items() if PASS_RANK.get(v, 0) >= PASS_RANK[r["verdict"]]]
+        verdict += f", **not discriminating** (a control meets it too: {'; '.join(passing)})"
+    unrun = [k for k, v in (controls or {}).items() if v.startswith(NOT_RUN)]
+    verdict += f" (control not run yet: {'; '.join(unrun)})" if unrun else ""
+    sides = "".join(f"; {k}: {v}" for k, v in side_verdicts(r).items())
+    version = f" v{r['version']}" if r["version"] > 1 else ""
+    return f"- {bet.name}{version}: {verdict}{sides}. {bet.summary(r['cells'])}"
+
+
+def readme_block(results: dict) -> str:
+    bases = ", ".join(sorted({r["config"]["base"] for r in results.values()}))
+    lines = [BEGIN, "", f"Committed results on the default base ({bases}); verdicts, controls and numbers are recomputed "
+             "from the cells (\"not discriminating\": a control without the thing under test passes the same rule):",
+             ""]
+    lines += [readme_line(b, results[b], results) for b in BETS if b in results]
+    weak = [BETS[b] for b, r in results.items() if not discriminating(r["verdict"], control_verdicts(r, results))]
+    missing = [BETS[b] for b in BETS if b not in results]
+    lines += [""] + ([f"Passes a control meets too (not discriminating): {', '.join(weak)}."] if weak else [])
+    lines += [f"No full result yet: {', '.join(missing)}."] if missing else []
+    return "\n".join(lines + [END])
+
+
+def with_readme_block(text: str, results: dict) -> str:
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"the README has no generated bets block ({BEGIN!r} ... {END!r})")
+    head, rest = text.split(BEGIN, 1)
+    return head + readme_block(results) + rest.split(END, 1)[1]
 
 
 def in_progress(folder: Path) -> dict:
@@ -64,25 +169,40 @@ def render_markdown(results: dict, plots: list, root: Path, partial: dict | None
              "Perplexity is token perplexity of the base's tokenizer over non-overlapping 256-token windows, pooled "
              "over three disjoint 2,048-token eval texts from the last 20 % of each user's file (train: first 80 %). "
              "Budget: 100 steps of 2 x 256 tokens, AdamW lr 5e-5, betas (0.9, 0.95), seed 0 unless stated.", "",
-             "| bet | hypothesis | verdict | key numbers | wall | commit |", "|---|---|---|---|---|---|"]
+             "The controls column applies each bet's own rule to the controls that could meet it without the thing "
+             "under test (the bare base at 0 bytes, a file decoding to the base's own gains, an adapter trained on "
+             "random tokens, another user's adapter); a pass a control also meets does not discriminate. Side "
+             "verdicts (after the verdict) are recomputed from the cells too.", "",
+             "| bet | hypothesis | verdict | a control passes too? | key numbers | wall | commit |",
+             "|---|---|---|---|---|---|---|"]
     for bet_id, module in BETS.items():
         r = results.get(bet_id)
         if r is None:
             hyp, units = get_bet(bet_id).hypothesis, (partial or {}).get(bet_id)
             status = (f"in progress: {len(units)} unit(s) checkpointed in results/partial/ ({', '.join(units)}); "
                       f"`sharedllm bet {bet_id}` resumes") if units else "see LOG / the bet's notes"
-            lines.append(f"| {module} | {_cell(hyp)} | *no full result* | {_cell(status)} | | |")
+            lines.append(f"| {module} | {_cell(hyp)} | *no full result* | | {_cell(status)} | | |")
             continue
-        check = "" if recomputed(r) == r["verdict"] else " (MISMATCH on recompute)"
-        side = "".join(f"; {k}: {v}" for k, v in (r.get("side_verdicts") or {}).items())
-        wall = f"{r['meta']['wall_s'] / 60:.1f} min"
-        if r["meta"].get("resumed"):  # a checkpointed run: the last pass, and every unit's time summed
-            wall += f" (units: {r['meta']['resumed']['wall_s_all_units'] / 3600:.1f} h)"
-        lines.append(f"| {module} | {_cell(r['hypothesis'])} | **{r['verdict']}**{check}{side} | "
-                     f"{_cell(get_bet(bet_id).summary(r['cells']))} | {wall} | {r['meta']['git_commit'][:8]} |")
+        lines.append(report_row(module, r, results))
     lines += ["", "## Plots", ""]
     lines += [f"![{Path(p).stem}]({os.path.relpath(p, root)})" for p in plots] or ["(none yet)"]
     return "\n".join(lines) + "\n"
+
+
+def report_row(module: str, r: dict, results: dict) -> str:
+    check = "" if recomputed(r) == r["verdict"] else " (MISMATCH on recompute)"
+    sides = side_verdicts(r)
+    check += "" if sides == r.get("side_verdicts", sides) else " (side verdicts MISMATCH on recompute)"
+    side = "".join(f"; {k}: {v}" for k, v in sides.items())
+    version = f" (version {r['version']})" if r["version"] > 1 else ""
+    wall = f"{r['meta']['wall_s'] / 60:.1f} min"
+    if r["meta"].get("resumed"):  # a checkpointed run: the last pass, and every unit's time summed
+        wall += f" (units: {r['meta']['resumed']['wall_s_all_units'] / 3600:.1f} h)"
+    controls = control_verdicts(r, results)
+    flag = "" if discriminating(r["verdict"], controls) else " (not discriminating)"
+    return (f"| {module} | {_cell(r['hypothesis'])} | **{r['verdict']}**{version}{flag}{check}{side} | "
+            f"{_cell(control_column(controls))} | {_cell(get_bet(r['bet']).summary(r['cells']))} | {wall} | "
+            f"{r['meta']['git_commit'][:8]} |")
 
 
 # ---- plots (matplotlib, Agg) ----

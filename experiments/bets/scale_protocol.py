@@ -12,7 +12,7 @@ from sharedllm.base import load_base
 from sharedllm.errors import SharedLLMError
 
 from .cells import beats, best_other_adapter, confusion_outcomes, ppl, select, values
-from .harness import Bet, MissingDependency, grade, main
+from .harness import Bet, MissingDependency, grade, main, not_run
 
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
          "novelist/austen_pride_and_prejudice", "novelist/dickens_tale_of_two_cities",
@@ -20,6 +20,7 @@ USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask"
          "scientist/arxiv_math_oc", "heterogeneous/speeches_clinton_sotu", "heterogeneous/speeches_reagan_sotu",
          "heterogeneous/phone_switchboard"]
 SEEDS, QUICK_SEEDS = 3, 1
+MIN_USERS = 10  # the hypothesis: ">= 10 users"; fewer users or seeds than declared can never be STRICT
 HYPOTHESIS = ("On this base, each user's own norm-only adapter beats every other user's adapter and the bare base "
               "by >= 5 % held-out ppl for >= 90 % of users (>= 10 users, seeds x eval texts pooled).")
 CRITERIA = {
@@ -137,11 +138,51 @@ def won_fraction(cells: list, criteria: dict) -> float:
     return sum(w for w, _ in out.values()) / len(out)
 
 
-def verdict(cells: list, criteria: dict) -> str:
+def declared_scale(cells: list) -> bool:
+    """At least MIN_USERS users and SEEDS training seeds in the confusion matrix (the base rows carry seed -1)."""
+    conf = select(cells, kind="confusion")
+    seeds = [s for s in values(conf, "seed") if s != -1]
+    return len(values(conf, "user")) >= MIN_USERS and len(seeds) >= SEEDS
+
+
+def tiers(cells: list, criteria: dict) -> tuple[bool, bool, bool]:
     f, eps = won_fraction(cells, criteria), 1e-9
-    return grade(f >= criteria["STRICT"]["min_fraction_of_users_won"] - eps,
-                 f > criteria["LENIENT"]["above_fraction_of_users_won"] + eps,
-                 f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + eps)
+    return (f >= criteria["STRICT"]["min_fraction_of_users_won"] - eps and declared_scale(cells),
+            f > criteria["LENIENT"]["above_fraction_of_users_won"] + eps,
+            f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + eps)
+
+
+def verdict(cells: list, criteria: dict) -> str:
+    return grade(*tiers(cells, criteria))
+
+
+def side_verdicts(cells: list, criteria: dict) -> dict:
+    """The catalogue words this bet with STRICT / LENIENT only: its CATASTROPHIC tier is this project's own."""
+    strict, lenient, _ = tiers(cells, criteria)
+    return {"by the catalogue's wording (no CATASTROPHIC tier)": grade(strict, lenient, False)}
+
+
+def random_as_own(cells: list) -> list:
+    """The confusion matrix with each user's own adapter replaced by the norm adapter trained on random tokens."""
+    conf = [c for c in select(cells, kind="confusion") if c["adapter"] != c["user"]]
+    return conf + [{**c, "kind": "confusion", "adapter": c["user"]} for c in select(cells, kind="random")]
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    name = "norm adapter of random tokens as the user's own"
+    if not select(cells, kind="random"):
+        return {name: not_run("no random-token cells, kind random")}
+    return {name: verdict(random_as_own(cells), criteria)}
+
+
+def protocol(cells: list) -> str:
+    """What ran, against what the protocol declares (users, seeds, rival methods)."""
+    conf = select(cells, kind="confusion")
+    n_users, seeds = len(values(conf, "user")), [s for s in values(conf, "seed") if s != -1]
+    rivals = values(cells, "method", kind="method")
+    full = "with" if "full" in rivals else "no"
+    reduced = "reduced protocol" if len(seeds) < SEEDS or "full" not in rivals else "protocol"
+    return f"{reduced}: {n_users} users, {len(seeds)} of {SEEDS} seeds, rivals {'/'.join(rivals) or 'none'} ({full} full FT)"
 
 
 def _span(xs: list) -> str:
@@ -154,7 +195,7 @@ def summary(cells: list) -> str:
     own = {u: ppl(conf, user=u, adapter=u) for u in users}
     best_other = {u: best_other_adapter(conf, u) for u in users}
     n_best = sum(best for _, best in confusion_outcomes(conf, CRITERIA["margin"]).values())
-    parts = [f"own norm adapter wins by >= 5 % for {won_fraction(cells, CRITERIA):.0%} of {len(users)} users",
+    parts = [protocol(cells), f"own norm adapter wins by >= 5 % for {won_fraction(cells, CRITERIA):.0%} of {len(users)} users",
              f"own adapter is the best one for {n_best}/{len(users)}: "
              f"{_span([1 - own[u] / ppl(conf, user=u, adapter='base') for u in users])} below the base, "
              f"{_span([1 - own[u] / best_other[u] for u in users])} below the best other user's adapter"]
@@ -167,12 +208,13 @@ def summary(cells: list) -> str:
     if select(cells, kind="ternary"):
         imp = [1 - ppl(cells, kind="ternary", condition="ternary_norm", user=u)
                / ppl(cells, kind="ternary", condition="ternary_base", user=u) for u in users]
-        parts.append(f"norm on ternary base improves it by {100 * sum(imp) / len(imp):.1f} % on average")
+        parts.append(f"norm on ternary base improves it by {_span(imp)} (mean {100 * sum(imp) / len(imp):.1f} %)")
     return "; ".join(parts)
 
 
 BET = Bet(id="scale_protocol", slug="scale_protocol", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary, accepts=("users", "seeds", "full_ft", "ternary"))
+          verdict=verdict, summary=summary, accepts=("users", "seeds", "full_ft", "ternary"),
+          side_verdicts=side_verdicts, controls=controls)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

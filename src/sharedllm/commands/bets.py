@@ -24,18 +24,22 @@ def run(args) -> dict:
         found = report.load_results(folder)
         return {"results": str(folder), "bets": {b: found[b]["verdict"] if b in found else None
                                                  for b in harness.BETS}}
-    dest = Path(args.report) if args.report else (folder / "REPORT.md" if args.quick or args.results
-                                                 else report.REPORT)
-    return report.write_report(folder, dest)
+    default = not (args.quick or args.results or args.report)
+    dest = Path(args.report) if args.report else folder / "REPORT.md" if not default else report.REPORT
+    return report.write_report(folder, dest, readme=report.README if default else None)
 
 
 def render(r: dict) -> str:
     if "bets" in r and isinstance(r["bets"], dict):
         return "\n".join(f"{b:16s} {v or '-'}" for b, v in r["bets"].items())
     lines = [f"wrote {r['report']} ({len(r['with_results'])}/{r['bets']} bets with results, {len(r['plots'])} plots)"]
+    if r.get("readme"):
+        lines.append(f"  regenerated the bets block of {r['readme']}")
     lines += [f"  {b:16s} {v}" for b, v in r["verdicts"].items()]
     if r["missing"]:
         lines.append(f"  no result yet: {', '.join(r['missing'])}")
+    if r.get("not_discriminating"):
+        lines.append(f"  passes a control meets too (not discriminating): {', '.join(r['not_discriminating'])}")
     if r["mismatches"]:
         lines.append(f"  VERDICT MISMATCH on recompute: {', '.join(r['mismatches'])}")
     return "\n".join(lines)
