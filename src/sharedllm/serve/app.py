@@ -67,6 +67,8 @@ async def _result(fut, request: Request):
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=0.05)
         if done:
+            if waiting.cancelled():
+                raise HTTPException(503, "request cancelled by the server")
             return waiting.result()
         if await request.is_disconnected():
             fut.cancel()
