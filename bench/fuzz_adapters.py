@@ -128,7 +128,7 @@ def judge(base, path: Path, text: Path) -> dict:
         out["load"] = "refused"
     except Exception as e:  # noqa: BLE001  a crash is exactly what we count
         out["load"] = f"crash {type(e).__name__}: {e}"
-    for name, argv in (("inspect", ["inspect", str(path)]),
+    for name, argv in (("inspect", ["inspect", str(path), "--base", "tiny"]),
                        ("eval", ["eval", "--text", str(text), "--adapter", str(path), "--base", "tiny",
                                  "--window", "32", "--eval-tokens", "64"])):
         err, so = io.StringIO(), io.StringIO()

@@ -100,7 +100,7 @@ def _check_entry(name: str, v, source: str) -> tuple[int, int]:
     where = f"{source}: tensor {name[:40]!r}"
     if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
         raise SharedLLMError(f"{where}: header entry must have exactly dtype, shape, data_offsets")
-    if v["dtype"] not in DTYPE_SIZES:
+    if not isinstance(v["dtype"], str) or v["dtype"] not in DTYPE_SIZES:
         raise SharedLLMError(f"{where}: unknown dtype {str(v['dtype'])[:20]!r}")
     shape, offs = v["shape"], v["data_offsets"]
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
@@ -161,8 +161,8 @@ def check_adapter_meta(meta: dict, source: str) -> None:
     from .adapters import METHODS
 
     _need(meta, "format_version", lambda v: _is_int(v) and v == FORMAT_VERSION, str(FORMAT_VERSION), source)
-    _need(meta, "method", lambda v: v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
-    _need(meta, "scheme", lambda v: v in FLOAT_SCHEMES or v in INT8_SCHEMES,
+    _need(meta, "method", lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
+    _need(meta, "scheme", lambda v: isinstance(v, str) and (v in FLOAT_SCHEMES or v in INT8_SCHEMES),
           f"one of {', '.join([*FLOAT_SCHEMES, *INT8_SCHEMES])}", source)
     _need(meta, "params", lambda v: _is_int(v) and 0 < v < 1 << 34, "a positive integer", source)
     for key in ("base_fingerprint", "layout"):
@@ -217,7 +217,7 @@ def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, di
     within +-MAX_GAIN. Every refusal is one SharedLLMError line naming the file and the problem."""
     header = read_header(data, source)
     meta = header_meta(header, source)
-    if meta is None or meta.get("format") != expect:
+    if meta is None or not isinstance(meta.get("format"), str) or meta["format"] != expect:
         raise SharedLLMError(f"{source}: a safetensors file, but not a {expect} (no sharedllm metadata)")
     if expect == FORMAT:
         check_adapter_meta(meta, source)

@@ -1,7 +1,8 @@
 """sharedllm inspect: what a sharedllm file is, read from its safetensors header (nothing is unpickled).
 
 Adapters go through the same strict parser as `eval` and the server (`wire.parse_file`): a file they refuse is
-shown as far as it can be read, marked INVALID with the reason, and the command exits 1."""
+shown as far as it can be read, marked INVALID with the reason, and the command exits 1. What needs the base
+(binding, layout hash, int8-delta values) is checked only with `--base`, exactly as `eval` checks it."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,9 @@ KINDS = {"sharedllm-adapter": "adapter", "sharedllm-ternary-base": "base"}
 
 def configure(p) -> None:
     p.add_argument("file", help="a .safetensors file written by sharedllm")
+    p.add_argument("--base", default=None,
+                   help="also check an adapter against this base exactly as eval does (binding, layout, values)")
+    p.add_argument("--device", default="cpu", help="torch device for --base")
 
 
 def run(args) -> dict:
@@ -29,14 +33,25 @@ def run(args) -> dict:
         header = wire.read_header(data, str(path))
         meta = wire.header_meta(header, str(path)) or {}
         out["dtype"] = ",".join(sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"}))
-        out.update(kind=KINDS.get(meta.get("format")), **{k: v for k, v in meta.items() if k != "format"})
+        fmt = meta.get("format")
+        out.update(kind=KINDS.get(fmt) if isinstance(fmt, str) else None,
+                   **{k: v for k, v in meta.items() if k != "format"})
         if out["kind"] is None:
             raise SharedLLMError(f"{path}: a safetensors file, but not one written by sharedllm")
         if out["kind"] == "adapter":
             wire.parse_file(data, str(path))
+            if args.base:
+                _against_base(args, data, str(path))
     except SharedLLMError as e:
         return {**_salvage(data), **out, "ok": False, "invalid": str(e)}
     return {**out, "ok": True}
+
+
+def _against_base(args, data: bytes, source: str) -> None:
+    from ..base import load_base
+    from ..personalise import load_adapted
+
+    load_adapted(load_base(args.base, args.device), data=data, source=source)
 
 
 def _salvage(data: bytes) -> dict:
