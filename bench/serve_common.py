@@ -16,7 +16,7 @@ from sharedllm.personalise import new_adapter, save_adapted
 from sharedllm.serve import wait_until_healthy
 
 CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
-ADMIN = "bench-admin-token"
+ADMIN = "bench-admin-token-0123456789abcdefghij"
 MACHINE = "2 vCPU x86_64 AVX2, 24 GiB, no GPU"
 
 

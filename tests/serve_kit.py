@@ -10,7 +10,7 @@ import torch
 from sharedllm import wire
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-ADMIN = "test-admin-token"
+ADMIN = "test-admin-token-0123456789abcdefghij"
 
 
 def adapter_bytes(base, seed: int, tmp_path, scale: float = 0.3, method: str = "norm") -> bytes:

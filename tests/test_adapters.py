@@ -106,7 +106,7 @@ def test_refusals(tiny, method, tmp_path):
 def test_wrong_length_tensor_is_refused(tiny, tmp_path):
     path = save_adapted(new_adapter(tiny, "norm"), tmp_path / "a.safetensors", tiny)
     _resave(path, tensors={"adapter": torch.zeros(7, dtype=torch.float16)})
-    with pytest.raises(SharedLLMError, match="values, metadata says"):
+    with pytest.raises(SharedLLMError, match="needs F16 \\[320\\]"):
         load_adapted(tiny, path)
 
 

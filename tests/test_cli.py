@@ -92,3 +92,14 @@ def test_demo_compares_three_methods_on_the_builtin_user(capsys, tmp_path):
     assert 0 < sizes["norm"] < sizes["lora"] < sizes["full"]
     assert all(row["personal_ppl"] > 1 and row["general_ppl"] > 1 for row in r["rows"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "lora.safetensors", "norm.safetensors"]
+
+
+def test_help_of_the_command_and_every_subcommand_exits_zero():
+    from sharedllm.cli import SUBCOMMANDS
+
+    for argv in [["--help"], *[[c, "--help"] for c in SUBCOMMANDS]]:
+        proc = subprocess.run([sys.executable, "-m", "sharedllm.cli", *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr, argv
+    bare = subprocess.run([sys.executable, "-m", "sharedllm.cli"], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and "usage:" in bare.stdout and "Traceback" not in bare.stderr

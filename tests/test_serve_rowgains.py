@@ -107,11 +107,11 @@ def test_generation_stops_at_eos_per_row(tiny):
 
 
 def test_batcher_bounds_rows_and_padded_tokens():
-    from sharedllm.serve.router import Batcher, Job
+    from sharedllm.serve.scheduler import Job, Scheduler
 
     sizes = []
-    batcher = Batcher({"score": lambda jobs: sizes.append(len(jobs)) or [len(jobs)] * len(jobs)},
-                      window_s=0.5, max_batch=3, max_batch_tokens=40)
+    batcher = Scheduler(lambda jobs: sizes.append(len(jobs)) or [len(jobs)] * len(jobs), None,
+                        window_s=0.5, max_batch=3, max_batch_tokens=40)
     jobs = [Job("score", [1] * n, gains=None) for n in (10, 10, 10, 30, 5)]
     futures = [batcher.submit(j) for j in jobs]
     assert [f.result(timeout=30) for f in futures] == [3, 3, 3, 1, 1]  # 3 x 10 fit; 30 + 5 pads to 2 x 30 > 40

@@ -100,8 +100,8 @@ def test_users_are_unique_and_put_needs_a_user(store):
 
 
 def test_admin_token_from_env_or_a_private_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(ADMIN_ENV, "from-env")
-    assert admin_token(tmp_path) == ("from-env", f"${ADMIN_ENV}")
+    monkeypatch.setenv(ADMIN_ENV, "from-env-" + "x" * 23)
+    assert admin_token(tmp_path) == ("from-env-" + "x" * 23, f"${ADMIN_ENV}")
     assert not (tmp_path / "admin_token").exists()
     monkeypatch.delenv(ADMIN_ENV)
     tok, where = admin_token(tmp_path)
@@ -114,3 +114,21 @@ def test_put_many_bulk_import(store):
     n = store.put_many([(f"u{i}", f"adapter {i}".encode(), META) for i in range(50)])
     assert n == 50 and store.count() == 50 and store.read(store.get("u7").sha256) == b"adapter 7"
     assert store.check()["orphan_files"] == []
+
+
+def test_a_short_admin_token_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_ENV, "x" * 31)
+    with pytest.raises(SharedLLMError, match="at least 32"):
+        admin_token(tmp_path)
+
+
+def test_the_store_folder_and_index_are_private(tmp_path):
+    from sharedllm.store import AdapterStore
+
+    s = AdapterStore(tmp_path / "store")
+    s.create_user("ann")
+    s.put("ann", b"bytes", META)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in [s.root, s.files, s.root / "index.sqlite"]}
+    assert modes == {"store": 0o700, "adapters": 0o700, "index.sqlite": 0o600}
+    assert all(stat.S_IMODE(os.stat(p).st_mode) & 0o077 == 0 for p in s.root.rglob("*"))
+    s.close()

@@ -31,7 +31,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         mod = _load(name)
         if mod is None:
             continue
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p = sub.add_parser(name, help=mod.HELP.replace("%", "%%"), description=mod.HELP)
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
         mod.configure(p)
         modules[name] = mod

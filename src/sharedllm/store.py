@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
 """
 ADMIN_ENV = "SHAREDLLM_ADMIN_TOKEN"
+MIN_ADMIN_TOKEN = 32
 SUFFIX = ".safetensors"
 
 
@@ -73,9 +74,14 @@ class AdapterStore:
     def __init__(self, root, sweep: bool = True):
         self.root = Path(root)
         self.files = self.root / "adapters"
-        self.files.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.files):  # private: tokens' hashes and every user's adapter live here
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.root / "index.sqlite"), check_same_thread=False, isolation_level=None)
+        index = self.root / "index.sqlite"
+        os.close(os.open(index, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
+        os.chmod(index, 0o600)
+        self._db = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -95,6 +101,7 @@ class AdapterStore:
         path = self.path_of(sha)
         if not (path.is_file() and path.stat().st_size == len(data)):
             fresh = not path.parent.exists()
+            path.parent.mkdir(mode=0o700, exist_ok=True)
             write_bytes_atomic(path, data, sync_dir=sync_dir)
             if fresh:
                 fsync_dir(self.files)
@@ -227,6 +234,9 @@ def admin_token(root) -> tuple[str, str]:
     """(token, where): from $SHAREDLLM_ADMIN_TOKEN, else read or generate `<store>/admin_token` (mode 0600)."""
     env = os.environ.get(ADMIN_ENV)
     if env:
+        if len(env) < MIN_ADMIN_TOKEN:
+            raise SharedLLMError(f"${ADMIN_ENV} is {len(env)} characters; use at least {MIN_ADMIN_TOKEN} "
+                                 f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         return env, f"${ADMIN_ENV}"
     path = Path(root) / "admin_token"
     if not path.is_file():

@@ -65,38 +65,177 @@ def save_adapter(path, state: dict, method: str, base_fingerprint: str, info: di
     return write_bytes_atomic(path, adapter_bytes({"adapter": flat.to(dtype)}, meta))
 
 
+# safetensors dtype name -> bytes per element (the names safetensors writes; anything else is refused)
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_GAIN = 64.0  # |value| bound for every adapter value (a norm gain of 64 is already far outside training)
+FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
+INT8_SCHEMES = ("int8", "int8-channel", "int8-delta")
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def strict_json(text, what: str):
+    """json.loads refusing NaN/Infinity, duplicate keys and invalid UTF-8; -> SharedLLMError naming `what`."""
+    try:
+        return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SharedLLMError(f"{what} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(name: str, v, source: str) -> tuple[int, int]:
+    where = f"{source}: tensor {name[:40]!r}"
+    if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
+        raise SharedLLMError(f"{where}: header entry must have exactly dtype, shape, data_offsets")
+    if not isinstance(v["dtype"], str) or v["dtype"] not in DTYPE_SIZES:
+        raise SharedLLMError(f"{where}: unknown dtype {str(v['dtype'])[:20]!r}")
+    shape, offs = v["shape"], v["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
+        raise SharedLLMError(f"{where}: shape must be a list of non-negative integers")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) and o >= 0 for o in offs):
+        raise SharedLLMError(f"{where}: data_offsets must be two non-negative integers")
+    if offs[1] - offs[0] != math.prod(shape) * DTYPE_SIZES[v["dtype"]]:
+        raise SharedLLMError(f"{where}: data_offsets {offs} do not match shape {shape} of {v['dtype']}")
+    return offs[0], offs[1]
+
+
 def read_header(data: bytes, source: str) -> dict:
-    """Parse and sanity-check a safetensors header without touching tensor data."""
+    """Parse and check a safetensors header without touching tensor data: every entry well-formed, offsets
+    contiguous and covering exactly the payload, __metadata__ a str -> str map."""
     if len(data) < 8:
         raise SharedLLMError(f"{source}: not a safetensors file (only {len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER or 8 + n > len(data):
         raise SharedLLMError(f"{source}: not a safetensors file, or truncated (header length {n}, file {len(data)})")
     try:
-        header = json.loads(data[8: 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SharedLLMError(f"{source}: not a safetensors file (header is not JSON)") from None
+        header = strict_json(data[8: 8 + n], "header")
+    except SharedLLMError as e:
+        raise SharedLLMError(f"{source}: not a safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise SharedLLMError(f"{source}: not a safetensors file (header is not a JSON object)")
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if 8 + n + max(ends, default=0) != len(data):
+    md = header.get("__metadata__", {})
+    if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in md.items()):
+        raise SharedLLMError(f"{source}: __metadata__ must map strings to strings")
+    spans = sorted(_check_entry(k, v, source) for k, v in header.items() if k != "__metadata__")
+    at = 0
+    for begin, end in spans:
+        if begin != at:
+            raise SharedLLMError(f"{source}: tensor data overlaps or leaves a gap at byte {at}")
+        at = end
+    if 8 + n + at != len(data):
         raise SharedLLMError(f"{source}: truncated or padded safetensors file (data does not match the header)")
     return header
 
 
+def header_meta(header: dict, source: str):
+    """The sharedllm metadata of a checked header (a JSON object), or None when it has none."""
+    text = header.get("__metadata__", {}).get(META_KEY)
+    if text is None:
+        return None
+    meta = strict_json(text, f"{source}: __metadata__.{META_KEY}")
+    if not isinstance(meta, dict):
+        raise SharedLLMError(f"{source}: __metadata__.{META_KEY} must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _need(meta: dict, key: str, ok, what: str, source: str) -> None:
+    if key not in meta or not ok(meta[key]):
+        raise SharedLLMError(f"{source}: metadata field {key!r} must be {what} (got {str(meta.get(key))[:40]!r})")
+
+
+def check_adapter_meta(meta: dict, source: str) -> None:
+    """The sharedllm adapter metadata: every field the loaders read is present with the right type."""
+    from .adapters import METHODS
+
+    _need(meta, "format_version", lambda v: _is_int(v) and v == FORMAT_VERSION, str(FORMAT_VERSION), source)
+    _need(meta, "method", lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
+    _need(meta, "scheme", lambda v: isinstance(v, str) and (v in FLOAT_SCHEMES or v in INT8_SCHEMES),
+          f"one of {', '.join([*FLOAT_SCHEMES, *INT8_SCHEMES])}", source)
+    _need(meta, "params", lambda v: _is_int(v) and 0 < v < 1 << 34, "a positive integer", source)
+    for key in ("base_fingerprint", "layout"):
+        _need(meta, key, lambda v: isinstance(v, str), "a string", source)
+    _need(meta, "shapes", lambda v: isinstance(v, list) and all(
+        isinstance(s, list) and all(_is_int(d) and 0 <= d < 1 << 34 for d in s) for s in v),
+        "a list of shapes (lists of non-negative integers)", source)
+    if sum(math.prod(s) for s in meta["shapes"]) != meta["params"]:
+        raise SharedLLMError(f"{source}: metadata shapes hold {sum(math.prod(s) for s in meta['shapes'])} values, "
+                             f"params says {meta['params']}")
+    if meta["scheme"] == "int8-channel":
+        _need(meta, "channel_block", lambda v: _is_int(v) and v == 64, "64", source)
+
+
+def expected_tensors(meta: dict) -> dict[str, tuple[str, list]]:
+    """name -> (safetensors dtype, shape) that an adapter file with this (checked) metadata must hold."""
+    if meta["scheme"] in FLOAT_SCHEMES:
+        return {"adapter": (FLOAT_SCHEMES[meta["scheme"]], [meta["params"]])}
+    from .quant.adapter_int8 import _segments
+
+    return {"adapter": ("I8", [meta["params"]]), "scales": ("F32", [len(_segments(meta["shapes"], meta["scheme"]))])}
+
+
+def check_values(tensors: dict, meta: dict, source: str) -> None:
+    """Finite values; every value the file itself encodes (scale x code for int8) within +-MAX_GAIN."""
+    if meta["scheme"] in FLOAT_SCHEMES:
+        values = tensors["adapter"].float()
+    else:
+        scales = tensors["scales"].float()
+        if not torch.isfinite(scales).all() or not (scales > 0).all():
+            raise SharedLLMError(f"{source}: int8 scales must be finite and positive")
+        from .quant.adapter_int8 import _segments
+
+        segs = torch.tensor(_segments(meta["shapes"], meta["scheme"]), dtype=torch.long)
+        values = tensors["adapter"].float() * torch.repeat_interleave(scales, segs)
+    if not torch.isfinite(values).all():
+        raise SharedLLMError(f"{source}: adapter contains non-finite values (NaN or inf)")
+    check_bound(values, source)
+
+
+def check_bound(values: torch.Tensor, source: str) -> None:
+    if values.numel() and values.abs().max() > MAX_GAIN:
+        raise SharedLLMError(f"{source}: adapter value {values.abs().max().item():.4g} is outside the allowed "
+                             f"range +-{MAX_GAIN:g}")
+
+
 def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, dict]:
-    """bytes -> (tensors, sharedllm metadata); refuses anything that is not a sharedllm safetensors file."""
+    """bytes -> (tensors, sharedllm metadata); refuses anything that is not a well-formed sharedllm file.
+
+    For adapters this is the one strict parser (upload, eval, inspect, compress, export all come here): header
+    structure, metadata fields and types, tensor names, dtypes equal to the scheme's, shapes, finite values
+    within +-MAX_GAIN. Every refusal is one SharedLLMError line naming the file and the problem."""
     header = read_header(data, source)
-    try:
-        meta = json.loads(header.get("__metadata__", {}).get(META_KEY, "null"))
-    except (json.JSONDecodeError, AttributeError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != expect:
+    meta = header_meta(header, source)
+    if meta is None or not isinstance(meta.get("format"), str) or meta["format"] != expect:
         raise SharedLLMError(f"{source}: a safetensors file, but not a {expect} (no sharedllm metadata)")
+    if expect == FORMAT:
+        check_adapter_meta(meta, source)
+        want = expected_tensors(meta)
+        got = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        if set(got) != set(want):
+            raise SharedLLMError(f"{source}: scheme {meta['scheme']} expects tensors {sorted(want)}, found "
+                                 f"{sorted(got)[:5]}")
+        for name, (dtype, shape) in want.items():
+            if got[name] != (dtype, shape):
+                raise SharedLLMError(f"{source}: tensor {name!r} is {got[name][0]} {got[name][1]}, scheme "
+                                     f"{meta['scheme']} needs {dtype} {shape}")
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types
-        raise SharedLLMError(f"{source}: unreadable safetensors data ({e})") from None
+        raise SharedLLMError(f"{source}: unreadable safetensors data ({str(e)[:120]})") from None
+    if expect == FORMAT:
+        check_values(tensors, meta, source)
     return tensors, meta
 
 
@@ -125,6 +264,7 @@ def decode_adapter(tensors: dict, meta: dict, layout, base_state: dict, source: 
         raise SharedLLMError(f"{source}: {flat.numel()} values, metadata says {meta['params']}")
     if not torch.isfinite(flat).all():
         raise SharedLLMError(f"{source}: adapter contains non-finite values (NaN or inf)")
+    check_bound(flat, source)  # int8-delta adds the base's values: bound the sum too
     return unflatten(flat, layout)
 
 

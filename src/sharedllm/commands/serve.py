@@ -20,6 +20,10 @@ def configure(p) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="most padded positions in one batch (bounds the memory of the logits)")
     p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
+    p.add_argument("--max-queued-per-user", type=int, default=32,
+                   help="requests one user may have queued or running; beyond: HTTP 429 with Retry-After")
+    p.add_argument("--read-timeout-s", type=float, default=10.0,
+                   help="longest wait for each chunk of a request body (a stalled upload gets 408)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="upload size limit (default: 4 bytes per gain + 1 MiB)")
 
@@ -34,7 +38,8 @@ def run(args) -> dict:
     store = Path(args.store) if args.store else cache_dir() / f"store-{base.name}"
     app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
                                cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
-                               max_batch_tokens=args.max_batch_tokens)
+                               max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
+                               max_queued_per_user=args.max_queued_per_user)
     swept = router.store.swept
     say(f"store {store}: {router.store.count()} adapters; swept {len(swept.get('temp_files', []))} temp and "
         f"{len(swept.get('orphan_files', []))} orphan files")

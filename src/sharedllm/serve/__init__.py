@@ -6,15 +6,16 @@ from ..base import Base
 from ..store import AdapterStore, admin_token
 
 
-def build(base: Base, store_dir, **router_kwargs):
-    """(FastAPI app, router, where the admin token comes from) for `base` and the store at `store_dir`."""
+def build(base: Base, store_dir, read_timeout_s: float = 10.0, **router_kwargs):
+    """(FastAPI app, router, where the admin token comes from) for `base` and the store at `store_dir`;
+    `read_timeout_s` bounds the wait for each chunk of a request body."""
     from .app import create_app
     from .router import Router
 
     store = AdapterStore(store_dir)
     token, where = admin_token(store_dir)
     router = Router(base, store, **router_kwargs)
-    return create_app(router, token), router, where
+    return create_app(router, token, read_timeout_s), router, where
 
 
 def wait_until_healthy(url: str, proc=None, timeout: float = 120.0) -> bool:

@@ -1,5 +1,9 @@
 """The HTTP layer: decode the request, ask the router, encode the response. No model code lives here.
 
+Every request is checked in this order: token (from the headers only), body size (Content-Length, then while
+streaming), strict JSON, the request model; only then does it reach the router. Bad input is a 4xx with a JSON
+body; a request whose client disconnects is cancelled (see scheduler).
+
 Auth: `Authorization: Bearer <token>`. The admin token creates users; each user token may upload, replace,
 read the metadata of, use and delete only that user's adapter (the admin may also read or delete any adapter,
 for revocation). Missing or unknown token -> 401, someone else's adapter -> 403, no adapter -> 404.
@@ -20,35 +24,55 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import SharedLLMError
-from .router import NoAdapter, Router, TooLarge
+from .bodies import parse_model, read_body, schema_of
+from .router import Busy, NoAdapter, Router, TooLarge
 
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "ann\n" is not a name
 ADMIN = "<admin>"
+SMALL_BODY = 4096  # /v1/users
+NAME = Field(None, max_length=64, description="if given, must be the authenticated user")
 
 
 class NewUser(BaseModel):
-    user: str = Field(description="user name: letters, digits, _ . @ -, at most 64 characters")
+    user: str = Field(max_length=256, description="user name: letters, digits, _ . @ -, at most 64 characters")
 
 
 class Completion(BaseModel):
     prompt: str
     max_tokens: int = Field(16, ge=1, le=1024)
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
-    user: str | None = Field(None, description="if given, must be the authenticated user")
-    seed: int | None = None
-    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    user: str | None = NAME
+    seed: int | None = Field(None, ge=0, lt=1 << 64, description="sampling seed, 0 <= seed < 2**64")
+    model: str | None = Field(None, max_length=256)
     adapter: Literal["user", "none"] = Field("user", description='"none" = the bare base, explicitly')
 
 
 class Score(BaseModel):
     text: str
-    user: str | None = None
+    user: str | None = NAME
     adapter: Literal["user", "none"] = "user"
 
 
 def _http(e: SharedLLMError) -> HTTPException:
+    if isinstance(e, Busy):
+        return HTTPException(429, str(e), headers={"Retry-After": "1"})
     status = 404 if isinstance(e, NoAdapter) else 413 if isinstance(e, TooLarge) else 400
     return HTTPException(status, str(e))
+
+
+async def _result(fut, request: Request):
+    """Wait for a scheduler future; if the client disconnects first, cancel it (its rows stop computing)."""
+    waiting = asyncio.wrap_future(fut)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.05)
+        if done:
+            if waiting.cancelled():
+                raise HTTPException(503, "request cancelled by the server")
+            return waiting.result()
+        if await request.is_disconnected():
+            fut.cancel()
+            raise HTTPException(499, "client closed the request")
 
 
 def _found(rec, user: str):
@@ -57,10 +81,17 @@ def _found(rec, user: str):
     return rec
 
 
-def create_app(router: Router, admin_token: str) -> FastAPI:
+def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -> FastAPI:
     app = FastAPI(title="sharedllm", version=__version__,
                   description="One frozen base, one norm adapter per user, mixed-user batches.")
     store = router.store
+    text_body = router.max_text_bytes * 6 + 65536  # JSON may escape each byte as \u00XX
+
+    async def body(request: Request, model, limit: int, what: str):
+        return parse_model(model, await read_body(request, limit, what, read_timeout_s))
+
+    async def body_of(request: Request, model):
+        return await body(request, model, text_body, request.url.path)
 
     def principal(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -97,14 +128,15 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         return {"status": "ok", "base": router.base.name, "base_fingerprint": router.base.fingerprint,
                 "adapters": store.count(), **router.stats()}
 
-    @app.post("/v1/users", status_code=201)
-    def create_user(body: NewUser, request: Request) -> dict:
+    @app.post("/v1/users", status_code=201, openapi_extra=schema_of(NewUser))
+    async def create_user(request: Request) -> dict:
         if principal(request) != ADMIN:
             raise HTTPException(403, "only the admin token can create users")
-        if not USER_NAME.match(body.user):
-            raise HTTPException(400, f"user name {body.user!r}: use 1-64 letters, digits, _ . @ -")
+        new = await body(request, NewUser, SMALL_BODY, "new user")
+        if not USER_NAME.fullmatch(new.user):
+            raise HTTPException(400, f"user name {new.user[:80]!r}: use 1-64 letters, digits, _ . @ -")
         try:
-            return {"user": body.user, "token": store.create_user(body.user)}
+            return {"user": new.user, "token": store.create_user(new.user)}
         except SharedLLMError as e:
             raise HTTPException(409, str(e)) from None
 
@@ -112,7 +144,7 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_adapter(user: str, request: Request) -> dict:
         owner(request, user, admin_ok=False)
-        data = await _read_limited(request, router.max_adapter_bytes)
+        data = await read_body(request, router.max_adapter_bytes, "adapter upload", read_timeout_s)
         try:
             rec = await run_in_threadpool(router.upload, user, data)
         except SharedLLMError as e:
@@ -131,14 +163,17 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         rec = _found(store.delete(user), user)
         return {"user": user, "deleted": rec.sha256}
 
-    @app.post("/v1/completions")
-    async def completions(body: Completion, request: Request) -> dict:
+    @app.post("/v1/completions", openapi_extra=schema_of(Completion))
+    async def completions(request: Request) -> dict:
+        caller(request, None)
+        body = await body_of(request, Completion)
         who = caller(request, body.user)
         try:
             ids = router.prompt_ids(body.prompt, "prompt")
-            fut = router.generate(ids, router.gains_for(who, body.adapter), body.max_tokens, body.temperature,
-                                  body.seed)
-            out = await asyncio.wrap_future(fut)
+            gains = await run_in_threadpool(router.gains_for, who, body.adapter)
+            fut = router.generate(ids, gains, body.max_tokens, body.temperature, body.seed, user=who,
+                                  top_p=body.top_p)
+            out = await _result(fut, request)
         except SharedLLMError as e:
             raise _http(e) from None
         text = router.base.tokenizer.decode(out.ids)
@@ -148,32 +183,26 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out.ids),
                           "total_tokens": len(ids) + len(out.ids)}}
 
-    @app.post("/v1/score")
-    async def score(body: Score, request: Request) -> dict:
+    @app.post("/v1/score", openapi_extra=schema_of(Score))
+    async def score(request: Request) -> dict:
+        caller(request, None)
+        body = await body_of(request, Score)
         who = caller(request, body.user)
         try:
-            fut = router.score(router.prompt_ids(body.text, "text"), router.gains_for(who, body.adapter))
-            out = await asyncio.wrap_future(fut)
+            ids = router.prompt_ids(body.text, "text")
+            gains = await run_in_threadpool(router.gains_for, who, body.adapter)
+            out = await _result(router.score(ids, gains, user=who), request)
         except SharedLLMError as e:
             raise _http(e) from None
+        if not math.isfinite(out.logprob):
+            raise HTTPException(422, "text: its log-probability under this adapter is not a finite number")
         return {"logprob": out.logprob, "tokens": out.tokens, "ppl": _ppl(out.logprob, out.tokens),
                 "user": who, "adapter": body.adapter}
 
     return app
 
 
-def _ppl(logprob: float, tokens: int) -> float:
-    return math.exp(-logprob / tokens)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"adapter upload: {declared} bytes is over this server's limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"adapter upload: over this server's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _ppl(logprob: float, tokens: int) -> float | None:
+    """exp(mean negative log-probability), or None where that is beyond a float (mean NLL > 700 nats)."""
+    nll = -logprob / tokens
+    return math.exp(nll) if nll <= 700 else None

@@ -3,24 +3,23 @@
 `Router` owns the base (as a RowGainModel), the adapter store and an LRU cache of decoded gains keyed by the
 adapter file's sha256. Validation of uploaded bytes is the CLI's, word for word (`wire.parse_file`,
 `check_binding`, `decode_adapter` against the norm layout of this base), plus a size limit and the rule that
-only norm adapters are served. `Batcher` runs on one worker thread: it waits a short window after the oldest
-queued request, takes up to `max_batch` requests of the same kind and runs them as one batch.
+only norm adapters are served. `scheduler.Scheduler` runs every forward pass on one worker thread, fairly
+between users (round-robin batches, generation one decode step at a time, scores in between, cancellation).
 """
 from __future__ import annotations
 
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from .. import wire
 from ..adapters import get_method
 from ..base import Base
 from ..errors import SharedLLMError
 from ..store import AdapterStore
-from .compute import generate_batch, score_batch
+from .compute import Decoding, score_batch
 from .rowgains import Gains, RowGainModel
+from .scheduler import Busy, Job, Scheduler  # noqa: F401  (Busy: re-exported for the app)
 
 SERVED_METHOD = "norm"
 
@@ -58,96 +57,10 @@ class LRU:
         return len(self._d)
 
 
-@dataclass
-class Job:
-    kind: str  # "score" | "generate"
-    ids: list[int]
-    gains: Gains
-    max_tokens: int = 0
-    temperature: float = 0.0
-    seed: int | None = None
-    future: Future = field(default_factory=Future)
-    t: float = field(default_factory=time.monotonic)
-
-
-class Batcher:
-    """One worker thread; requests of one kind that arrive within `window_s` of each other share a batch.
-
-    A batch holds at most `max_batch` rows and `max_batch_tokens` padded positions (this bounds the memory of
-    the logits: positions x vocabulary x 4 bytes); whatever does not fit waits for the next batch."""
-
-    def __init__(self, run: dict, window_s: float = 0.01, max_batch: int = 16, max_batch_tokens: int = 16384):
-        self.run, self.window_s, self.max_batch, self.max_batch_tokens = run, window_s, max_batch, max_batch_tokens
-        self._q: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._stop = False
-        self.batches = self.rows = self.largest = 0
-        self._thread = threading.Thread(target=self._loop, name="sharedllm-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> Future:
-        with self._cv:
-            if self._stop:
-                raise SharedLLMError("server is shutting down")
-            self._q.append(job)
-            self._cv.notify()
-        return job.future
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
-
-    def _take(self) -> list[Job] | None:
-        with self._cv:
-            while not self._q and not self._stop:
-                self._cv.wait()
-            if self._stop:
-                return None
-            kind = self._q[0].kind
-            deadline = self._q[0].t + self.window_s
-            while sum(j.kind == kind for j in self._q) < self.max_batch and not self._stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            batch = self._fit([j for j in self._q if j.kind == kind])
-            for j in batch:
-                self._q.remove(j)
-            return batch
-
-    def _fit(self, jobs: list[Job]) -> list[Job]:
-        """The oldest jobs that fit: at most max_batch rows and rows x padded length <= max_batch_tokens."""
-        batch, width = [], 0
-        for j in jobs[: self.max_batch]:
-            w = max(width, len(j.ids) + j.max_tokens)
-            if batch and (len(batch) + 1) * w > self.max_batch_tokens:
-                break
-            batch.append(j)
-            width = w
-        return batch
-
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-            self.largest = max(self.largest, len(batch))
-            try:
-                results = self.run[batch[0].kind](batch)
-            except Exception as e:  # one failing batch must not kill the worker
-                for j in batch:
-                    j.future.set_exception(e)
-                continue
-            for j, r in zip(batch, results):
-                j.future.set_result(r)
-
-    def stats(self) -> dict:
-        return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest, "queued": len(self._q)}
-
-
 class Router:
     def __init__(self, base: Base, store: AdapterStore, window_s: float = 0.01, max_batch: int = 16,
-                 cache_size: int = 1024, max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384):
+                 cache_size: int = 1024, max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384,
+                 max_queued_per_user: int = 32):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -155,8 +68,9 @@ class Router:
         self.max_adapter_bytes = max_adapter_bytes or params * 4 + (1 << 20)
         self.cache = LRU(cache_size)
         self._base_state = dict(base.model.named_parameters())
-        self.batcher = Batcher({"score": self._run_score, "generate": self._run_generate}, window_s, max_batch,
-                               max_batch_tokens)
+        self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
+        self.batcher = Scheduler(self._run_score, self._start_generate, window_s, max_batch, max_batch_tokens,
+                                 max_queued_per_user)
 
     def close(self) -> None:
         self.batcher.close()
@@ -189,19 +103,31 @@ class Router:
         """The gains a request of `user` runs with; adapter="none" asks explicitly for the bare base."""
         if adapter == "none":
             return self.model.base_gains
-        rec = self.store.get(user)
-        if rec is None:
-            raise NoAdapter(f"user {user!r} has no adapter; upload one with PUT /v1/users/{user}/adapter, "
-                            'or send "adapter": "none" to use the bare base explicitly')
-        gains = self.cache.get(rec.sha256)
-        if gains is None:
-            _, named = self.validate(self.store.read(rec.sha256), f"stored adapter of user {user!r}")
+        for _ in range(3):  # the adapter may be replaced or deleted while we read it: look again
+            rec = self.store.get(user)
+            if rec is None:
+                raise NoAdapter(f"user {user!r} has no adapter; upload one with PUT /v1/users/{user}/adapter, "
+                                'or send "adapter": "none" to use the bare base explicitly')
+            gains = self.cache.get(rec.sha256)
+            if gains is not None:
+                return gains
+            try:
+                data = self.store.read(rec.sha256)
+            except FileNotFoundError:
+                continue
+            _, named = self.validate(data, f"stored adapter of user {user!r}")
             gains = self.model.gains_from(named, rec.sha256)
             self.cache.put(rec.sha256, gains)
-        return gains
+            return gains
+        raise NoAdapter(f"user {user!r}: the adapter changed while it was being read; retry")
 
     # ---- requests ----------------------------------------------------------------------------------------
     def prompt_ids(self, text: str, field_name: str) -> list[int]:
+        """Token ids of a request's text; text that cannot fit the context is refused by its byte length
+        before it is tokenised (no token is longer than `max_text_bytes / context` bytes)."""
+        if len(text) > self.max_text_bytes or len(text.encode("utf-8")) > self.max_text_bytes:
+            raise TooLarge(f"{field_name}: over {self.max_text_bytes} bytes, more than the model's context of "
+                           f"{self.context_limit()} tokens can hold")
         tok = self.base.tokenizer
         ids = ([tok.bos_id] if getattr(tok, "bos_id", None) is not None else []) + tok.encode(text)
         limit = self.context_limit()
@@ -212,27 +138,38 @@ class Router:
     def context_limit(self) -> int:
         return int(getattr(self.base.model.config, "max_position_embeddings", 2048))
 
-    def score(self, ids: list[int], gains: Gains) -> Future:
+    def score(self, ids: list[int], gains: Gains, user: str = "") -> Future:
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.batcher.submit(Job("score", ids, gains))
+        return self.batcher.submit(Job("score", ids, gains, user=user))
 
-    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed) -> Future:
+    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed,
+                 user: str = "", top_p: float = 1.0) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
-        return self.batcher.submit(Job("generate", ids, gains, max_tokens, temperature, seed))
+        return self.batcher.submit(Job("generate", ids, gains, max_tokens, temperature, seed, user=user,
+                                      top_p=top_p))
 
     def _run_score(self, jobs: list[Job]):
         return score_batch(self.model, [j.ids for j in jobs], [j.gains for j in jobs])
 
-    def _run_generate(self, jobs: list[Job]):
-        return generate_batch(self.model, [j.ids for j in jobs], [j.gains for j in jobs], [j.max_tokens for j in jobs],
-                              [j.temperature for j in jobs], [j.seed for j in jobs],
-                              getattr(self.base.tokenizer, "eos_id", None))
+    def _start_generate(self, jobs: list[Job]) -> Decoding:
+        return Decoding(self.model, [j.ids for j in jobs], [j.gains for j in jobs], [j.max_tokens for j in jobs],
+                        [j.temperature for j in jobs], [j.seed for j in jobs],
+                        getattr(self.base.tokenizer, "eos_id", None), [j.top_p for j in jobs])
 
     def stats(self) -> dict:
         return {**self.batcher.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
                 "cache_misses": self.cache.misses}
+
+
+def _max_token_bytes(tok) -> int:
+    """An upper bound on the UTF-8 bytes of text one token can stand for (1 for the byte tokenizer)."""
+    hf = getattr(tok, "hf", None)
+    if hf is None:
+        return 1
+    pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
+    return max(len(p.encode("utf-8")) for p in pieces if p) + 1

@@ -1,0 +1,45 @@
+"""Short runs of the two fuzzers (the full 1,000-input runs are in docs/BENCHMARKS.md), and the bound on how much
+a score may depend on which other requests share its batch."""
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from sharedllm.personalise import load_adapted
+from sharedllm.serve.compute import score_batch
+from sharedllm.serve.rowgains import RowGainModel
+
+from .serve_kit import adapter_bytes
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+BATCH_BOUND_PER_TOKEN = 1e-6  # nats; README "Scores in mixed batches"
+
+
+def _fuzz(script: str, n: int) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--n", str(n), "--seed", "1"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_adapter_fuzzer_short_run_finds_nothing():
+    table = _fuzz("fuzz_adapters.py", 100)
+    assert "| 100 |" in table and "accepted-invalid" in table
+
+
+def test_api_fuzzer_short_run_finds_nothing():
+    table = _fuzz("fuzz_api.py", 100)
+    assert "| 100 |" in table and "cross-user access" in table
+
+
+def test_a_score_depends_on_its_batch_by_at_most_the_stated_bound(tiny, tmp_path):
+    rgm = RowGainModel(tiny)
+    gains = [rgm.gains_from(load_adapted(tiny, data=adapter_bytes(tiny, i, tmp_path), source="a").params)
+             for i in range(4)]
+    rng = random.Random(0)
+    rows = [[256] + [rng.randrange(256) for _ in range(n)] for n in (3, 40, 300, 900, 17, 600)]
+    alone = [score_batch(rgm, [r], [gains[i % 4]])[0].logprob for i, r in enumerate(rows)]
+    for _ in range(4):
+        idx = rng.sample(range(len(rows)), rng.randint(2, len(rows)))
+        for i, got in zip(idx, score_batch(rgm, [rows[i] for i in idx], [gains[i % 4] for i in idx])):
+            assert abs(got.logprob - alone[i]) <= BATCH_BOUND_PER_TOKEN * (len(rows[i]) - 1)
