@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from machine import describe
 from sharedllm.adapters import adapted_model, get_method
 from sharedllm.base import load_base
 from sharedllm.losses import logits_loss as plain_loss, next_token_loss, next_token_nll
@@ -75,13 +76,17 @@ def contenders(base, batch, steps: int, warmup: int) -> dict:
 
     A norm-only step computes activation gradients but no weight gradients: ~2 x forward; full: ~3 x forward.
     sharedllm's rows use its trainer's loss (chunked head + cross-entropy, sharedllm.losses); the "(plain CE)" row
-    and PEFT use full logits, so the table separates the loss's share from the rest of the step."""
+    and PEFT use full logits, so the table separates the loss's share from the rest of the step. "copied base"
+    trains on a private deep copy of the base (what adapted_model did before 2026-11-30), the others share it."""
     rows = {}
     for name, mult, loss_fn in [("norm", 2.0, next_token_loss), ("norm (plain CE)", 2.0, plain_loss),
                                 ("lora", 2.0, next_token_loss), ("full", 3.0, next_token_loss)]:
         model, params = adapted_model(base.model, get_method(name.split()[0]))
         rows[name] = (lambda m=model, p=list(params.values()), f=loss_fn: time_steps(m, p, batch, steps, warmup, f),
                       mult)
+    model, params = adapted_model(copy.deepcopy(base.model), get_method("norm"))  # the pre-2026-11-30 layout
+    rows["norm (plain CE, copied base)"] = (
+        lambda m=model, p=list(params.values()): time_steps(m, p, batch, steps, warmup, plain_loss), 2.0)
     model, params = peft_ln_tuning(base.model)
     rows["peft_ln_tuning"] = (lambda: time_steps(model, params, batch, steps, warmup, plain_loss), 2.0)
     rows["score (sharedllm)"] = (lambda: time_forward(base.model, batch, steps, next_token_nll), 1.0)
@@ -118,14 +123,15 @@ def report(rows, fwd, peak, tokens, args) -> None:
     print(f"base {args.base}; batch 2 x 256; median of {args.rounds} interleaved rounds of {args.steps} timed steps "
           f"(after {args.warmup} warm-up); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(describe())
     print(f"measured fp32 matmul peak (2048^3 torch.mm, best of the rounds): {peak:.1f} GFLOP/s")
-    print(f"{'what':18s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s}")
+    print(f"{'what':28s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s}")
     peft_s = rows["peft_ln_tuning"][0]
     out = {"peak_gflops": peak}
     for name, (sec, mult) in rows.items():
         gf = mult * fwd / sec / 1e9
         ratio = float("nan") if mult == 1.0 else peft_s / sec
-        print(f"{name:18s} {sec:8.3f} {tokens / sec:8.0f} {gf:8.1f} {gf / peak:8.2f} {ratio:10.2f}")
+        print(f"{name:28s} {sec:8.3f} {tokens / sec:8.0f} {gf:8.1f} {gf / peak:8.2f} {ratio:10.2f}")
         out[name] = {"s_per_step": sec, "gflops": gf, "fraction_of_peak": gf / peak, "speedup_vs_peft": ratio}
     print(json.dumps(out))
 
