@@ -49,11 +49,9 @@ def run_fleet(base, users: dict, cfg, check: int) -> dict:
     from sharedllm.fleet import train_fleet
     from sharedllm.personalise import personalise
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     adapted = train_fleet(base, users, cfg)
-    total = time.perf_counter() - t
-    loop = next(iter(adapted.values())).result.wall_s
-    out = {"users": len(users), "setup_s": total - loop, "step_s": loop / cfg.steps}
+    out = _timing(len(users), next(iter(adapted.values())).result, t, c, cfg.steps)
     if check:
         names = list(users)[:: max(1, len(users) // check)][:check]
         diffs = []
@@ -67,10 +65,16 @@ def run_fleet(base, users: dict, cfg, check: int) -> dict:
 def run_alone(base, users: dict, cfg) -> dict:
     from sharedllm.personalise import personalise
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     adapted = personalise(base, next(iter(users.values())), "norm", cfg)
-    total = time.perf_counter() - t
-    return {"users": 1, "setup_s": total - adapted.result.wall_s, "step_s": adapted.result.wall_s / cfg.steps}
+    return _timing(1, adapted.result, t, c, cfg.steps)
+
+
+def _timing(users: int, result, t0: float, c0: float, steps: int) -> dict:
+    """Setup and per-step seconds, wall and process CPU (1 thread on a shared machine: CPU = work done)."""
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"users": users, "setup_s": wall - result.wall_s, "step_s": result.wall_s / steps,
+            "setup_cpu_s": cpu - result.cpu_s, "step_cpu_s": result.cpu_s / steps}
 
 
 def run_peft(base, users: dict, cfg) -> dict:
@@ -80,18 +84,19 @@ def run_peft(base, users: dict, cfg) -> dict:
     from sharedllm.data import batch_sampler
     from sharedllm.losses import logits_loss
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model = get_peft_model(copy.deepcopy(base.model), LNTuningConfig(task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
     batches = batch_sampler(next(iter(users.values())), cfg.batch, cfg.seq, cfg.seed)
     model.train()
-    setup, t = time.perf_counter() - t, time.perf_counter()
+    setup, setup_cpu, t, c = time.perf_counter() - t, time.process_time() - c, time.perf_counter(), time.process_time()
     for _ in range(cfg.steps):
         loss = logits_loss(model, next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {"users": 1, "setup_s": setup, "step_s": (time.perf_counter() - t) / cfg.steps}
+    return {"users": 1, "setup_s": setup, "step_s": (time.perf_counter() - t) / cfg.steps,
+            "setup_cpu_s": setup_cpu, "step_cpu_s": (time.process_time() - c) / cfg.steps}
 
 
 def child(args) -> None:
@@ -141,8 +146,9 @@ def memory_guard(runs: dict, c: tuple) -> dict | None:
     return None
 
 
-def per_hour(r: dict, steps: int) -> float:
-    return 3600 * r["users"] / (r["setup_s"] + steps * r["step_s"])
+def per_hour(r: dict, steps: int, clock: str = "") -> float:
+    """Users per hour at `steps` steps per user, on the wall clock ("") or on CPU time ("cpu_")."""
+    return 3600 * r["users"] / (r[f"setup_{clock}s"] + steps * r[f"step_{clock}s"])
 
 
 def main() -> None:
@@ -184,19 +190,22 @@ def report(args, med: dict) -> None:
           f"threads; load average at the end {load_average()}")
     alone = med[("alone", 1)]
     ref = per_hour(alone, args.extrapolate) if "error" not in alone else float("nan")
-    print(f"{'what':24s} {'setup s':>8s} {'s/step':>8s} {'s/user-step':>11s} {'users/h':>8s} {'vs alone':>8s} "
-          f"{'peak RSS MB':>11s} {'max |dgain|':>11s}")
+    ref_cpu = per_hour(alone, args.extrapolate, "cpu_") if "error" not in alone else float("nan")
+    print(f"{'what':28s} {'setup s':>8s} {'s/step':>8s} {'s/user-step':>11s} {'users/h':>8s} {'vs alone':>8s} "
+          f"{'CPU s/user-step':>15s} {'CPU users/h':>11s} {'vs alone':>8s} {'peak RSS MB':>11s} {'max |dgain|':>11s}")
     out = {"cpu": info, "load_end": load_average(), "rows": {}}
     for (kind, u), r in med.items():
         name = {"alone": "one at a time (sharedllm)", "peft": "PEFT LN tuning, 1 at a time"}.get(kind, f"fleet U={u}")
         if "error" in r:
-            print(f"{name:24s} {r['error']}")
+            print(f"{name:28s} {r['error']}")
             continue
-        uph = per_hour(r, args.extrapolate)
+        uph, cph = per_hour(r, args.extrapolate), per_hour(r, args.extrapolate, "cpu_")
         diff = f"{r['max_gain_diff_vs_alone']:.1e}" if "max_gain_diff_vs_alone" in r else ""
-        print(f"{name:24s} {r['setup_s']:8.2f} {r['step_s']:8.2f} {r['step_s'] / u:11.2f} {uph:8.1f} "
-              f"{uph / ref:8.2f} {r['rss_peak_mb']:11.0f} {diff:>11s}")
-        out["rows"][name] = {**r, "users_per_hour": uph, "vs_alone": uph / ref}
+        print(f"{name:28s} {r['setup_s']:8.2f} {r['step_s']:8.2f} {r['step_s'] / u:11.2f} {uph:8.1f} "
+              f"{uph / ref:8.2f} {r['step_cpu_s'] / u:15.2f} {cph:11.1f} {cph / ref_cpu:8.2f} "
+              f"{r['rss_peak_mb']:11.0f} {diff:>11s}")
+        out["rows"][name] = {**r, "users_per_hour": uph, "vs_alone": uph / ref, "cpu_users_per_hour": cph,
+                             "cpu_vs_alone": cph / ref_cpu}
     print(json.dumps(out))
 
 

@@ -41,16 +41,20 @@ def forward_flops(model, tokens: int, seq: int) -> float:
     return 2 * linear * tokens + attn
 
 
+CPU_S: list = []  # process CPU seconds per step of the last timing (1 thread on a shared machine: work done)
+
+
 def time_steps(model, params, batch, steps: int, warmup: int, loss_fn) -> float:
     opt = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
         loss = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    CPU_S.append((time.process_time() - c) / steps)
     return (time.perf_counter() - t) / steps
 
 
@@ -58,9 +62,10 @@ def time_steps(model, params, batch, steps: int, warmup: int, loss_fn) -> float:
 def time_forward(model, batch, steps: int, score) -> float:
     model.eval()
     score(model, batch)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         score(model, batch)
+    CPU_S.append((time.process_time() - c) / steps)
     return (time.perf_counter() - t) / steps
 
 
@@ -111,12 +116,14 @@ def main() -> None:
         keep = set(args.rows.split(",")) | {"peft_ln_tuning"}
         rows = {k: v for k, v in rows.items() if k in keep}
     times: dict = {name: [] for name in rows}
+    cpus: dict = {name: [] for name in rows}
     for _ in range(args.rounds):  # interleaved so that a noisy neighbour hits every row alike
         peaks.append(matmul_peak())
         for name, (timer, _mult) in rows.items():
             times[name].append(timer())
+            cpus[name].append(CPU_S[-1])
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    report({n: (median(times[n]), rows[n][1]) for n in rows}, fwd, max(peaks), tokens, args)
+    report({n: (median(times[n]), rows[n][1], median(cpus[n])) for n in rows}, fwd, max(peaks), tokens, args)
 
 
 def report(rows, fwd, peak, tokens, args) -> None:
@@ -125,14 +132,18 @@ def report(rows, fwd, peak, tokens, args) -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
     print(describe())
     print(f"measured fp32 matmul peak (2048^3 torch.mm, best of the rounds): {peak:.1f} GFLOP/s")
-    print(f"{'what':28s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s}")
-    peft_s = rows["peft_ln_tuning"][0]
+    print(f"{'what':28s} {'s/step':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs PEFT LN':>10s} "
+          f"{'CPU s/step':>10s} {'CPU vs PEFT':>11s}")
+    peft_s, peft_cpu = rows["peft_ln_tuning"][0], rows["peft_ln_tuning"][2]
     out = {"peak_gflops": peak}
-    for name, (sec, mult) in rows.items():
+    for name, (sec, mult, cpu) in rows.items():
         gf = mult * fwd / sec / 1e9
         ratio = float("nan") if mult == 1.0 else peft_s / sec
-        print(f"{name:28s} {sec:8.3f} {tokens / sec:8.0f} {gf:8.1f} {gf / peak:8.2f} {ratio:10.2f}")
-        out[name] = {"s_per_step": sec, "gflops": gf, "fraction_of_peak": gf / peak, "speedup_vs_peft": ratio}
+        cpu_ratio = float("nan") if mult == 1.0 else peft_cpu / cpu
+        print(f"{name:28s} {sec:8.3f} {tokens / sec:8.0f} {gf:8.1f} {gf / peak:8.2f} {ratio:10.2f} {cpu:10.3f} "
+              f"{cpu_ratio:11.2f}")
+        out[name] = {"s_per_step": sec, "gflops": gf, "fraction_of_peak": gf / peak, "speedup_vs_peft": ratio,
+                     "cpu_s_per_step": cpu, "cpu_speedup_vs_peft": cpu_ratio}
     print(json.dumps(out))
 
 

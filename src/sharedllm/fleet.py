@@ -117,7 +117,7 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     opt = _optimizer(members)
     torch.manual_seed(first.seed)
     rgm.model.train()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with _progress(first.steps, label or f"train norm, {len(members)} users") as bar:
         for step in range(first.steps):
             if first.budget_s is not None and time.perf_counter() - start >= first.budget_s:
@@ -125,14 +125,14 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
             _step(rgm, opt, members, base.device)
             bar.update(1)
             _log_when_not_a_terminal(label or "fleet", step + 1, first.steps, members[0].losses[-1])
-    wall = time.perf_counter() - start
-    return {m.name: _adapted(base, rgm, m, wall) for m in members}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {m.name: _adapted(base, rgm, m, wall, cpu) for m in members}
 
 
-def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float) -> Adapted:
+def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float, cpu_s: float) -> Adapted:
     adapted = new_adapter(base, "norm")
     load_state(adapted.params, dict(zip(rgm.names, (g.detach() for g in member.gains))), f"user {member.name}")
-    adapted.result = TrainResult(steps=len(member.losses), wall_s=wall_s, losses=member.losses)
+    adapted.result = TrainResult(steps=len(member.losses), wall_s=wall_s, losses=member.losses, cpu_s=cpu_s)
     adapted.meta = {"train": member.cfg.to_json(), "loss": adapted.result.summary()}
     return adapted
 
