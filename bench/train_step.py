@@ -90,7 +90,7 @@ def contenders(base, batch, steps: int, warmup: int) -> dict:
         rows[name] = (lambda m=model, p=list(params.values()), f=loss_fn: time_steps(m, p, batch, steps, warmup, f),
                       mult)
     model, params = adapted_model(copy.deepcopy(base.model), get_method("norm"))  # the pre-2026-11-30 layout
-    rows["norm (plain CE, copied base)"] = (
+    rows["norm (plain CE) copied base"] = (
         lambda m=model, p=list(params.values()): time_steps(m, p, batch, steps, warmup, plain_loss), 2.0)
     model, params = peft_ln_tuning(base.model)
     rows["peft_ln_tuning"] = (lambda: time_steps(model, params, batch, steps, warmup, plain_loss), 2.0)
