@@ -126,3 +126,18 @@ def test_training_is_reproducible_and_budget_stops(tiny):
     tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
     timed = personalise(tiny, tokens, "norm", TrainConfig(steps=10_000, batch=1, seq=16, budget_s=0.0))
     assert timed.result.steps == 0
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_frozen_weights_are_shared_with_the_base_and_trained_ones_are_private(tiny, method):
+    adapted = new_adapter(tiny, method)
+    base_ptrs = {p.data_ptr() for p in tiny.model.parameters()}
+    trained = {p.data_ptr() for p in adapted.params.values()}
+    assert not trained & base_ptrs, "an adapter parameter aliases the base: training would modify the base"
+    frozen = [p for p in adapted.model.parameters() if p.data_ptr() not in trained]
+    assert all(not p.requires_grad for p in frozen)
+    if method != "full":
+        assert frozen and all(p.data_ptr() in base_ptrs for p in frozen), "frozen weights were copied"
+    else:
+        model = adapted.model
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "tie was broken"

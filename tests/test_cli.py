@@ -99,7 +99,63 @@ def test_help_of_the_command_and_every_subcommand_exits_zero():
 
     for argv in [["--help"], *[[c, "--help"] for c in SUBCOMMANDS]]:
         proc = subprocess.run([sys.executable, "-m", "sharedllm.cli", *argv], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=600)
         assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr, argv
     bare = subprocess.run([sys.executable, "-m", "sharedllm.cli"], capture_output=True, text=True, timeout=600)
     assert bare.returncode == 2 and "usage:" in bare.stdout and "Traceback" not in bare.stderr
+
+
+def _texts(tmp_path, n):
+    from tests.conftest import english
+
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"user{i}.txt"
+        p.write_text(english(6000, seed=i))
+        paths.append(p)
+    return paths
+
+
+def test_adapt_several_texts_writes_one_adapter_per_user_equal_to_adapting_alone(capsys, tmp_path):
+    a, b = _texts(tmp_path, 2)
+    common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", "1e-2", "--window", "64"]
+    code, r = run_json(capsys, "adapt", "--text", str(a), "--text", str(b), "--out-dir", str(tmp_path / "out"),
+                       *common)
+    assert code == 0 and [u["user"] for u in r["users"]] == ["user0", "user1"]
+    code, alone = run_json(capsys, "adapt", "--text", str(b), "--out", str(tmp_path / "b.safetensors"), *common)
+    fleet_b = r["users"][1]
+    assert fleet_b["ppl_after"] == pytest.approx(alone["ppl_after"], rel=1e-4) and fleet_b["ppl_after"] < fleet_b["ppl_before"]
+    code, i = run_json(capsys, "inspect", fleet_b["out"])
+    assert i["method"] == "norm" and i["base_fingerprint"] == r["base_fingerprint"] and i["params"] == 320
+
+
+def test_adapt_manifest_gives_names_and_per_user_learning_rates(capsys, tmp_path):
+    a, b = _texts(tmp_path, 2)
+    manifest = tmp_path / "users.json"
+    manifest.write_text(json.dumps({"ann": a.name, "bob": {"text": b.name, "lr": 0.0}}))
+    code, r = run_json(capsys, "adapt", "--manifest", str(manifest), "--out-dir", str(tmp_path / "out"),
+                       "--base", "tiny", "--steps", "3", "--seq", "64", "--lr", "1e-2", "--window", "64")
+    assert code == 0 and {u["user"]: u["lr"] for u in r["users"]} == {"ann": 1e-2, "bob": 0.0}
+    bob = r["users"][1]
+    assert bob["ppl_after"] == pytest.approx(bob["ppl_before"], rel=1e-3), "lr 0 must leave bob at the base"
+    assert (tmp_path / "out" / "ann.safetensors").is_file() and (tmp_path / "out" / "bob.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, manifest, needle", [
+    (["--out", "x.safetensors"], None, "give --out-dir DIR"),
+    (["--out-dir", "o", "--method", "lora"], None, "norm adapters only"),
+    (["--out-dir", "o"], "ann user0.txt\nann user1.txt\n", "appears twice"),
+    (["--out-dir", "o"], "../evil user0.txt\n", "not a safe file name"),
+    (["--out-dir", "o"], '{"ann": {"text": "user0.txt", "lr": "fast"}}', "give a number"),
+])
+def test_adapt_many_mistakes_give_one_clear_line(capsys, tmp_path, extra, manifest, needle):
+    a, b = _texts(tmp_path, 2)
+    argv = ["adapt", "--base", "tiny", *extra]
+    if manifest:
+        (tmp_path / "m.txt").write_text(manifest)
+        argv += ["--manifest", str(tmp_path / "m.txt")]
+    else:
+        argv += ["--text", str(a), "--text", str(b)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

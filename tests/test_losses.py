@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from sharedllm.adapters import METHODS, adapted_model, get_method
-from sharedllm.losses import causal_lm_parts, linear_cross_entropy, next_token_loss, next_token_nll
+from sharedllm.losses import (causal_lm_parts, linear_cross_entropy, next_token_loss, next_token_nll,
+                              weighted_linear_cross_entropy)
 
 
 def plain_loss(model, batch):
@@ -65,3 +66,19 @@ def test_a_scaled_head_falls_back_to_the_model_forward(tiny):
     model.config.final_logit_softcapping = 30.0
     assert causal_lm_parts(model) is None
 
+
+
+def test_weighted_loss_and_gradients_equal_autograd_of_the_weighted_sum():
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(4, 9, 16, generator=gen, requires_grad=True)
+    w = torch.randn(50, 16, generator=gen, requires_grad=True)
+    t = torch.randint(0, 50, (4, 9), generator=gen)
+    tw = torch.rand(4, 9, generator=gen)
+    nll_ref = F.cross_entropy((h @ w.t()).transpose(1, 2), t, reduction="none")
+    ref = (nll_ref * tw).sum()
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    loss, nll = weighted_linear_cross_entropy(h, w, t, tw, chunk=7)
+    gh, gw = torch.autograd.grad(3.0 * loss, (h, w))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and not nll.requires_grad
+    assert torch.allclose(nll, nll_ref.detach(), atol=1e-5)
+    assert torch.allclose(gh, 3.0 * ref_gh, atol=1e-5) and torch.allclose(gw, 3.0 * ref_gw, atol=1e-5)

@@ -29,43 +29,58 @@ def causal_lm_parts(model) -> tuple | None:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Returns (loss, per-token NLL). loss = mean NLL, or sum of token_weights * NLL when weights are given."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, token_weights):
         h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        w = None if token_weights is None else token_weights.reshape(-1).float()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        nll = torch.empty(len(t), dtype=torch.float32, device=h.device)
         for i in range(0, len(t), chunk):
             hc, tc = h[i:i + chunk], t[i:i + chunk]
             logits = (hc @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            nll[i:i + chunk] = lse - logits.gather(1, tc[:, None]).squeeze(1)
             if need_h or need_w:
                 p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+                if w is not None:
+                    p.mul_(w[i:i + chunk, None])
                 p = p.to(weight.dtype)
                 if need_h:
                     grad_h[i:i + chunk] = p @ weight
                 if need_w:
                     grad_w.addmm_(p.t().float(), hc.float())
-        ctx.n, ctx.shape, ctx.w_dtype = len(t), hidden.shape, weight.dtype
+        ctx.scale = 1.0 / len(t) if w is None else 1.0
+        ctx.shape, ctx.w_dtype = hidden.shape, weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
-        return total / len(t)
+        loss = nll.sum() / len(t) if w is None else (nll * w).sum()
+        nll = nll.reshape(targets.shape)
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_nll):
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.n
+        scale = grad_out * ctx.scale
         dh = (grad_h * scale).reshape(ctx.shape) if grad_h is not None else None
         dw = (grad_w * scale).to(ctx.w_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = CHUNK) -> torch.Tensor:
     """Mean NLL of `targets` under logits hidden @ weight^T, without the [tokens, vocab] tensor."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, None)[0]
+
+
+def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  token_weights: torch.Tensor, chunk: int = CHUNK) -> tuple:
+    """(sum of token_weights * NLL, per-token NLL [detached]); the fleet trainer's loss (sharedllm.fleet)."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, token_weights)
 
 
 @torch.no_grad()

@@ -28,14 +28,36 @@ def get_method(name: str):
     return METHODS[name]
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of `model` whose parameters and buffers are the very same tensors (no weight memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def adapted_model(base_model: torch.nn.Module, method) -> tuple[torch.nn.Module, dict]:
-    """A private copy of the base with `method` attached; only the adapter's parameters require grad."""
-    model = method.attach(copy.deepcopy(base_model))
+    """A private copy of the base with `method` attached; only the adapter's parameters require grad.
+
+    The frozen weights are shared with the base, not copied (a norm adapter's model costs kilobytes, not the
+    base's 538 MB); every parameter the method trains is a private clone, so training never touches the base.
+    """
+    model = method.attach(shared_copy(base_model))
     params = method.trainable(model)
+    frozen = {id(p) for p in base_model.parameters()}
+    fresh = {id(p): torch.nn.Parameter(p.detach().clone()) for p in params.values() if id(p) in frozen}
+    _swap_parameters(model, fresh)
+    params = {name: fresh.get(id(p), p) for name, p in params.items()}
     keep = {id(p) for p in params.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     return model, params
+
+
+def _swap_parameters(model: torch.nn.Module, fresh: dict) -> None:
+    """Replace every parameter whose id is in `fresh` by its clone, in every module (tied weights stay tied)."""
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and id(p) in fresh:
+                module._parameters[key] = fresh[id(p)]
 
 
 def adapter_state(params: dict) -> dict[str, torch.Tensor]:

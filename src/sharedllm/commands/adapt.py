@@ -1,4 +1,4 @@
-"""sharedllm adapt: train one user's adapter and report held-out perplexity before and after."""
+"""sharedllm adapt: train one user's adapter (or many users' in one pass) and report held-out ppl before and after."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,15 +6,20 @@ from pathlib import Path
 from ..base import load_base
 from ..cli import add_base_args, say
 from ..data import load_user
+from ..errors import SharedLLMError
 from ..personalise import evaluate_on, personalise, save_adapted
 from ..train import TrainConfig
 
-HELP = "train a per-user adapter on a text file or folder; report held-out ppl before and after"
+HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
 
 def configure(p) -> None:
-    p.add_argument("--text", required=True, help="the user's text: a UTF-8 file or a folder of them")
-    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--text", action="append", default=[],
+                   help="a user's text: a UTF-8 file or a folder of them; repeat for several users (one pass)")
+    p.add_argument("--out", help="adapter file to write (.safetensors), for one --text")
+    p.add_argument("--out-dir", help="folder for several users' adapters, one USER.safetensors each")
+    p.add_argument("--manifest", help="users to train in one pass: lines 'USER PATH', or JSON {USER: PATH} or "
+                                      "{USER: {\"text\": PATH, \"lr\": X}}")
     p.add_argument("--method", default="norm", help="norm | lora | full | steer")
     add_base_args(p)
     add_train_args(p)
@@ -43,6 +48,18 @@ def train_config(args) -> TrainConfig:
 
 
 def run(args) -> dict:
+    if args.manifest or args.out_dir or len(args.text) > 1:
+        from .adapt_many import run_many
+
+        return run_many(args)
+    if len(args.text) != 1 or not args.out:
+        raise SharedLLMError("give --text PATH --out FILE for one user, or several --text (or --manifest) "
+                             "with --out-dir DIR")
+    return run_one(args)
+
+
+def run_one(args) -> dict:
+    args.text = args.text[0]
     cfg = train_config(args)
     say(f"loading base {args.base}")
     base = load_base(args.base, args.device)
@@ -63,6 +80,10 @@ def run(args) -> dict:
 
 
 def render(r: dict) -> str:
+    if "users" in r:
+        from .adapt_many import render_many
+
+        return render_many(r)
     change = 100 * (r["ppl_after"] / r["ppl_before"] - 1)
     return "\n".join([
         f"adapter  {r['out']}  ({r['method']}, {r['params']:,} params, {r['bytes']:,} bytes)",

@@ -9,12 +9,13 @@ the calling thread), so there is no "active adapter" that one request could chan
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import copy
 from dataclasses import dataclass
 
 import torch
 
+from ..adapters import shared_copy
 from ..base import Base, gain_offset, norm_modules
 
 _ROW_GAINS: contextvars.ContextVar = contextvars.ContextVar("sharedllm_row_gains", default=None)
@@ -53,18 +54,12 @@ class Gains:
         return sum(v.numel() * v.element_size() for v in self.vectors)
 
 
-def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of `model` whose parameters and buffers are the very same tensors (no extra memory)."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 class RowGainModel:
     """The base model, callable on a batch whose rows each carry their own norm gains."""
 
     def __init__(self, base: Base):
         self.base = base
-        self.model = _shared_copy(base.model)
+        self.model = shared_copy(base.model)
         norms = norm_modules(self.model)
         self.names = [f"{n}.weight" for n in norms]  # the norm adapter's canonical tensor names, in order
         self.shapes = [tuple(m.weight.shape) for m in norms.values()]
@@ -81,15 +76,24 @@ class RowGainModel:
     def stack(self, rows: list[Gains]) -> list[torch.Tensor]:
         return [torch.stack([g.vectors[i] for g in rows]) for i in range(len(self.names))]
 
+    @contextlib.contextmanager
+    def rows(self, stacked: list[torch.Tensor]):
+        """Run the model inside this block with per-row gains `stacked` (one [B, D] tensor per norm).
+
+        Serving calls it under inference mode; training (sharedllm.fleet) calls it with gains that require grad,
+        so the backward pass reaches each user's own gain vectors."""
+        token = _ROW_GAINS.set(stacked)
+        try:
+            yield self.model
+        finally:
+            _ROW_GAINS.reset(token)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, gains: list[Gains] | list[torch.Tensor], **kwargs):
         """One forward pass; `gains` is one Gains per row (or already stacked per norm)."""
         stacked = self.stack(gains) if gains and isinstance(gains[0], Gains) else gains
-        token = _ROW_GAINS.set(stacked)
-        try:
-            return self.model(input_ids=input_ids, **kwargs)
-        finally:
-            _ROW_GAINS.reset(token)
+        with self.rows(stacked) as model:
+            return model(input_ids=input_ids, **kwargs)
 
 
 def _replace(model: torch.nn.Module, qualified: str, new: torch.nn.Module) -> None:

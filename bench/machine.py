@@ -1,0 +1,29 @@
+"""The machine a benchmark ran on: CPU model, the ISA flags that matter for fp32 GEMMs, the load average."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ISA = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "sve")
+
+
+def cpu_info() -> dict:
+    """CPU model and ISA flags (from /proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": "unknown", "isa": []}
+    get = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
+    flags = set(get("flags").split() or get("Features").split())
+    return {"model": get("model name") or "unknown", "isa": [f for f in ISA if f in flags]}
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def describe() -> str:
+    info = cpu_info()
+    return f"CPU {info['model']} ({' '.join(info['isa'])}); load average {load_average()}"

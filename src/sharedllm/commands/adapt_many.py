@@ -1,0 +1,139 @@
+"""sharedllm adapt with several users: one training pass for all (sharedllm.fleet), one adapter file per user."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from ..base import load_base
+from ..cli import say
+from ..data import load_user
+from ..errors import SharedLLMError
+from ..fleet import train_fleet, with_lr
+from ..personalise import evaluate_on, save_adapted
+
+NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+
+
+def _check_name(user: str, source: str) -> str:
+    if not NAME.match(user):
+        raise SharedLLMError(f"{source}: user name {user!r} is not a safe file name (letters, digits, . _ -)")
+    return user
+
+
+def users_from_texts(texts: list[str]) -> dict[str, dict]:
+    """--text A --text B: each user is named after their file (or folder) without its suffix."""
+    users = {}
+    for text in texts:
+        user = _check_name(Path(text).stem, text)
+        if user in users:
+            raise SharedLLMError(f"two texts give the user name {user!r} ({users[user]['text']}, {text}); "
+                                 "use --manifest to name them")
+        users[user] = {"text": text}
+    return users
+
+
+def read_manifest(path) -> dict[str, dict]:
+    """Lines 'USER PATH' (# comments), or JSON {USER: PATH | {"text": PATH, "lr": X}}; paths relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SharedLLMError(f"{path}: no such manifest file")
+    raw = path.read_text(encoding="utf-8")
+    entries = _json_manifest(raw, path) if raw.lstrip().startswith("{") else _line_manifest(raw, path)
+    if not entries:
+        raise SharedLLMError(f"{path}: the manifest names no users")
+    for user, e in entries.items():
+        _check_name(user, str(path))
+        e["text"] = str(path.parent / e["text"])
+    return entries
+
+
+def _json_manifest(raw: str, path: Path) -> dict:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SharedLLMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    out = {}
+    for user, e in data.items():
+        e = {"text": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str) or set(e) - {"text", "lr"}:
+            raise SharedLLMError(f"{path}: user {user!r} needs a path or {{\"text\": PATH, \"lr\": X}}")
+        if "lr" in e and not (isinstance(e["lr"], (int, float)) and e["lr"] >= 0):
+            raise SharedLLMError(f"{path}: user {user!r} has lr {e['lr']!r}; give a number >= 0")
+        out[str(user)] = dict(e)
+    return out
+
+
+def _line_manifest(raw: str, path: Path) -> dict:
+    out = {}
+    for n, line in enumerate(raw.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise SharedLLMError(f"{path}:{n}: expected 'USER PATH', got {line!r}")
+        if parts[0] in out:
+            raise SharedLLMError(f"{path}:{n}: user {parts[0]!r} appears twice")
+        out[parts[0]] = {"text": parts[1]}
+    return out
+
+
+def run_many(args) -> dict:
+    from .adapt import train_config
+
+    if args.out or not args.out_dir:
+        raise SharedLLMError("several users write one file each: give --out-dir DIR (not --out)")
+    if args.method != "norm":
+        raise SharedLLMError(f"several users in one pass train norm adapters only (got --method {args.method}); "
+                             "run adapt once per user for other methods")
+    entries = read_manifest(args.manifest) if args.manifest else {}
+    for user, e in users_from_texts(args.text).items():
+        if user in entries:
+            raise SharedLLMError(f"user {user!r} is both in the manifest and given with --text")
+        entries[user] = e
+    cfg = train_config(args)
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    data = {u: load_user(e["text"], base.tokenizer).check(cfg.seq, args.window) for u, e in entries.items()}
+    cfgs = {u: with_lr(cfg, e.get("lr", cfg.lr)) for u, e in entries.items()}
+    return _train_and_report(args, base, data, cfgs)
+
+
+def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
+    start = time.perf_counter()
+    say(f"training {len(data)} norm adapters in one pass for {args.steps} steps "
+        f"({len(data)} x {args.batch} rows of {args.seq} tokens per step)")
+    adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs)
+    train_s = time.perf_counter() - start
+    rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
+    return {"method": "norm", "base": base.name, "base_fingerprint": base.fingerprint, "out_dir": args.out_dir,
+            "users": rows, "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
+            "users_per_hour_training": round(3600 * len(rows) / train_s, 1)}
+
+
+def _user_row(args, base, user: str, data, adapted) -> dict:
+    cap = args.eval_tokens or None
+    before = evaluate_on(base.model, base, data.heldout, args.window, cap)
+    after = evaluate_on(adapted.model, base, data.heldout, args.window, cap)
+    path = save_adapted(adapted, Path(args.out_dir) / f"{user}.safetensors", base,
+                        info={"user": user, "user_text": Path(data.source).name})
+    say(f"{user}: held-out ppl {before['ppl']:.3f} -> {after['ppl']:.3f}; wrote {path}")
+    summary = adapted.result.summary()
+    return {"user": user, "text": data.source, "out": str(path), "lr": adapted.meta["train"]["lr"],
+            "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],
+            "bpb_after": after["bits_per_byte"], "eval_tokens": after["tokens"], "params": adapted.n_params,
+            "bytes": path.stat().st_size, "steps": adapted.result.steps, "loss_first": summary["loss_first"],
+            "loss_last": summary["loss_last"]}
+
+
+def render_many(r: dict) -> str:
+    lines = [f"{len(r['users'])} norm adapters in one pass on {r['base']}: training {r['train_wall_s']:.1f} s "
+             f"({r['users_per_hour_training']:.0f} users/hour), {r['wall_s']:.1f} s with evaluation",
+             f"{'user':20s} {'lr':>9s} {'steps':>5s} {'loss':>15s} {'held-out ppl':>19s}  adapter"]
+    for u in r["users"]:
+        change = 100 * (u["ppl_after"] / u["ppl_before"] - 1)
+        lines.append(f"{u['user']:20s} {u['lr']:9.2g} {u['steps']:5d} {u['loss_first']:6.3f} -> {u['loss_last']:5.3f} "
+                     f"{u['ppl_before']:7.2f} -> {u['ppl_after']:7.2f} ({change:+.1f} %)  {u['out']}")
+    return "\n".join(lines)
