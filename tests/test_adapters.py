@@ -126,3 +126,20 @@ def test_training_is_reproducible_and_budget_stops(tiny):
     tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
     timed = personalise(tiny, tokens, "norm", TrainConfig(steps=10_000, batch=1, seq=16, budget_s=0.0))
     assert timed.result.steps == 0
+
+
+def test_an_adapter_depends_on_its_seed_not_on_what_ran_before(tiny):
+    """LoRA's random init is drawn under the training seed: units run in any order (or on any Ray worker) agree."""
+    import torch
+
+    from sharedllm.personalise import personalise
+    from sharedllm.train import TrainConfig
+
+    toks, cfg = torch.randint(0, 200, (4000,), generator=torch.Generator().manual_seed(1)), TrainConfig(
+        steps=2, batch=2, seq=32, seed=3)
+    first = personalise(tiny, toks, "lora", cfg)
+    torch.randn(1000)  # the process's global RNG moves on, as it does between units
+    second = personalise(tiny, toks, "lora", cfg)
+    assert all(torch.equal(first.params[k], second.params[k]) for k in first.params)
+    other = personalise(tiny, toks, "lora", TrainConfig(steps=2, batch=2, seq=32, seed=4))
+    assert not all(torch.equal(first.params[k], other.params[k]) for k in first.params)
