@@ -2,7 +2,7 @@
 
 Each method runs in a fresh process (so its peak RSS is its own): load the base, attach the method as the trainer
 does (a private copy of the base), time `--warmup` untimed then `--steps` timed AdamW steps with sharedllm's loss.
-A method whose estimated memory exceeds what the machine has is skipped and the estimate printed.
+A method whose estimated memory exceeds what the machine has free is skipped and the estimate printed.
 
     PYTHONPATH=src python bench/base_steps.py --base qwen2.5-coder-0.5b [--methods norm,lora,full] [--steps 1]
 """
@@ -57,8 +57,9 @@ def one(base_spec: str, method: str, steps: int, warmup: int) -> dict:
 
 
 def estimate_gib(params: int, method: str) -> float:
-    """fp32: the base + the trainer's private copy; full FT adds gradients and two AdamW moments."""
-    return params * 4 * (2 + (3 if method == "full" else 0)) / GIB
+    """fp32 weights, before activations: norm / LoRA share the frozen base with their copy (1x); full fine-tuning
+    holds the base, its own copy, gradients and two AdamW moments (5x)."""
+    return params * 4 * (5 if method == "full" else 1) / GIB
 
 
 def available_gib() -> float:

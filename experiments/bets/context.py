@@ -90,6 +90,10 @@ class Checkpoint:
     def _read(self) -> dict:
         return self._file().get("units", {})
 
+    def units(self) -> dict:
+        """key -> output of every finished unit."""
+        return self._read()
+
     def failed(self) -> dict:
         return self._file().get("failed", {})
 

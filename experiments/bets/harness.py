@@ -183,7 +183,10 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> d
         result["meta"]["resumed"] = {"units_reused": len(ctx.checkpoint.reused),
                                      "wall_s_all_units": round(ctx.checkpoint.wall_s(), 1)}
     if ctx.opts.ray is not None:
-        result["meta"]["ray"] = {"address": ctx.opts.ray, "units_computed": len(ctx.checkpoint.computed)}
+        units = ctx.checkpoint.units()
+        result["meta"]["ray"] = {"address": ctx.opts.ray, "units_computed": len(ctx.checkpoint.computed),
+                                 "unit_wall_s_sum": round(sum(units[k].get("wall_s", 0.0) for k in units
+                                                              if k in ctx.checkpoint.computed), 1)}
     if bet.side_verdicts is not None and not missing:
         result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
     assert result["verdict"] in VERDICTS + ("INCOMPLETE",) * bool(missing), result["verdict"]
@@ -191,13 +194,19 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> d
 
 
 def judge(bet: Bet, cells: list, incomplete: bool) -> tuple[str, str]:
-    """Verdict and summary; with units missing, INCOMPLETE when the bet's rules cannot be applied to the rest."""
+    """Verdict and summary. With units missing, each is computed from the completed units' cells where the bet's
+    rules allow it; where they do not, the verdict is INCOMPLETE and the summary says why."""
+    return (_or_incomplete(lambda: bet.verdict(cells, bet.criteria), incomplete, "INCOMPLETE"),
+            _or_incomplete(lambda: bet.summary(cells), incomplete, "no summary from the completed units alone"))
+
+
+def _or_incomplete(compute: Callable, incomplete: bool, fallback: str) -> str:
     try:
-        return bet.verdict(cells, bet.criteria), bet.summary(cells)
+        return compute()
     except Exception as e:  # noqa: BLE001 - only for an incomplete run; a complete one re-raises
         if not incomplete:
             raise
-        return "INCOMPLETE", f"no verdict from the completed units alone ({type(e).__name__}: {e})"
+        return fallback if fallback == "INCOMPLETE" else f"{fallback} ({type(e).__name__}: {e})"
 
 
 def _git(*args) -> str:
