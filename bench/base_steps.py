@@ -5,6 +5,7 @@ does (a private copy of the base), time `--warmup` untimed then `--steps` timed 
 A method whose estimated memory exceeds what the machine has free is skipped and the estimate printed.
 
     PYTHONPATH=src python bench/base_steps.py --base qwen2.5-coder-0.5b [--methods norm,lora,full] [--steps 1]
+        [--threads 1]
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def one(base_spec: str, method: str, steps: int, warmup: int) -> dict:
+def one(base_spec: str, method: str, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from sharedllm.adapters import adapted_model, get_method
     from sharedllm.base import load_base
     from sharedllm.losses import next_token_loss
@@ -73,10 +76,11 @@ def main() -> None:
     ap.add_argument("--methods", default="norm,lora,full")
     ap.add_argument("--steps", type=int, default=1, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one method in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.base, args.one, args.steps, args.warmup)))
+        print(json.dumps(one(args.base, args.one, args.steps, args.warmup, args.threads)))
         return
     from sharedllm.registry import resolve
 
@@ -91,7 +95,7 @@ def main() -> None:
                   f"{available_gib():.0f} GiB available")
             continue
         cmd = [sys.executable, __file__, "--base", args.base, "--one", method, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         print(f"{method:6s} {r['trainable']:12,d} {r['load_s']:7.1f} {r['rss_after_load_gib']:8.2f}G "
               f"{r['step_s']:7.2f} {r['peak_rss_gib']:8.2f}G   {json.dumps(r)}")

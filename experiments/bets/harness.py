@@ -23,6 +23,7 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
+from sharedllm.registry import resolve as resolve_base
 
 from .common import DEFAULT_CORPORA, OUT, REPO
 
@@ -84,7 +85,8 @@ class Options:
             return Path(self.results)
         if self.quick:
             return RESULTS / "quick"
-        return RESULTS if self.base_spec == "default" else RESULTS / "other" / Path(self.base_spec).name
+        default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
+        return RESULTS if default else RESULTS / "other" / Path(self.base_spec).name
 
 
 def get_bet(bet_id: str) -> Bet:
