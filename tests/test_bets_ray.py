@@ -78,6 +78,23 @@ def test_ray_options_from_the_command_line():
     assert options_from(p.parse_args([])).ray is None
 
 
+def test_a_cluster_that_cannot_be_joined_is_one_clear_error(monkeypatch):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    if ray.is_initialized():
+        pytest.skip("this process is already connected to Ray")
+    tries = []
+
+    def refuse(**kw):
+        tries.append(kw)
+        raise ConnectionError("nobody at 10.0.0.1:6379\nlong Ray traceback")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ray_units.SharedLLMError) as e:
+        ray_units.start("10.0.0.1:6379")
+    assert "could not join the Ray cluster at 10.0.0.1:6379" in str(e.value) and "\n" not in str(e.value)
+    assert len(tries) == ray_units.START_TRIES and tries[0]["address"] == "10.0.0.1:6379"
+
+
 # ---- a real local Ray instance ----
 
 @pytest.fixture(scope="module")
@@ -132,3 +149,4 @@ def test_a_failing_unit_is_recorded_and_a_sequential_rerun_does_only_it(local_ra
     assert [a[1] for a in trained] == ["lora"] and again["meta"]["resumed"]["units_reused"] == len(UNITS) - 1
     assert not again.get("incomplete") and not (tmp_path / "res" / "partial" / f"{bet.name}.json").exists()
     assert len(again["cells"]) == len(first["cells"]) + again["config"]["eval"]["texts"]
+

@@ -20,6 +20,7 @@ from sharedllm.errors import SharedLLMError
 from .common import REPO
 
 RETRIES = 2
+START_TRIES = 3
 FAULT_ENV = "SHAREDLLM_UNIT_FAULT"  # fault injection for tests: "exit-once|KEY|MARKER_FILE" or "raise|KEY"
 _WORKER: dict = {}  # in a worker process: (bet, options) -> Context, so the base is loaded once per process
 
@@ -42,12 +43,17 @@ def start(address: str | None, num_cpus: int | None = None) -> bool:
     ray = ray_module()
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(address="local", num_cpus=num_cpus or cpus(), include_dashboard=False,
-                 object_store_memory=100 << 20, log_to_driver=True)
-    else:
-        ray.init(address=address, log_to_driver=True)
-    return True
+    kw = ({"address": "local", "num_cpus": num_cpus or cpus(), "include_dashboard": False,
+           "object_store_memory": 100 << 20} if address is None else {"address": address})
+    for _ in range(START_TRIES):  # Ray gives its raylet a fixed 30 s to come up: on a busy machine, try again
+        try:
+            ray.init(log_to_driver=True, **kw)
+            return True
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            error = one_line(e)
+    where = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
+    raise SharedLLMError(f"could not {where} ({START_TRIES} tries; {error}); run without --ray, or try again")
 
 
 def worker_env(device: str) -> dict:
