@@ -8,6 +8,7 @@ with its error. On a cluster, every node needs this checkout at the same path an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -43,17 +44,36 @@ def start(address: str | None, num_cpus: int | None = None) -> bool:
     ray = ray_module()
     if ray.is_initialized():
         return False
+    if address is None:  # Ray starts its workers at nice 15: on a shared machine they would starve behind
+        os.environ.setdefault("RAY_worker_niceness", "0")  # everything else (the raylet reads this at start)
     kw = ({"address": "local", "num_cpus": num_cpus or cpus(), "include_dashboard": False,
            "object_store_memory": 100 << 20} if address is None else {"address": address})
     for _ in range(START_TRIES):  # Ray gives its raylet a fixed 30 s to come up: on a busy machine, try again
+        before = _children()
         try:
             ray.init(log_to_driver=True, **kw)
             return True
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
             ray.shutdown()
+            _end_new_children(before)  # a failed start leaves its gcs_server / raylet running otherwise
             error = one_line(e)
     where = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
     raise SharedLLMError(f"could not {where} ({START_TRIES} tries; {error}); run without --ray, or try again")
+
+
+def _children() -> set:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _end_new_children(before: set) -> None:
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def worker_env(device: str) -> dict:
