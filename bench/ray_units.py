@@ -52,11 +52,12 @@ def main() -> None:
     bet, users = get_bet("scale_protocol"), USERS[: args.users]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
+        ray_units.start(None, num_cpus=args.workers)  # first: if Ray cannot start, nothing else is wasted
+        init_s = time.perf_counter() - t
+        t = time.perf_counter()
         seq = run_bet(bet, options(Path(tmp) / "seq", users, args.base, None))
         seq_s = time.perf_counter() - t
-        t = time.perf_counter()
-        ray_units.start(None, num_cpus=args.workers)
-        init_s = time.perf_counter() - t
+        print(f"sequential: {seq_s:.1f} s", flush=True)
         t = time.perf_counter()
         par = run_bet(bet, options(Path(tmp) / "ray", users, args.base, "local"))
         ray_s = time.perf_counter() - t
