@@ -68,12 +68,15 @@ def _children() -> set:
 
 
 def _end_new_children(before: set) -> None:
+    """Kill what a failed start left (twice: the raylet may still be spawning its agents during the first pass)."""
     import psutil
 
-    for proc in psutil.Process().children(recursive=True):
-        if proc.pid not in before:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+    for _ in range(2):
+        for proc in psutil.Process().children(recursive=True):
+            if proc.pid not in before:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        time.sleep(1)
 
 
 def worker_env(device: str) -> dict:
