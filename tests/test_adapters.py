@@ -141,3 +141,46 @@ def test_frozen_weights_are_shared_with_the_base_and_trained_ones_are_private(ti
     else:
         model = adapted.model
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "tie was broken"
+
+
+def test_an_adapter_depends_on_its_seed_not_on_what_ran_before(tiny):
+    """LoRA's random init is drawn under the training seed: units run in any order (or on any Ray worker) agree."""
+    import torch
+
+    from sharedllm.personalise import personalise
+    from sharedllm.train import TrainConfig
+
+    toks, cfg = torch.randint(0, 200, (4000,), generator=torch.Generator().manual_seed(1)), TrainConfig(
+        steps=2, batch=2, seq=32, seed=3)
+    first = personalise(tiny, toks, "lora", cfg)
+    torch.randn(1000)  # the process's global RNG moves on, as it does between units
+    second = personalise(tiny, toks, "lora", cfg)
+    assert all(torch.equal(first.params[k], second.params[k]) for k in first.params)
+    other = personalise(tiny, toks, "lora", TrainConfig(steps=2, batch=2, seq=32, seed=4))
+    assert not all(torch.equal(first.params[k], other.params[k]) for k in first.params)
+
+
+def test_adapted_copies_share_the_frozen_base_and_never_write_it(tiny):
+    """norm / lora / steer copies share every tensor they do not train with the base (memory: one base, not one per
+    adapter); training them leaves the base bit-identical. Full fine-tuning copies everything."""
+    import torch
+
+    from sharedllm.adapters import adapted_model, get_method
+    from sharedllm.base import fingerprint_model
+    from sharedllm.personalise import personalise
+    from sharedllm.train import TrainConfig
+
+    before = fingerprint_model(tiny.model)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    base_q, base_gain = tiny.model.state_dict()[q], tiny.model.model.norm.weight
+    for method in ("norm", "lora", "steer", "full"):
+        model, params = adapted_model(tiny.model, get_method(method))
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        shares = inner.get_parameter(q.removesuffix(".weight") + ".base_layer.weight"
+                                     if method == "lora" else q).data_ptr() == base_q.data_ptr()
+        assert shares == (method != "full"), method
+        assert inner.model.norm.weight.data_ptr() != base_gain.data_ptr() or method in ("lora", "steer")
+        toks = torch.randint(0, 200, (3000,), generator=torch.Generator().manual_seed(0))
+        personalise(tiny, toks, method, TrainConfig(steps=2, batch=2, seq=32, lr=1e-2))
+    assert fingerprint_model(tiny.model) == before
+    assert not any(p.requires_grad for p in tiny.model.parameters())

@@ -125,60 +125,6 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert set(result["extras"]["loss_curves"]) == {f"programmer/{m}/seed{s}" for m in ("norm", "full") for s in (0, 1)}
 
 
-class BesideABusyWorker:
-    """Bet 46 (quick, 1 seed) run in a thread while a stand-in process (`sleep`) holds the claim on full/seed0."""
-
-    def __init__(self, tmp_path, monkeypatch):
-        import subprocess
-        import threading
-
-        from experiments.bets.context import Checkpoint, Context
-
-        monkeypatch.setattr(harness, "POLL_S", 0.1)
-        self.said, self.trained, self.out, real = [], [], {}, Context.adapter
-        monkeypatch.setattr(harness, "say", self.said.append)
-        monkeypatch.setattr(Context, "adapter", lambda ctx, *a, **k: self.trained.append(a[1]) or real(ctx, *a, **k))
-        self.bet = get_bet("46")
-        self.opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=1)
-        self.partial = tmp_path / "res" / "partial" / f"{self.bet.name}.json"
-        self.result = tmp_path / "res" / f"{self.bet.name}.json"
-        self.other = subprocess.Popen(["sleep", "120"])
-        self.claim = Checkpoint(self.partial, {})._claim_file("full/seed0")
-        self.claim.parent.mkdir(parents=True)
-        self.claim.write_text(str(self.other.pid))
-        self.worker = threading.Thread(target=lambda: self.out.update(run_bet(self.bet, self.opts)))
-        self.worker.start()
-
-    def wait_until_it_waits(self) -> None:
-        import time
-
-        deadline = time.monotonic() + 120
-        while not any("waiting for 1 unit(s)" in m for m in self.said):  # it has done its part and now waits
-            assert time.monotonic() < deadline and self.worker.is_alive()
-            time.sleep(0.1)
-
-    def other_dies(self) -> dict:
-        self.other.kill()
-        self.other.wait()
-        self.worker.join(timeout=120)
-        assert not self.worker.is_alive()
-        return self.out
-
-
-def test_two_workers_share_a_bet_and_a_dead_workers_unit_is_taken_over(tmp_path, monkeypatch):
-    """A unit claimed by another live process is left to it; the run waits, then takes it over once that dies."""
-    run = BesideABusyWorker(tmp_path, monkeypatch)
-    try:
-        run.wait_until_it_waits()
-        assert run.trained == ["norm"]  # waiting: it did not touch the claimed unit
-        assert "norm/seed0" in json.loads(run.partial.read_text())["units"]
-    finally:
-        out = run.other_dies()
-    assert run.trained == ["norm", "full"]  # the dead worker's unit was taken over
-    assert len(out["cells"]) == 3 * 3 and {c["method"] for c in out["cells"]} == {"none", "norm", "full"}
-    assert not run.partial.exists() and not run.claim.exists()
-
-
 def test_report_shows_bets_in_progress(tmp_path):
     from experiments.bets.report import write_report
 
@@ -189,44 +135,3 @@ def test_report_shows_bets_in_progress(tmp_path):
     line = next(x for x in (tmp_path / "REPORT.md").read_text().splitlines() if x.startswith("| 46_replication"))
     assert "in progress: 2 unit(s)" in line and "full/seed0, norm/seed0" in line
     assert out["in_progress"] == {"46": ["full/seed0", "norm/seed0"]} and "46" in out["missing"]
-
-
-def test_a_waiting_worker_reuses_the_result_another_worker_wrote(tmp_path, monkeypatch):
-    run = BesideABusyWorker(tmp_path, monkeypatch)
-    try:
-        run.wait_until_it_waits()
-        finished = {"bet": "46", "verdict": "FAIL", "cells": [], "by": "the other worker"}
-        run.result.write_text(json.dumps(finished))
-    finally:
-        out = run.other_dies()
-    assert out["by"] == "the other worker" and out["reused"] and run.trained == ["norm"]
-
-
-def _claim_once(path: str, barrier, results) -> None:
-    from experiments.bets.context import Checkpoint
-
-    barrier.wait()
-    results.put(Checkpoint(path, {"bet": "race"}).claim("unit/a"))
-    barrier.wait()  # stay alive until every worker has tried: a dead claimer's unit may rightly be taken over
-
-
-def test_a_unit_is_claimed_by_exactly_one_of_many_racing_workers(tmp_path):
-    import multiprocessing as mp
-
-    ctx, n = mp.get_context("fork"), 6
-    barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_claim_once, args=(str(tmp_path / "race.json"), barrier, results)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-    assert sorted(results.get(timeout=5) for _ in range(n)) == [False] * (n - 1) + [True]
-
-
-def test_a_finished_unit_is_not_claimed_again(tmp_path):
-    from experiments.bets.context import Checkpoint
-
-    cp = Checkpoint(tmp_path / "b.json", {"bet": "b"})
-    assert cp.claim("unit/a")
-    cp.put("unit/a", {"cells": [], "curves": {}, "users": [], "seeds": [], "wall_s": 0.0})
-    assert not Checkpoint(tmp_path / "b.json", {"bet": "b"}).claim("unit/a")

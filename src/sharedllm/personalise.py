@@ -29,15 +29,20 @@ class Adapted:
         return sum(p.numel() for p in self.params.values())
 
 
-def new_adapter(base: Base, method: str) -> Adapted:
-    model, params = adapted_model(base.model, get_method(method))
+def new_adapter(base: Base, method: str, seed: int | None = None) -> Adapted:
+    """A fresh adapter on a private copy of the base. With `seed`, its initial values (e.g. LoRA's random A)
+    depend on the seed alone, not on what the process ran before; the global RNG is left as it was."""
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        model, params = adapted_model(base.model, get_method(method))
     return Adapted(model=model, params=params, method=method)
 
 
 def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
                 label: str | None = None) -> Adapted:
     cfg = cfg or TrainConfig()
-    adapted = new_adapter(base, method)
+    adapted = new_adapter(base, method, seed=cfg.seed)
     adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
     adapted.meta = {"train": cfg.to_json(), "loss": adapted.result.summary()}
     return adapted

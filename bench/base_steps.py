@@ -1,0 +1,105 @@
+"""Peak memory (RSS) and time of one norm, LoRA-r4 and full training step at batch 2 x 256 on a base.
+
+Each method runs in a fresh process (so its peak RSS is its own): load the base, attach the method as the trainer
+does (a private copy of the base), time `--warmup` untimed then `--steps` timed AdamW steps with sharedllm's loss.
+A method whose estimated memory exceeds what the machine has free is skipped and the estimate printed.
+
+    PYTHONPATH=src python bench/base_steps.py --base qwen2.5-coder-0.5b [--methods norm,lora,full] [--steps 1]
+        [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+GIB = 1 << 30
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb * 1024 / GIB
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def one(base_spec: str, method: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from sharedllm.adapters import adapted_model, get_method
+    from sharedllm.base import load_base
+    from sharedllm.losses import next_token_loss
+
+    t = time.perf_counter()
+    base = load_base(base_spec)
+    load_s, after_load = time.perf_counter() - t, rss_gib()
+    model, params = adapted_model(base.model, get_method(method))
+    opt = torch.optim.AdamW(list(params.values()), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    batch = torch.randint(0, base.model.config.vocab_size, (2, 257), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t = time.perf_counter()
+        loss = next_token_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"method": method, "trainable": sum(p.numel() for p in params.values()), "load_s": round(load_s, 1),
+            "rss_after_load_gib": round(after_load, 2), "step_s": round((time.perf_counter() - t) / steps, 2),
+            "peak_rss_gib": round(peak_gib(), 2), "threads": torch.get_num_threads()}
+
+
+def estimate_gib(params: int, method: str) -> float:
+    """fp32 weights, before activations: norm / LoRA share the frozen base with their copy (1x); full fine-tuning
+    holds the base, its own copy, gradients and two AdamW moments (5x)."""
+    return params * 4 * (5 if method == "full" else 1) / GIB
+
+
+def available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024 / GIB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="default")
+    ap.add_argument("--methods", default="norm,lora,full")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one method in this process
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.base, args.one, args.steps, args.warmup, args.threads)))
+        return
+    from sharedllm.registry import resolve
+
+    named = resolve(args.base)
+    print(f"base {args.base}; batch 2 x 256; {args.warmup} warm-up + {args.steps} timed step(s); "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'method':6s} {'trainable':>12s} {'load s':>7s} {'RSS load':>9s} {'s/step':>7s} {'peak RSS':>9s}")
+    for method in args.methods.split(","):
+        need = estimate_gib(named.params, method) if named else 0.0
+        if need > 0.9 * available_gib():
+            print(f"{method:6s} skipped: needs ~{need:.0f} GiB (fp32 base + copy + grads + AdamW), "
+                  f"{available_gib():.0f} GiB available")
+            continue
+        cmd = [sys.executable, __file__, "--base", args.base, "--one", method, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        print(f"{method:6s} {r['trainable']:12,d} {r['load_s']:7.1f} {r['rss_after_load_gib']:8.2f}G "
+              f"{r['step_s']:7.2f} {r['peak_rss_gib']:8.2f}G   {json.dumps(r)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""A bet's units dispatched as Ray tasks: a real local Ray instance (2 workers, tiny base), a worker that dies
+mid-unit, a unit that keeps failing, and a resume. The enumerate / target passes are also tested without Ray."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.bets import ray_units
+from experiments.bets.context import Checkpoint, Context, UnitDone
+from experiments.bets.harness import Options, get_bet, options_from, run_bet
+
+from .conftest import CORPORA
+
+USERS = ["programmer/requests", "novelist/austen_pride_and_prejudice"]
+UNITS = {f"{k}/{u}" for u in USERS for k in ("base", "random")} | {
+    f"{k}/{u}/seed0" for u in USERS for k in ("confusion", "lora")}
+
+
+def quick_scale(tmp_path, ray: str | None, **kw) -> Options:
+    return Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", users=USERS,
+                   seeds=1, ternary="none", ray=ray, **kw)
+
+
+# ---- without Ray: the passes a Ray run is made of ----
+
+def test_enumerate_then_compute_one_unit_as_a_worker_would(tmp_path):
+    bet, opts = get_bet("scale_protocol"), quick_scale(tmp_path, None)
+    ctx = Context(bet, opts)
+    ctx.deferred = []
+    assert bet.run(ctx) == [] and set(ctx.deferred) == UNITS  # nothing computed, every unit listed
+    plain = json.dumps(ray_units._plain(opts))
+    done = ray_units.compute_unit(bet.id, plain, "lora/programmer/requests/seed0")
+    assert {c["method"] for c in done["cells"]} == {"lora"} and len(done["cells"]) == ctx.n_texts
+    assert done["users"] == ["programmer/requests"] and done["seeds"] == [0]
+    assert list(done["curves"]) == ["programmer/requests/lora/seed0"] and done["wall_s"] >= 0
+    assert not ctx.checkpoint.path.exists()  # a worker never writes the checkpoint
+
+
+def test_a_target_outside_the_bet_is_an_error(tmp_path):
+    opts = quick_scale(tmp_path, None)
+    with pytest.raises(ray_units.SharedLLMError, match="never reached unit 'nope'"):
+        ray_units.compute_unit("scale_protocol", json.dumps(ray_units._plain(opts)), "nope")
+
+
+def test_unit_done_escapes_a_bets_broad_except(tmp_path):
+    ctx = Context(get_bet("46"), Options(quick=True, corpora=CORPORA, out=tmp_path, results=tmp_path))
+    ctx.target = "u"
+    with pytest.raises(UnitDone):
+        try:
+            ctx.unit("u", lambda: [{"x": 1}])
+        except Exception:  # noqa: BLE001 - what a careless bet might do
+            pytest.fail("UnitDone must not be an Exception")
+
+
+def test_checkpoint_records_failures_and_reads_the_old_format(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"stamp": {"bet": "b"}, "units": {"a": {"cells": [], "wall_s": 2.0}}}))
+    cp = Checkpoint(path, {"bet": "b"})
+    assert cp.get("a") == {"cells": [], "wall_s": 2.0} and cp.failed() == {} and cp.reused == ["a"]
+    cp.fail("b", "RuntimeError: boom")
+    assert json.loads(path.read_text())["failed"] == {"b": "RuntimeError: boom"}
+    cp.put("b", {"cells": [], "wall_s": 1.0})
+    again = Checkpoint(path, {"bet": "b"})
+    assert again.failed() == {} and set(again._read()) == {"a", "b"} and again.wall_s() == 3.0
+    assert "failed" not in json.loads(path.read_text())
+
+
+def test_ray_options_from_the_command_line():
+    from argparse import ArgumentParser
+
+    from experiments.bets.harness import add_options
+
+    p = ArgumentParser()
+    add_options(p)
+    assert options_from(p.parse_args(["--ray"])).ray == "local"
+    assert options_from(p.parse_args(["--ray-address", "auto", "--ray-retries", "0"])).ray == "auto"
+    assert options_from(p.parse_args([])).ray is None
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_clear_error(monkeypatch):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    if ray.is_initialized():
+        pytest.skip("this process is already connected to Ray")
+    tries = []
+
+    def refuse(**kw):
+        tries.append(kw)
+        raise ConnectionError("nobody at 10.0.0.1:6379\nlong Ray traceback")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ray_units.SharedLLMError) as e:
+        ray_units.start("10.0.0.1:6379")
+    assert "could not join the Ray cluster at 10.0.0.1:6379" in str(e.value) and "\n" not in str(e.value)
+    assert len(tries) == ray_units.START_TRIES and tries[0]["address"] == "10.0.0.1:6379"
+
+
+# ---- a real local Ray instance ----
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    assert ray_units.start(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def test_a_quick_bet_on_ray_matches_the_sequential_run(local_ray, tmp_path):
+    bet = get_bet("scale_protocol")
+    seq = run_bet(bet, quick_scale(tmp_path / "seq", None))
+    par = run_bet(bet, quick_scale(tmp_path / "ray", "local"))
+    assert par["meta"]["ray"]["units_computed"] == len(UNITS) and "resumed" not in par["meta"]
+    assert not par.get("incomplete") and not list((tmp_path / "ray" / "res" / "partial").glob("*.json"))
+    key = lambda c: (c["kind"], c.get("adapter"), c.get("method"), c["user"], c["text"])  # noqa: E731
+    assert sorted(map(key, par["cells"])) == sorted(map(key, seq["cells"]))
+    by_key = {key(c): c["nll"] for c in seq["cells"]}
+    assert all(c["nll"] == pytest.approx(by_key[key(c)], rel=1e-6) for c in par["cells"])
+    assert par["verdict"] == seq["verdict"] == bet.verdict(par["cells"], par["criteria"])
+    assert set(par["extras"]["loss_curves"]) == set(seq["extras"]["loss_curves"])
+    assert sorted(par["config"]["users"]) == sorted(seq["config"]["users"]) and par["config"]["seeds"] == [0]
+
+
+def test_a_worker_killed_mid_unit_is_retried(local_ray, tmp_path, monkeypatch):
+    marker, victim = tmp_path / "died", "confusion/programmer/requests/seed0"
+    monkeypatch.setenv(ray_units.FAULT_ENV, f"exit-once|{victim}|{marker}")
+    result = run_bet(get_bet("scale_protocol"), quick_scale(tmp_path, "local"))
+    assert marker.is_file()  # the worker really died (os._exit) once in that unit
+    assert not result.get("incomplete") and result["meta"]["ray"]["units_computed"] == len(UNITS)
+    assert any(c["kind"] == "confusion" and c["adapter"] == "programmer/requests" for c in result["cells"])
+
+
+def test_a_failing_unit_is_recorded_and_a_sequential_rerun_does_only_it(local_ray, tmp_path, monkeypatch):
+    victim = "lora/novelist/austen_pride_and_prejudice/seed0"
+    monkeypatch.setenv(ray_units.FAULT_ENV, f"raise|{victim}")
+    bet, opts = get_bet("scale_protocol"), quick_scale(tmp_path, "local", ray_retries=1)
+    first = run_bet(bet, opts)
+    inc = first["incomplete"]
+    assert inc["missing"] == [victim] and "injected failure" in inc["failed"][victim]
+    assert not any(c.get("method") == "lora" and c["user"] == "novelist/austen_pride_and_prejudice"
+                   for c in first["cells"])  # listed as missing, never invented
+    assert first["verdict"] == bet.verdict(first["cells"], first["criteria"])  # over the completed units
+    partial = json.loads((tmp_path / "res" / "partial" / f"{bet.name}.json").read_text())
+    assert set(partial["units"]) == UNITS - {victim} and set(partial["failed"]) == {victim}
+
+    monkeypatch.delenv(ray_units.FAULT_ENV)
+    trained, real = [], Context.adapter
+    monkeypatch.setattr(Context, "adapter", lambda self, *a, **k: trained.append(a) or real(self, *a, **k))
+    again = run_bet(bet, quick_scale(tmp_path, None))  # the incomplete result is not reused; the checkpoint is
+    assert [a[1] for a in trained] == ["lora"] and again["meta"]["resumed"]["units_reused"] == len(UNITS) - 1
+    assert not again.get("incomplete") and not (tmp_path / "res" / "partial" / f"{bet.name}.json").exists()
+    assert len(again["cells"]) == len(first["cells"]) + again["config"]["eval"]["texts"]
+
