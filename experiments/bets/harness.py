@@ -203,8 +203,7 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> d
                                                               if k in ctx.checkpoint.computed), 1)}
     if bet.side_verdicts is not None and not missing:
         result["side_verdicts"] = bet.side_verdicts(cells, bet.criteria)
-    if bet.controls is not None and not missing:
-        result["control_verdicts"] = bet.controls(cells, bet.criteria)
+    result["control_verdicts"] = bet.controls(cells, bet.criteria) if bet.controls is not None and not missing else {}
     assert result["verdict"] in VERDICTS + ("INCOMPLETE",) * bool(missing), result["verdict"]
     return result
 
