@@ -11,7 +11,6 @@ exits 1 on any.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from urllib.parse import quote
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fuzz_adapters import mutate, seeds  # noqa: E402
+from fuzz_adapters import fuzz_main, mutate, seeds  # noqa: E402
 
 from sharedllm.base import load_base  # noqa: E402
 from sharedllm.serve import wait_until_healthy  # noqa: E402
@@ -216,15 +215,8 @@ def _free_port() -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    counts = run(args.n, args.seed)
-    print("| " + " | ".join(counts) + " |\n|" + "---|" * len(counts) + "\n| " +
-          " | ".join(str(v) for v in counts.values()) + " |")
-    fail = ("5xx", "no response", "tracebacks", "accepted-invalid", "cross-user access", "non-JSON errors")
-    return 1 if any(counts[k] for k in fail) else 0
+    return fuzz_main(run, __doc__, ("5xx", "no response", "tracebacks", "accepted-invalid", "cross-user access",
+                                    "non-JSON errors"))
 
 
 if __name__ == "__main__":
