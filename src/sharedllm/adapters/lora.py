@@ -18,10 +18,6 @@ class LoraMethod:
         cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none")
         return get_peft_model(model, cfg)
 
-    def private(self, model) -> list:
-        """New tensors only: every tensor of the base is shared with the adapted copy."""
-        return []
-
     def trainable(self, model) -> dict:
         return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if "lora_" in n}
 

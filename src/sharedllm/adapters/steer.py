@@ -25,10 +25,6 @@ class SteerMethod:
         final_norm(model).register_forward_pre_hook(lambda _m, args: (args[0] + getattr(model, PARAM),) + args[1:])
         return model
 
-    def private(self, model) -> list:
-        """New tensors only: every tensor of the base is shared with the adapted copy."""
-        return []
-
     def trainable(self, model) -> dict:
         return {PARAM: getattr(model, PARAM)}
 
