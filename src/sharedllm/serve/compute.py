@@ -2,7 +2,8 @@
 
 Scoring right-pads (a causal model never looks ahead, so padding after a row cannot change it); generation
 left-pads with an attention mask and explicit position ids, then decodes with a KV cache, one token per step
-for every row at once.
+for every row at once. `prefill` and `decode_step` are the two halves the continuous-batching scheduler uses;
+`generate_batch` runs a fixed batch to the end (the reference the scheduler's tests compare with).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class Scored:
 @dataclass
 class Generated:
     ids: list[int]
-    finish_reason: str  # "stop" (end-of-text token) or "length"
+    finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
+    text: str | None = None  # the decoded text, cut before a stop string (set by the scheduler)
 
 
 def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
@@ -51,11 +53,41 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0; else sample from softmax(logits / T), restricted to the top_p nucleus if < 1."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # seeded generators live on the CPU
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.clone().index_put_((order[outside],), torch.zeros(()))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+pick = _pick
+
+
+@torch.inference_mode()
+def prefill(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains]):
+    """Run new rows' prompts together (left-padded): (last-position logits [B, V], their KV cache, left pads)."""
+    from transformers import DynamicCache
+
+    ids, mask = _left_pad(prompts, rgm.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = rgm.forward(ids, gains, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, [ids.shape[1] - len(p) for p in prompts]
+
+
+@torch.inference_mode()
+def decode_step(rgm: RowGainModel, kv, tokens: list[int], stacked: list[torch.Tensor]) -> torch.Tensor:
+    """One token for every row of the running batch `kv` (a BatchCache): next-token logits [B, V]."""
+    mask, pos = kv.step_inputs(rgm.device)
+    step = torch.tensor(tokens, dtype=torch.long, device=rgm.device)[:, None]
+    return rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, past_key_values=kv.cache,
+                       use_cache=True).logits[:, -1]
 
 
 @torch.inference_mode()

@@ -3,24 +3,23 @@
 `Router` owns the base (as a RowGainModel), the adapter store and an LRU cache of decoded gains keyed by the
 adapter file's sha256. Validation of uploaded bytes is the CLI's, word for word (`wire.parse_file`,
 `check_binding`, `decode_adapter` against the norm layout of this base), plus a size limit and the rule that
-only norm adapters are served. `Batcher` runs on one worker thread: it waits a short window after the oldest
-queued request, takes up to `max_batch` requests of the same kind and runs them as one batch.
+only norm adapters are served. The forward passes run on the continuous-batching engine (`scheduler.Engine`).
+Several server processes may share one store: the cache is keyed by the adapter file's sha256 and every request
+looks up the user's current sha256 in the index, so an upload through one process is used by all at once.
 """
 from __future__ import annotations
 
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from .. import wire
 from ..adapters import get_method
 from ..base import Base
 from ..errors import SharedLLMError
 from ..store import AdapterStore
-from .compute import generate_batch, score_batch
 from .rowgains import Gains, RowGainModel
+from .scheduler import Engine, Job
 
 SERVED_METHOD = "norm"
 
@@ -58,96 +57,10 @@ class LRU:
         return len(self._d)
 
 
-@dataclass
-class Job:
-    kind: str  # "score" | "generate"
-    ids: list[int]
-    gains: Gains
-    max_tokens: int = 0
-    temperature: float = 0.0
-    seed: int | None = None
-    future: Future = field(default_factory=Future)
-    t: float = field(default_factory=time.monotonic)
-
-
-class Batcher:
-    """One worker thread; requests of one kind that arrive within `window_s` of each other share a batch.
-
-    A batch holds at most `max_batch` rows and `max_batch_tokens` padded positions (this bounds the memory of
-    the logits: positions x vocabulary x 4 bytes); whatever does not fit waits for the next batch."""
-
-    def __init__(self, run: dict, window_s: float = 0.01, max_batch: int = 16, max_batch_tokens: int = 16384):
-        self.run, self.window_s, self.max_batch, self.max_batch_tokens = run, window_s, max_batch, max_batch_tokens
-        self._q: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._stop = False
-        self.batches = self.rows = self.largest = 0
-        self._thread = threading.Thread(target=self._loop, name="sharedllm-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> Future:
-        with self._cv:
-            if self._stop:
-                raise SharedLLMError("server is shutting down")
-            self._q.append(job)
-            self._cv.notify()
-        return job.future
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
-
-    def _take(self) -> list[Job] | None:
-        with self._cv:
-            while not self._q and not self._stop:
-                self._cv.wait()
-            if self._stop:
-                return None
-            kind = self._q[0].kind
-            deadline = self._q[0].t + self.window_s
-            while sum(j.kind == kind for j in self._q) < self.max_batch and not self._stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            batch = self._fit([j for j in self._q if j.kind == kind])
-            for j in batch:
-                self._q.remove(j)
-            return batch
-
-    def _fit(self, jobs: list[Job]) -> list[Job]:
-        """The oldest jobs that fit: at most max_batch rows and rows x padded length <= max_batch_tokens."""
-        batch, width = [], 0
-        for j in jobs[: self.max_batch]:
-            w = max(width, len(j.ids) + j.max_tokens)
-            if batch and (len(batch) + 1) * w > self.max_batch_tokens:
-                break
-            batch.append(j)
-            width = w
-        return batch
-
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-            self.largest = max(self.largest, len(batch))
-            try:
-                results = self.run[batch[0].kind](batch)
-            except Exception as e:  # one failing batch must not kill the worker
-                for j in batch:
-                    j.future.set_exception(e)
-                continue
-            for j, r in zip(batch, results):
-                j.future.set_result(r)
-
-    def stats(self) -> dict:
-        return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest, "queued": len(self._q)}
-
-
 class Router:
-    def __init__(self, base: Base, store: AdapterStore, window_s: float = 0.01, max_batch: int = 16,
-                 cache_size: int = 1024, max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384):
+    def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
+                 max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
+                 window_s: float = 0.002):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -155,11 +68,12 @@ class Router:
         self.max_adapter_bytes = max_adapter_bytes or params * 4 + (1 << 20)
         self.cache = LRU(cache_size)
         self._base_state = dict(base.model.named_parameters())
-        self.batcher = Batcher({"score": self._run_score, "generate": self._run_generate}, window_s, max_batch,
-                               max_batch_tokens)
+        self.metrics = metrics
+        self.engine = Engine(self.model, base.tokenizer.decode, getattr(base.tokenizer, "eos_id", None), max_batch,
+                             max_batch_tokens, metrics, window_s)
 
     def close(self) -> None:
-        self.batcher.close()
+        self.engine.close()
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def validate(self, data: bytes, source: str) -> tuple[dict, dict]:
@@ -212,27 +126,21 @@ class Router:
     def context_limit(self) -> int:
         return int(getattr(self.base.model.config, "max_position_embeddings", 2048))
 
-    def score(self, ids: list[int], gains: Gains) -> Future:
+    def score(self, ids: list[int], gains: Gains, user: str = "") -> Future:
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.batcher.submit(Job("score", ids, gains))
+        return self.engine.submit(Job("score", ids, gains, user))
 
-    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed) -> Future:
+    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed, *, user: str = "",
+                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
-        return self.batcher.submit(Job("generate", ids, gains, max_tokens, temperature, seed))
-
-    def _run_score(self, jobs: list[Job]):
-        return score_batch(self.model, [j.ids for j in jobs], [j.gains for j in jobs])
-
-    def _run_generate(self, jobs: list[Job]):
-        return generate_batch(self.model, [j.ids for j in jobs], [j.gains for j in jobs], [j.max_tokens for j in jobs],
-                              [j.temperature for j in jobs], [j.seed for j in jobs],
-                              getattr(self.base.tokenizer, "eos_id", None))
+        return self.engine.submit(Job("generate", ids, gains, user, max_tokens, temperature, seed, top_p,
+                                      tuple(stop), on_text))
 
     def stats(self) -> dict:
-        return {**self.batcher.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
+        return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
                 "cache_misses": self.cache.misses}

@@ -1,0 +1,274 @@
+"""Continuous batching: one engine thread decodes every active generation one token per step; between steps,
+finished and abandoned rows leave, waiting score requests run, and new generations join.
+
+Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
+row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
+sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
+score waits at most one decode step. An idle engine waits `window_s` after the first request for others to
+share its first forward pass (the old batch window, now only at the start of a busy period). A request whose future was cancelled (its client went away) is skipped
+while waiting and dropped from the batch at the next step. A failure fails only the requests it touched: a
+prefill or score batch that raises is retried row by row; sampling or streaming errors fail only their row.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import SharedLLMError
+from .compute import Generated, decode_step, pick, prefill, score_batch
+from .kv import BatchCache
+from .rowgains import Gains, RowGainModel
+from .textstream import TextTail
+
+
+@dataclass
+class Job:
+    kind: str  # "score" | "generate"
+    ids: list[int]
+    gains: Gains
+    user: str = ""
+    max_tokens: int = 0
+    temperature: float = 0.0
+    seed: int | None = None
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # streaming: called on the engine thread with each final piece
+    future: Future = field(default_factory=Future)
+    t: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Row:
+    job: Job
+    tail: TextTail
+    gen: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    t_last: float = 0.0
+    finish: str = "length"
+
+
+class FairQueue:
+    """Waiting jobs, one FIFO per user; `take` serves the users in turn, the least recently served first."""
+
+    def __init__(self):
+        self._q: OrderedDict[str, deque] = OrderedDict()
+
+    def push(self, job: Job) -> None:
+        self._q.setdefault(job.user, deque()).append(job)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._q.values())
+
+    def take(self, n: int, fits: Callable[[list, Job], bool] = lambda batch, job: True) -> list[Job]:
+        out: list[Job] = []
+        while len(out) < n and self._q:
+            for user in list(self._q):
+                q = self._q[user]
+                while q and q[0].future.cancelled():  # the client left while waiting
+                    q.popleft()
+                if q and len(out) < n:
+                    if out and not fits(out, q[0]):
+                        return self._prune(out)
+                    out.append(q.popleft())
+                    self._q.move_to_end(user)
+                if not q:
+                    del self._q[user]
+            if len(out) >= n:
+                break
+        return self._prune(out)
+
+    def _prune(self, out: list[Job]) -> list[Job]:
+        for user in [u for u, q in self._q.items() if not q]:
+            del self._q[user]
+        return out
+
+
+class _Quiet:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
+    try:
+        job.future.set_exception(error) if error is not None else job.future.set_result(result)
+    except InvalidStateError:  # cancelled by its client meanwhile
+        pass
+
+
+class Engine:
+    def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
+                 max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0):
+        self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self.metrics = metrics or _Quiet()
+        self.scores, self.gens = FairQueue(), FairQueue()
+        self.rows: list[Row] = []
+        self.kv = BatchCache()
+        self.logits: torch.Tensor | None = None  # next-token logits of each active row
+        self._stacked = None  # the active rows' gains, stacked per norm (rebuilt when rows change)
+        self._cv = threading.Condition()
+        self._stop = False
+        self.batches = self.largest = self.steps = self.rows_total = 0
+        self._thread = threading.Thread(target=self._loop, name="sharedllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the request side --------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Future:
+        with self._cv:
+            if self._stop:
+                raise SharedLLMError("server is shutting down")
+            (self.scores if job.kind == "score" else self.gens).push(job)
+            self._cv.notify()
+        return job.future
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "rows": self.rows_total, "largest_batch": self.largest,
+                "decode_steps": self.steps, "active_rows": len(self.rows),
+                "queued": len(self.scores) + len(self.gens)}
+
+    # ---- the engine thread -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._wait():
+            try:
+                self._run_scores()
+                self._admit()
+                self._sample()
+                if self.rows:
+                    self._decode()
+            except Exception as e:  # a failed decode step fails the rows in it; the engine goes on
+                for row in self.rows:
+                    _resolve(row.job, error=e)
+                self._keep([])
+
+    def _wait(self) -> bool:
+        with self._cv:
+            while not self._stop and not self.rows and not len(self.scores) and not len(self.gens):
+                self._cv.wait()
+            if not self.rows and self.window_s > 0:  # idle engine: let concurrent requests share the first pass
+                deadline = time.monotonic() + self.window_s
+                while not self._stop and len(self.scores) + len(self.gens) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            return not self._stop
+
+    def _batch(self, n: int) -> None:
+        self.batches, self.rows_total, self.largest = self.batches + 1, self.rows_total + n, max(self.largest, n)
+
+    def _tokens_fit(self, width_of: Callable[[Job], int]):
+        def fits(batch: list[Job], job: Job) -> bool:
+            return (len(batch) + 1) * max(width_of(j) for j in batch + [job]) <= self.max_batch_tokens
+        return fits
+
+    def _isolated(self, jobs: list[Job], fn: Callable) -> list[tuple[list[Job], object]]:
+        """[(jobs, fn(jobs))]; if the batch raises, each job alone, failing only those that raise again."""
+        try:
+            return [(jobs, fn(jobs))]
+        except Exception as e:
+            if len(jobs) == 1:
+                _resolve(jobs[0], error=e)
+                return []
+        out = []
+        for j in jobs:
+            out += self._isolated([j], fn)
+        return out
+
+    def _run_scores(self) -> None:
+        with self._cv:
+            jobs = self.scores.take(self.max_batch, self._tokens_fit(lambda j: len(j.ids)))
+        if not jobs:
+            return
+        for group, results in self._isolated(jobs, lambda js: score_batch(
+                self.rgm, [j.ids for j in js], [j.gains for j in js])):
+            self._batch(len(group))
+            for j, r in zip(group, results):
+                self.metrics.scored(r.tokens)
+                _resolve(j, r)
+
+    def _admit(self) -> None:
+        room = self.max_batch - len(self.rows)
+        if room <= 0:
+            return
+        with self._cv:
+            jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids)))
+        for group, (logits, cache, pads) in self._isolated(jobs, lambda js: prefill(
+                self.rgm, [j.ids for j in js], [j.gains for j in js])):
+            self._batch(len(group))
+            self.kv.join(cache, pads)
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            self.rows += [self._row(j) for j in group]
+            self._stacked = None
+
+    def _row(self, job: Job) -> Row:
+        gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        return Row(job, TextTail(self.decode, job.stop), gen, t_last=job.t)
+
+    def _sample(self) -> None:
+        """Pick each row's next token; rows that finished, failed or were abandoned leave the batch."""
+        keep = []
+        for b, row in enumerate(self.rows):
+            if row.job.future.cancelled():
+                self.metrics.dropped()
+                continue
+            try:
+                if not self._advance(row, self.logits[b]):
+                    keep.append(b)
+                    continue
+                _resolve(row.job, Generated(row.ids, row.finish, row.tail.text))
+            except Exception as e:
+                _resolve(row.job, error=e)
+        self._keep(keep)
+
+    def _advance(self, row: Row, logits: torch.Tensor) -> bool:
+        """Add one token to `row`; True when the row is finished."""
+        job = row.job
+        tok = pick(logits, job.temperature, row.gen, job.top_p)
+        row.ids.append(tok)
+        self.metrics.generated(1)
+        now = time.monotonic()
+        (self.metrics.first_token if len(row.ids) == 1 else self.metrics.next_token)(now - row.t_last)
+        row.t_last = now
+        if self.eos_id is not None and tok == self.eos_id:
+            piece, done = row.tail.finish(), True
+            row.finish = "stop"
+        else:
+            piece, done = row.tail.push(tok)
+            if done:
+                row.finish = "stop"
+            elif len(row.ids) >= job.max_tokens:
+                piece, done = piece + row.tail.finish(), True
+        if piece and job.on_text is not None:
+            job.on_text(piece)
+        return done
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.rows):
+            return
+        self.kv.keep(rows)
+        self.rows = [self.rows[i] for i in rows]
+        self.logits = self.logits[rows] if rows else None
+        self._stacked = None
+
+    def _decode(self) -> None:
+        if self._stacked is None:
+            self._stacked = self.rgm.stack([r.job.gains for r in self.rows])
+        self.logits = decode_step(self.rgm, self.kv, [r.ids[-1] for r in self.rows], self._stacked)
+        self.steps += 1
+        self._batch(len(self.rows))
