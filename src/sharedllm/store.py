@@ -169,6 +169,12 @@ class AdapterStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 
+    def total_bytes(self) -> int:
+        """Bytes of the distinct adapter files the index names."""
+        with self._lock:
+            row = self._db.execute("SELECT SUM(bytes) FROM (SELECT DISTINCT sha256, bytes FROM adapters)").fetchone()
+        return row[0] or 0
+
     def put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
         """Bulk import (fleet tools): new users with adapters, every file durable before one index transaction."""
         shas = [self._write_file(data, sync_dir=False) for _, data, _ in items]

@@ -6,20 +6,20 @@ for revocation). Missing or unknown token -> 401, someone else's adapter -> 403,
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import secrets
-import time
-import uuid
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import SharedLLMError
+from .oai import add_openai_routes, wait_for
 from .router import NoAdapter, Router, TooLarge
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -28,16 +28,6 @@ ADMIN = "<admin>"
 
 class NewUser(BaseModel):
     user: str = Field(description="user name: letters, digits, _ . @ -, at most 64 characters")
-
-
-class Completion(BaseModel):
-    prompt: str
-    max_tokens: int = Field(16, ge=1, le=1024)
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
-    user: str | None = Field(None, description="if given, must be the authenticated user")
-    seed: int | None = None
-    model: str | None = None
-    adapter: Literal["user", "none"] = Field("user", description='"none" = the bare base, explicitly')
 
 
 class Score(BaseModel):
@@ -61,6 +51,13 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
     app = FastAPI(title="sharedllm", version=__version__,
                   description="One frozen base, one norm adapter per user, mixed-user batches.")
     store = router.store
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        router.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
 
     def principal(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -91,6 +88,12 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         if claimed is not None and claimed != who:
             raise HTTPException(403, f"field user={claimed!r} does not match the authenticated user {who!r}")
         return who
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        if principal(request) != ADMIN:
+            raise HTTPException(403, "metrics need the admin token")
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health() -> dict:
@@ -131,31 +134,18 @@ def create_app(router: Router, admin_token: str) -> FastAPI:
         rec = _found(store.delete(user), user)
         return {"user": user, "deleted": rec.sha256}
 
-    @app.post("/v1/completions")
-    async def completions(body: Completion, request: Request) -> dict:
-        who = caller(request, body.user)
-        try:
-            ids = router.prompt_ids(body.prompt, "prompt")
-            fut = router.generate(ids, router.gains_for(who, body.adapter), body.max_tokens, body.temperature,
-                                  body.seed)
-            out = await asyncio.wrap_future(fut)
-        except SharedLLMError as e:
-            raise _http(e) from None
-        text = router.base.tokenizer.decode(out.ids)
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model or router.base.name, "user": who, "adapter": body.adapter,
-                "choices": [{"index": 0, "text": text, "finish_reason": out.finish_reason, "logprobs": None}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out.ids),
-                          "total_tokens": len(ids) + len(out.ids)}}
+    add_openai_routes(app, router, caller, _http)
 
     @app.post("/v1/score")
-    async def score(body: Score, request: Request) -> dict:
+    async def score(body: Score, request: Request):
         who = caller(request, body.user)
         try:
-            fut = router.score(router.prompt_ids(body.text, "text"), router.gains_for(who, body.adapter))
-            out = await asyncio.wrap_future(fut)
+            fut = router.score(router.prompt_ids(body.text, "text"), router.gains_for(who, body.adapter), who)
+            out = await wait_for(fut, request, router)
         except SharedLLMError as e:
             raise _http(e) from None
+        if out is None:
+            return Response(status_code=499)
         return {"logprob": out.logprob, "tokens": out.tokens, "ppl": _ppl(out.logprob, out.tokens),
                 "user": who, "adapter": body.adapter}
 

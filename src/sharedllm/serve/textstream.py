@@ -21,13 +21,13 @@ class TextTail:
         """(newly final text, whether a stop string matched)."""
         self.ids.append(token)
         text = self.decode(self.ids)
+        if text.endswith(REPLACEMENT):  # maybe a character still missing bytes: neither match nor hand it out
+            text = text.rstrip(REPLACEMENT)
         hit = self._first_stop(text)
         if hit is not None:
             self.text = text[:hit]
             return self._emit(self.text, len(self.text)), True
-        safe = len(text.rstrip(REPLACEMENT)) if text.endswith(REPLACEMENT) else len(text)
-        safe = min(safe, len(text) - self._partial_stop(text))
-        return self._emit(text, safe), False
+        return self._emit(text, len(text) - self._partial_stop(text)), False
 
     def finish(self) -> str:
         """The rest of the text once the row ends (an incomplete character at the very end is shown as U+FFFD)."""
