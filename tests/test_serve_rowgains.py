@@ -104,16 +104,3 @@ def test_generation_stops_at_eos_per_row(tiny):
     stop = greedy[2]
     out = generate_batch(rgm, ROWS[:2], [rgm.base_gains] * 2, [6, 6], [0.0] * 2, [None] * 2, eos_id=stop)
     assert out[0].ids == greedy[: greedy.index(stop) + 1] and out[0].finish_reason == "stop"
-
-
-def test_batcher_bounds_rows_and_padded_tokens():
-    from sharedllm.serve.router import Batcher, Job
-
-    sizes = []
-    batcher = Batcher({"score": lambda jobs: sizes.append(len(jobs)) or [len(jobs)] * len(jobs)},
-                      window_s=0.5, max_batch=3, max_batch_tokens=40)
-    jobs = [Job("score", [1] * n, gains=None) for n in (10, 10, 10, 30, 5)]
-    futures = [batcher.submit(j) for j in jobs]
-    assert [f.result(timeout=30) for f in futures] == [3, 3, 3, 1, 1]  # 3 x 10 fit; 30 + 5 pads to 2 x 30 > 40
-    assert sizes == [3, 1, 1]
-    batcher.close()

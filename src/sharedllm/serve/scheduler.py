@@ -4,9 +4,9 @@ finished and abandoned rows leave, waiting score requests run, and new generatio
 Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
 row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
-score waits at most one decode step. An idle engine waits `window_s` after the first request for others to
-share its first forward pass (the old batch window, now only at the start of a busy period). A request whose future was cancelled (its client went away) is skipped
-while waiting and dropped from the batch at the next step. A failure fails only the requests it touched: a
+score waits at most one decode step. An idle engine waits `window_s` after the first request for others to share
+its first forward pass (the old batch window, now only at the start of a busy period). A request whose future
+was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step. A failure fails only the requests it touched: a
 prefill or score batch that raises is retried row by row; sampling or streaming errors fail only their row.
 """
 from __future__ import annotations
