@@ -208,6 +208,8 @@ class Engine:
             return
         with self._cv:
             jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids)))
+        if not jobs:
+            return
         for group, (logits, cache, pads) in self._isolated(jobs, lambda js: prefill(
                 self.rgm, [j.ids for j in js], [j.gains for j in js])):
             self._batch(len(group))
