@@ -35,9 +35,11 @@ def clean_4xx(r, status=None):
 def test_a_failing_row_fails_only_its_own_request(server, two_users):
     toks, _ = two_users
     router = server.router
+    router.engine.window_s = 0.5  # the idle engine waits for the second request: both share one prefill batch
     good = router.generate(router.prompt_ids("the", "prompt"), router.gains_for("bob"), 4, 1.0, 5, user="bob")
-    bad = router.batcher.submit(Job("generate", router.prompt_ids("x", "prompt"), router.gains_for("ann"), 4, 1.0,
-                                    1 << 64, user="ann"))  # past the request model: the seed torch refuses
+    bad = router.engine.submit(Job("generate", router.prompt_ids("x", "prompt"), router.gains_for("ann"),
+                                   user="ann", max_tokens=4, temperature=1.0,
+                                   seed=1 << 64))  # past the request model: the seed torch refuses
     assert len(good.result(timeout=60).ids) == 4
     with pytest.raises((ValueError, RuntimeError)):
         bad.result(timeout=60)
@@ -187,9 +189,8 @@ def test_a_score_runs_between_decode_steps_of_another_users_long_generations(liv
                    timeout=600)
     assert r.status_code == 200
     assert live.router.stats()["generating_rows"] == 6  # the flood is still decoding: the score did not wait
-    for _, jobs in list(live.router.batcher._groups):  # end the flood now (as if its clients had gone)
-        for j in jobs:
-            j.future.cancel()
+    for row in list(live.router.engine.rows):  # end the flood now (as if its clients had gone)
+        row.job.future.cancel()
     [t.join() for t in threads]
     _wait_for(lambda: live.router.stats()["generating_rows"] == 0)
 

@@ -106,14 +106,20 @@ def test_generation_stops_at_eos_per_row(tiny):
     assert out[0].ids == greedy[: greedy.index(stop) + 1] and out[0].finish_reason == "stop"
 
 
-def test_batcher_bounds_rows_and_padded_tokens():
-    from sharedllm.serve.scheduler import Job, Scheduler
+def test_engine_score_batches_bound_rows_and_padded_tokens(monkeypatch):
+    """A batch holds at most max_batch rows and max_batch_tokens padded positions (the continuous-batching
+    engine's score batches; the scoring itself is stubbed to record batch sizes)."""
+    from sharedllm.serve import scheduler
+    from sharedllm.serve.scheduler import Engine, Job
 
     sizes = []
-    batcher = Scheduler(lambda jobs: sizes.append(len(jobs)) or [len(jobs)] * len(jobs), None,
-                        window_s=0.5, max_batch=3, max_batch_tokens=40)
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(scheduler, "score_batch", lambda rgm, rows, gains: sizes.append(len(rows)) or
+                        [SimpleNamespace(n=len(rows), tokens=len(r) - 1) for r in rows])
+    engine = Engine(None, str, None, max_batch=3, max_batch_tokens=40, window_s=0.5)
     jobs = [Job("score", [1] * n, gains=None) for n in (10, 10, 10, 30, 5)]
-    futures = [batcher.submit(j) for j in jobs]
-    assert [f.result(timeout=30) for f in futures] == [3, 3, 3, 1, 1]  # 3 x 10 fit; 30 + 5 pads to 2 x 30 > 40
+    futures = [engine.submit(j) for j in jobs]
+    assert [f.result(timeout=30).n for f in futures] == [3, 3, 3, 1, 1]  # 3 x 10 fit; 30 + 5 pads to 2 x 30 > 40
     assert sizes == [3, 1, 1]
-    batcher.close()
+    engine.close()

@@ -9,9 +9,17 @@ Writes go file first (temp, fsync, rename, fsync dir), index second (one SQLite 
 never names a missing file. Deletes go index first, file second. A crash can therefore leave only a stray temp
 file or an unreferenced adapter file; `open` sweeps both (`check` reports them without touching anything).
 The store knows nothing about models: validating bytes against a base is the server's job.
+
+Several processes may open one store (`sharedllm serve --workers N`, or servers started by hand): SQLite in WAL
+mode serialises index writes, and every mutation of files plus index (put, delete, bulk import, the startup
+sweep, creating the admin token) holds an exclusive `flock` on `<store>/lock`, so one process's sweep never
+removes a file another is about to index, and a replaced file is never unlinked under a concurrent upload of the
+same bytes. Reads take no lock: an index row only ever names a complete file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +68,18 @@ def _compact(meta: dict) -> str:
     return json.dumps({k: meta[k] for k in INDEX_META if k in meta}, separators=(",", ":"))
 
 
+@contextlib.contextmanager
+def store_lock(root):
+    """Exclusive across processes (flock on <root>/lock) for the duration of a store mutation."""
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(str(Path(root) / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -81,11 +101,12 @@ class AdapterStore:
         index = self.root / "index.sqlite"
         os.close(os.open(index, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
         os.chmod(index, 0o600)
-        self._db = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        with store_lock(self.root):
+            self._db.executescript(SCHEMA)
         self.swept = self.sweep() if sweep else {}
 
     def close(self) -> None:
@@ -142,7 +163,7 @@ class AdapterStore:
     # ---- adapters ----------------------------------------------------------------------------------------
     def put(self, user: str, data: bytes, meta: dict) -> AdapterRecord:
         """Store `data` as `user`'s adapter (replacing any previous one) once the bytes are durable on disk."""
-        with self._lock:
+        with self._lock, store_lock(self.root):
             if not self.user_exists(user):
                 raise SharedLLMError(f"no user {user!r}")
             sha = self._write_file(data)
@@ -164,7 +185,7 @@ class AdapterStore:
 
     def delete(self, user: str) -> AdapterRecord | None:
         """Remove the index row, then the file (unless another user uploaded identical bytes)."""
-        with self._lock:
+        with self._lock, store_lock(self.root):
             old = self.get(user)
             if old is None:
                 return None
@@ -176,20 +197,29 @@ class AdapterStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 
+    def total_bytes(self) -> int:
+        """Bytes of the distinct adapter files the index names."""
+        with self._lock:
+            row = self._db.execute("SELECT SUM(bytes) FROM (SELECT DISTINCT sha256, bytes FROM adapters)").fetchone()
+        return row[0] or 0
+
     def put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
         """Bulk import (fleet tools): new users with adapters, every file durable before one index transaction."""
+        with self._lock, store_lock(self.root):
+            return self._put_many(items)
+
+    def _put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
         shas = [self._write_file(data, sync_dir=False) for _, data, _ in items]
         for d in {self.path_of(sha).parent for sha in shas}:
             fsync_dir(d)
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            for (user, data, meta), sha in zip(items, shas):
-                self._db.execute("INSERT OR IGNORE INTO users VALUES (?, ?, ?)",
-                                 (user, token_hash(secrets.token_urlsafe(32)), now))
-                self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-                                 (user, sha, len(data), _compact(meta), now))
-            self._db.execute("COMMIT")
+        self._db.execute("BEGIN IMMEDIATE")
+        for (user, data, meta), sha in zip(items, shas):
+            self._db.execute("INSERT OR IGNORE INTO users VALUES (?, ?, ?)",
+                             (user, token_hash(secrets.token_urlsafe(32)), now))
+            self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
+                             (user, sha, len(data), _compact(meta), now))
+        self._db.execute("COMMIT")
         return len(items)
 
     # ---- crash recovery ----------------------------------------------------------------------------------
@@ -223,10 +253,11 @@ class AdapterStore:
 
     def sweep(self) -> dict:
         """Remove stray temp files and unreferenced adapter files left by a crash; report what was found."""
-        report = self.check(sizes=False)
-        for p in report["temp_files"] + report["orphan_files"]:
-            if os.path.isfile(p):  # never a directory someone put there
-                os.unlink(p)
+        with self._lock, store_lock(self.root):
+            report = self.check(sizes=False)
+            for p in report["temp_files"] + report["orphan_files"]:
+                if os.path.isfile(p):  # never a directory someone put there
+                    os.unlink(p)
         return report
 
 
@@ -239,14 +270,19 @@ def admin_token(root) -> tuple[str, str]:
                                  f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         return env, f"${ADMIN_ENV}"
     path = Path(root) / "admin_token"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(path) + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("adm-" + secrets.token_urlsafe(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(str(path) + ".tmp", path)
-        fsync_dir(path.parent)
+    with store_lock(root):
+        if not path.is_file():
+            _new_admin_token(path)
     os.chmod(path, 0o600)
     return path.read_text().strip(), str(path)
+
+
+def _new_admin_token(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("adm-" + secrets.token_urlsafe(32) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(str(path) + ".tmp", path)
+    fsync_dir(path.parent)

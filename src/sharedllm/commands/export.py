@@ -9,12 +9,16 @@ from ..cli import add_base_args, say
 from ..errors import SharedLLMError
 from ..personalise import load_adapted
 
-HELP = "export an adapter as a PEFT folder (lora) or a merged HF transformers checkpoint (norm, full)"
+HELP = ("export an adapter as a PEFT folder (lora), a merged HF transformers checkpoint (norm, full) or a GGUF "
+        "(norm, default base)")
 
 
 def configure(p) -> None:
     p.add_argument("--adapter", required=True, help="adapter file written by sharedllm")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--out", required=True, help="output folder, or .gguf file with --format gguf (must not exist)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: PEFT folder / merged checkpoint; gguf: the default base's GGUF with a norm "
+                        "adapter's gains as its norm weights (llama.cpp)")
     add_base_args(p)
 
 
@@ -24,6 +28,8 @@ def run(args) -> dict:
         raise SharedLLMError(f"{out}: already exists; choose a new folder")
     base = load_base(args.base, args.device)
     adapted = load_adapted(base, args.adapter)
+    if args.format == "gguf":
+        return _gguf(args, adapted, out)
     if adapted.method == "steer":
         raise SharedLLMError(f"{args.adapter}: a steering vector cannot be merged into a transformers checkpoint")
     tmp = out.with_name(out.name + ".part")
@@ -37,7 +43,21 @@ def run(args) -> dict:
     return {"out": str(out), "format": kind, "method": adapted.method, "files": sorted(p.name for p in out.iterdir())}
 
 
+def _gguf(args, adapted, out: Path) -> dict:
+    from ..base import _find_gguf
+    from ..gguf_export import write_norm_gguf
+
+    if adapted.method != "norm":
+        raise SharedLLMError(f"{args.adapter}: --format gguf exports norm adapters only (this is {adapted.method})")
+    if args.base != "default":
+        raise SharedLLMError("--format gguf needs the default base, whose GGUF is the file being patched")
+    say(f"writing {out}: the base GGUF with this adapter's {len(adapted.params)} norm gains")
+    return {**write_norm_gguf(_find_gguf(), adapted.params, out), "method": adapted.method, "files": [out.name]}
+
+
 def render(r: dict) -> str:
+    if r["format"] == "gguf":
+        return f"wrote {r['out']} ({r['bytes']:,} bytes, {r['norms']} norms replaced); load it with llama.cpp"
     load = ("PeftModel.from_pretrained(base_model, DIR)" if r["format"] == "peft"
             else "AutoModelForCausalLM.from_pretrained(DIR)")
     return f"wrote {r['format']} folder {r['out']} ({', '.join(r['files'])}); load it with {load}"

@@ -14,9 +14,10 @@ def configure(p) -> None:
     p.add_argument("--store", default=None, help="adapter store folder (default: ~/.cache/sharedllm/store-<base>)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long the oldest queued request waits for others to share its batch")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests in one forward pass")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="when the engine is idle, how long a first request waits for others to share its pass")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most rows decoding at once (continuous batching) and most scores in one pass")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="most padded positions in one batch (bounds the memory of the logits)")
     p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
@@ -26,11 +27,14 @@ def configure(p) -> None:
                    help="longest wait for each chunk of a request body (a stalled upload gets 408)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="upload size limit (default: 4 bytes per gain + 1 MiB)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on one port and one store (each loads the base; memory x N)")
 
 
-def run(args) -> dict:
-    import uvicorn
+WORKER_ENV = "SHAREDLLM_SERVE_WORKER"
 
+
+def _app(args):
     from ..serve import build
 
     say(f"loading base {args.base}")
@@ -40,6 +44,31 @@ def run(args) -> dict:
                                cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
                                max_queued_per_user=args.max_queued_per_user)
+    return app, router, where, store, base
+
+
+def worker_app():
+    """uvicorn's app factory for `--workers N`: each worker process builds its own app from the parent's args."""
+    import argparse
+    import json
+    import os
+
+    app, router, *_ = _app(argparse.Namespace(**json.loads(os.environ[WORKER_ENV])))
+
+    @app.on_event("shutdown")
+    def _close() -> None:
+        router.close()
+        router.store.close()
+
+    return app
+
+
+def run(args) -> dict:
+    import uvicorn
+
+    if args.workers > 1:
+        return _run_workers(args)
+    app, router, where, store, base = _app(args)
     swept = router.store.swept
     say(f"store {store}: {router.store.count()} adapters; swept {len(swept.get('temp_files', []))} temp and "
         f"{len(swept.get('orphan_files', []))} orphan files")
@@ -51,6 +80,29 @@ def run(args) -> dict:
         router.close()
         router.store.close()
     return {"ok": True, "store": str(store), "base": base.name}
+
+
+def _run_workers(args) -> dict:
+    import json
+    import os
+
+    import uvicorn
+
+    from ..store import admin_token
+
+    store = Path(args.store) if args.store else cache_dir() / f"store-{args.base}"
+    _, where = admin_token(store)  # create it once, before the workers race for it
+    args.store = str(store)
+    os.environ[WORKER_ENV] = json.dumps({k: v for k, v in vars(args).items() if _plain(v)})
+    say(f"admin token: {where} (not printed)")
+    say(f"{args.workers} workers on http://{args.host}:{args.port}, one store {store}")
+    uvicorn.run("sharedllm.commands.serve:worker_app", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="info")
+    return {"ok": True, "store": str(store), "base": args.base}
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
 
 
 def render(r: dict) -> str:

@@ -1,5 +1,7 @@
-"""The multi-user server: `rowgains` (per-row norm gains in one forward pass), `compute` (batched scoring and
-generation), `router` (user -> gains, LRU, batching), `app` (the thin FastAPI layer). `build` wires them up."""
+"""The multi-user server: `rowgains` (per-row norm gains in one forward pass), `compute` (batched scoring,
+prefill and decode steps), `kv` (the running batch's KV cache), `scheduler` (continuous batching, fair
+admission), `textstream` (stop strings on decoded text), `router` (user -> gains, LRU), `oai` (OpenAI-compatible
+completions and chat, streaming), `metrics` (Prometheus), `app` (the FastAPI layer). `build` wires them up."""
 from __future__ import annotations
 
 from ..base import Base
@@ -10,11 +12,14 @@ def build(base: Base, store_dir, read_timeout_s: float = 10.0, **router_kwargs):
     """(FastAPI app, router, where the admin token comes from) for `base` and the store at `store_dir`;
     `read_timeout_s` bounds the wait for each chunk of a request body."""
     from .app import create_app
+    from .metrics import ServeMetrics
     from .router import Router
 
     store = AdapterStore(store_dir)
     token, where = admin_token(store_dir)
-    router = Router(base, store, **router_kwargs)
+    metrics = ServeMetrics()
+    router = Router(base, store, metrics=metrics, **router_kwargs)
+    metrics.watch(router)
     return create_app(router, token, read_timeout_s), router, where
 
 

@@ -10,21 +10,21 @@ for revocation). Missing or unknown token -> 401, someone else's adapter -> 403,
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import secrets
-import time
-import uuid
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import SharedLLMError
 from .bodies import parse_model, read_body, schema_of
+from .oai import add_openai_routes, wait_for
 from .router import Busy, NoAdapter, Router, TooLarge
 
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "ann\n" is not a name
@@ -35,17 +35,6 @@ NAME = Field(None, max_length=64, description="if given, must be the authenticat
 
 class NewUser(BaseModel):
     user: str = Field(max_length=256, description="user name: letters, digits, _ . @ -, at most 64 characters")
-
-
-class Completion(BaseModel):
-    prompt: str
-    max_tokens: int = Field(16, ge=1, le=1024)
-    temperature: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
-    user: str | None = NAME
-    seed: int | None = Field(None, ge=0, lt=1 << 64, description="sampling seed, 0 <= seed < 2**64")
-    model: str | None = Field(None, max_length=256)
-    adapter: Literal["user", "none"] = Field("user", description='"none" = the bare base, explicitly')
 
 
 class Score(BaseModel):
@@ -59,20 +48,6 @@ def _http(e: SharedLLMError) -> HTTPException:
         return HTTPException(429, str(e), headers={"Retry-After": "1"})
     status = 404 if isinstance(e, NoAdapter) else 413 if isinstance(e, TooLarge) else 400
     return HTTPException(status, str(e))
-
-
-async def _result(fut, request: Request):
-    """Wait for a scheduler future; if the client disconnects first, cancel it (its rows stop computing)."""
-    waiting = asyncio.wrap_future(fut)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.05)
-        if done:
-            if waiting.cancelled():
-                raise HTTPException(503, "request cancelled by the server")
-            return waiting.result()
-        if await request.is_disconnected():
-            fut.cancel()
-            raise HTTPException(499, "client closed the request")
 
 
 def _found(rec, user: str):
@@ -92,6 +67,13 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
 
     async def body_of(request: Request, model):
         return await body(request, model, text_body, request.url.path)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        router.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
 
     def principal(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -122,6 +104,12 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         if claimed is not None and claimed != who:
             raise HTTPException(403, f"field user={claimed!r} does not match the authenticated user {who!r}")
         return who
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        if principal(request) != ADMIN:
+            raise HTTPException(403, "metrics need the admin token")
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health() -> dict:
@@ -163,37 +151,21 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         rec = _found(store.delete(user), user)
         return {"user": user, "deleted": rec.sha256}
 
-    @app.post("/v1/completions", openapi_extra=schema_of(Completion))
-    async def completions(request: Request) -> dict:
-        caller(request, None)
-        body = await body_of(request, Completion)
-        who = caller(request, body.user)
-        try:
-            ids = router.prompt_ids(body.prompt, "prompt")
-            gains = await run_in_threadpool(router.gains_for, who, body.adapter)
-            fut = router.generate(ids, gains, body.max_tokens, body.temperature, body.seed, user=who,
-                                  top_p=body.top_p)
-            out = await _result(fut, request)
-        except SharedLLMError as e:
-            raise _http(e) from None
-        text = router.base.tokenizer.decode(out.ids)
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model or router.base.name, "user": who, "adapter": body.adapter,
-                "choices": [{"index": 0, "text": text, "finish_reason": out.finish_reason, "logprobs": None}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out.ids),
-                          "total_tokens": len(ids) + len(out.ids)}}
+    add_openai_routes(app, router, caller, _http, body_of)
 
     @app.post("/v1/score", openapi_extra=schema_of(Score))
-    async def score(request: Request) -> dict:
+    async def score(request: Request):
         caller(request, None)
         body = await body_of(request, Score)
         who = caller(request, body.user)
         try:
             ids = router.prompt_ids(body.text, "text")
             gains = await run_in_threadpool(router.gains_for, who, body.adapter)
-            out = await _result(router.score(ids, gains, user=who), request)
+            out = await wait_for(router.score(ids, gains, who), request, router)
         except SharedLLMError as e:
             raise _http(e) from None
+        if out is None:
+            return Response(status_code=499)  # client closed the request; nobody reads this
         if not math.isfinite(out.logprob):
             raise HTTPException(422, "text: its log-probability under this adapter is not a finite number")
         return {"logprob": out.logprob, "tokens": out.tokens, "ppl": _ppl(out.logprob, out.tokens),

@@ -2,7 +2,8 @@
 
 Scoring right-pads (a causal model never looks ahead, so padding after a row cannot change it); generation
 left-pads with an attention mask and explicit position ids, then decodes with a KV cache, one token per step
-for every row at once.
+for every row at once. `prefill` and `decode_step` are the two halves the continuous-batching scheduler uses;
+`generate_batch` runs a fixed batch to the end (the reference the scheduler's tests compare with).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class Scored:
 @dataclass
 class Generated:
     ids: list[int]
-    finish_reason: str  # "stop" (end-of-text token) or "length"
+    finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
+    text: str | None = None  # the decoded text, cut before a stop string (set by the scheduler)
 
 
 def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
@@ -52,82 +54,73 @@ def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0; else sample from softmax(logits / T), restricted to the top_p nucleus if < 1."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # seeded generators live on the CPU
-    if top_p < 1.0:  # nucleus: keep the most likely tokens whose mass reaches top_p (at least one)
-        p, order = probs.sort(descending=True)
-        drop = p.cumsum(0) - p >= top_p
-        probs = torch.zeros_like(probs).scatter(0, order, p.masked_fill(drop, 0.0))
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.clone().index_put_((order[outside],), torch.zeros(()))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class Decoding:
-    """Rows decoded together, one token per `step()`; rows can leave between steps (`keep`), so a finished or
-    cancelled row costs nothing afterwards. Each row's sampling (its seed, its temperature) is its own."""
-
-    @torch.inference_mode()
-    def __init__(self, rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains], max_tokens: list[int],
-                 temperatures: list[float], seeds: list[int | None], eos_id: int | None,
-                 top_ps: list[float] | None = None):
-        from transformers import DynamicCache
-
-        self.rgm, self.eos_id = rgm, eos_id
-        self.top_ps = list(top_ps) if top_ps is not None else [1.0] * len(prompts)
-        self.max_tokens, self.temperatures = list(max_tokens), list(temperatures)
-        self.gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
-        self.out = [Generated([], "length") for _ in prompts]
-        self.stacked = rgm.stack(gains)
-        ids, self.mask = _left_pad(prompts, rgm.device)
-        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache()
-        self.logits = rgm.forward(ids, self.stacked, attention_mask=self.mask, position_ids=self.pos,
-                                  past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    def __len__(self) -> int:
-        return len(self.out)
-
-    def pick(self) -> list[bool]:
-        """Sample one token for every row from the current logits; -> which rows are now finished."""
-        done = []
-        for b, g in enumerate(self.out):
-            tok = _pick(self.logits[b], self.temperatures[b], self.gens[b], self.top_ps[b])
-            g.ids.append(tok)
-            if self.eos_id is not None and tok == self.eos_id:
-                g.finish_reason = "stop"
-            done.append(g.finish_reason == "stop" or len(g.ids) >= self.max_tokens[b])
-        return done
-
-    @torch.inference_mode()
-    def keep(self, rows: list[int]) -> None:
-        """Go on with these rows only (indices into the current rows, in order)."""
-        if rows == list(range(len(self.out))):
-            return
-        idx = torch.tensor(rows, dtype=torch.long, device=self.rgm.device)
-        self.cache.batch_select_indices(idx)
-        self.mask, self.pos, self.logits = self.mask[idx], self.pos[idx], self.logits[idx]
-        self.stacked = [s[idx] for s in self.stacked]
-        for name in ("max_tokens", "temperatures", "top_ps", "gens", "out"):
-            setattr(self, name, [getattr(self, name)[i] for i in rows])
-
-    @torch.inference_mode()
-    def forward(self) -> None:
-        """Feed every row's last picked token through the model (one decode step)."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.out), 1)], dim=1)
-        self.pos = self.pos[:, -1:] + 1
-        step = torch.tensor([g.ids[-1] for g in self.out], dtype=torch.long, device=self.rgm.device)[:, None]
-        self.logits = self.rgm.forward(step, self.stacked, attention_mask=self.mask, position_ids=self.pos,
-                                       past_key_values=self.cache, use_cache=True).logits[:, -1]
+pick = _pick
 
 
+@torch.inference_mode()
+def prefill(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains]):
+    """Run new rows' prompts together (left-padded): (last-position logits [B, V], their KV cache, left pads)."""
+    from transformers import DynamicCache
+
+    ids, mask = _left_pad(prompts, rgm.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = rgm.forward(ids, gains, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, [ids.shape[1] - len(p) for p in prompts]
+
+
+@torch.inference_mode()
+def decode_step(rgm: RowGainModel, kv, tokens: list[int], stacked: list[torch.Tensor]) -> torch.Tensor:
+    """One token for every row of the running batch `kv` (a BatchCache): next-token logits [B, V]."""
+    mask, pos = kv.step_inputs(rgm.device)
+    step = torch.tensor(tokens, dtype=torch.long, device=rgm.device)[:, None]
+    return rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, past_key_values=kv.cache,
+                       use_cache=True).logits[:, -1]
+
+
+@torch.inference_mode()
 def generate_batch(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains], max_tokens: list[int],
                    temperatures: list[float], seeds: list[int | None], eos_id: int | None) -> list[Generated]:
     """Decode every row together until each has max_tokens tokens or emitted `eos_id` (greedy at temperature 0)."""
-    d = Decoding(rgm, prompts, gains, max_tokens, temperatures, seeds, eos_id)
-    results = list(d.out)
-    while len(d):
-        done = d.pick()
-        d.keep([b for b, x in enumerate(done) if not x])
-        if len(d):
-            d.forward()
-    return results
+    from transformers import DynamicCache
+
+    stacked = rgm.stack(gains)
+    ids, mask = _left_pad(prompts, rgm.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    out = [Generated([], "length") for _ in prompts]
+    done = [m <= 0 for m in max_tokens]
+    cache = DynamicCache()
+    logits = rgm.forward(ids, stacked, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+    for _ in range(max(max_tokens, default=0)):
+        nxt = []
+        for b, g in enumerate(out):
+            tok = 0 if done[b] else _pick(logits[b], temperatures[b], gens[b])
+            if not done[b]:
+                g.ids.append(tok)
+                if eos_id is not None and tok == eos_id:
+                    g.finish_reason, done[b] = "stop", True
+                elif len(g.ids) >= max_tokens[b]:
+                    done[b] = True
+            nxt.append(tok)
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(out), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        step = torch.tensor(nxt, dtype=torch.long, device=rgm.device)[:, None]
+        logits = rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True).logits[:, -1]
+    return out

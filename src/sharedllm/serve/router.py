@@ -3,8 +3,11 @@
 `Router` owns the base (as a RowGainModel), the adapter store and an LRU cache of decoded gains keyed by the
 adapter file's sha256. Validation of uploaded bytes is the CLI's, word for word (`wire.parse_file`,
 `check_binding`, `decode_adapter` against the norm layout of this base), plus a size limit and the rule that
-only norm adapters are served. `scheduler.Scheduler` runs every forward pass on one worker thread, fairly
-between users (round-robin batches, generation one decode step at a time, scores in between, cancellation).
+only norm adapters are served. The forward passes run on the continuous-batching engine (`scheduler.Engine`):
+fair between users (round-robin admission, scores between decode steps), a per-user cap on queued and running
+requests (`Busy`, HTTP 429), cancellation of abandoned rows and per-row failure isolation.
+Several server processes may share one store: the cache is keyed by the adapter file's sha256 and every request
+looks up the user's current sha256 in the index, so an upload through one process is used by all at once.
 """
 from __future__ import annotations
 
@@ -17,9 +20,8 @@ from ..adapters import get_method
 from ..base import Base
 from ..errors import SharedLLMError
 from ..store import AdapterStore
-from .compute import Decoding, score_batch
 from .rowgains import Gains, RowGainModel
-from .scheduler import Busy, Job, Scheduler  # noqa: F401  (Busy: re-exported for the app)
+from .scheduler import Busy, Engine, Job  # noqa: F401  (Busy: re-exported for the app)
 
 SERVED_METHOD = "norm"
 
@@ -58,9 +60,9 @@ class LRU:
 
 
 class Router:
-    def __init__(self, base: Base, store: AdapterStore, window_s: float = 0.01, max_batch: int = 16,
-                 cache_size: int = 1024, max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384,
-                 max_queued_per_user: int = 32):
+    def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
+                 max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
+                 window_s: float = 0.002, max_queued_per_user: int = 32):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -69,11 +71,12 @@ class Router:
         self.cache = LRU(cache_size)
         self._base_state = dict(base.model.named_parameters())
         self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
-        self.batcher = Scheduler(self._run_score, self._start_generate, window_s, max_batch, max_batch_tokens,
-                                 max_queued_per_user)
+        self.metrics = metrics
+        self.engine = Engine(self.model, base.tokenizer.decode, getattr(base.tokenizer, "eos_id", None), max_batch,
+                             max_batch_tokens, metrics, window_s, max_queued_per_user)
 
     def close(self) -> None:
-        self.batcher.close()
+        self.engine.close()
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def validate(self, data: bytes, source: str) -> tuple[dict, dict]:
@@ -141,28 +144,20 @@ class Router:
     def score(self, ids: list[int], gains: Gains, user: str = "") -> Future:
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.batcher.submit(Job("score", ids, gains, user=user))
+        return self.engine.submit(Job("score", ids, gains, user))
 
-    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed,
-                 user: str = "", top_p: float = 1.0) -> Future:
+    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed, *, user: str = "",
+                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
-        return self.batcher.submit(Job("generate", ids, gains, max_tokens, temperature, seed, user=user,
-                                      top_p=top_p))
-
-    def _run_score(self, jobs: list[Job]):
-        return score_batch(self.model, [j.ids for j in jobs], [j.gains for j in jobs])
-
-    def _start_generate(self, jobs: list[Job]) -> Decoding:
-        return Decoding(self.model, [j.ids for j in jobs], [j.gains for j in jobs], [j.max_tokens for j in jobs],
-                        [j.temperature for j in jobs], [j.seed for j in jobs],
-                        getattr(self.base.tokenizer, "eos_id", None), [j.top_p for j in jobs])
+        return self.engine.submit(Job("generate", ids, gains, user, max_tokens, temperature, seed, top_p,
+                                      tuple(stop), on_text))
 
     def stats(self) -> dict:
-        return {**self.batcher.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
+        return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
                 "cache_misses": self.cache.misses}
 
 

@@ -1,224 +1,315 @@
-"""The one worker thread that runs every forward pass, fairly between users.
+"""Continuous batching: one engine thread decodes every active generation one token per step; between steps,
+finished and abandoned rows leave, waiting score requests run, and new generations join.
 
-Interface (all the router uses): `Scheduler(score, start, ...)`, `submit(job) -> Future`, `close()`, `stats()`.
-`score(jobs) -> results` runs one scoring batch; `start(jobs) -> Decoding` prefills a generation group whose
-rows then advance one token per scheduler turn (see compute.Decoding).
-
-Each turn does one unit of work: a scoring batch, the prefill of a new generation group, or one decode step of
-every running group, alternating so that neither kind starves the other: a score never waits behind a whole
-generation, only behind one decode step. Batches are formed round-robin across users (each user's jobs in
-arrival order), so one user's queue cannot crowd another user out of a batch. A user may have at most
-`max_queued_per_user` jobs queued or running (`Busy`, HTTP 429, beyond). A job whose future was cancelled (its
-client went away) is dropped before its next batch or decode step. A row that fails fails only its own job:
-a failing batch is re-run one row at a time to find it.
+Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
+row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
+sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
+score waits at most one decode step. An idle engine waits `window_s` after the first request for others to share
+its first forward pass (the old batch window, now only at the start of a busy period). A request whose future
+was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step. A
+failure fails only the requests it touched: a prefill or score batch that raises is retried row by row; sampling
+or streaming errors fail only their row. A user may have at most `max_queued_per_user` requests waiting or
+running (`Busy`, HTTP 429 with Retry-After, beyond). `stats()` counts decode steps, generating rows, cancelled
+rows and failed rows (`/health`).
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from ..errors import SharedLLMError
+from .compute import Generated, decode_step, pick, prefill, score_batch
+from .kv import BatchCache
+from .rowgains import Gains, RowGainModel
+from .textstream import TextTail
 
 
 class Busy(SharedLLMError):
-    """Too many queued requests of one user (HTTP 429)."""
+    """Too many queued or running requests of one user (HTTP 429)."""
 
 
 @dataclass
 class Job:
     kind: str  # "score" | "generate"
     ids: list[int]
-    gains: object
+    gains: Gains
+    user: str = ""
     max_tokens: int = 0
     temperature: float = 0.0
     seed: int | None = None
-    user: str = ""
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # streaming: called on the engine thread with each final piece
     future: Future = field(default_factory=Future)
     t: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Row:
+    job: Job
+    tail: TextTail
+    gen: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    t_last: float = 0.0
+    finish: str = "length"
+
+
+class FairQueue:
+    """Waiting jobs, one FIFO per user; `take` serves the users in turn, the least recently served first."""
+
+    def __init__(self):
+        self._q: OrderedDict[str, deque] = OrderedDict()
+        self.cancelled = 0  # jobs skipped because their client left while they waited
+
+    def push(self, job: Job) -> None:
+        self._q.setdefault(job.user, deque()).append(job)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._q.values())
+
+    def take(self, n: int, fits: Callable[[list, Job], bool] = lambda batch, job: True) -> list[Job]:
+        out: list[Job] = []
+        while len(out) < n and self._q:
+            for user in list(self._q):
+                q = self._q[user]
+                while q and q[0].future.cancelled():  # the client left while waiting
+                    q.popleft()
+                    self.cancelled += 1
+                if q and len(out) < n:
+                    if out and not fits(out, q[0]):
+                        return self._prune(out)
+                    out.append(q.popleft())
+                    self._q.move_to_end(user)
+                if not q:
+                    del self._q[user]
+            if len(out) >= n:
+                break
+        return self._prune(out)
+
+    def _prune(self, out: list[Job]) -> list[Job]:
+        for user in [u for u, q in self._q.items() if not q]:
+            del self._q[user]
+        return out
+
+
+class _Quiet:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
 
 
 def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
     try:
         job.future.set_exception(error) if error is not None else job.future.set_result(result)
-    except InvalidStateError:  # cancelled by its client meanwhile: nobody is waiting
+    except InvalidStateError:  # cancelled by its client meanwhile
         pass
 
 
-def round_robin(jobs: list[Job]) -> list[Job]:
-    """Jobs reordered user by user in turn (each user's own jobs keep their order; oldest user first)."""
-    per_user: dict[str, deque] = {}
-    for j in jobs:
-        per_user.setdefault(j.user, deque()).append(j)
-    out, queues = [], list(per_user.values())
-    while queues:
-        out += [q.popleft() for q in queues]
-        queues = [q for q in queues if q]
-    return out
-
-
-class Scheduler:
-    def __init__(self, score, start, window_s: float = 0.01, max_batch: int = 16, max_batch_tokens: int = 16384,
-                 max_queued_per_user: int = 32, max_groups: int = 4):
-        self._score, self._start = score, start
-        self.window_s, self.max_batch, self.max_batch_tokens = window_s, max_batch, max_batch_tokens
-        self.max_queued_per_user, self.max_groups = max_queued_per_user, max_groups
-        self._q: deque[Job] = deque()
-        self._groups: list[tuple[object, list[Job]]] = []  # (Decoding, its jobs, row for row)
+class Engine:
+    def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
+                 max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32):
+        self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self.max_queued_per_user = max_queued_per_user
+        self._load: dict[str, int] = {}  # per user: requests waiting or running (until their future is done)
+        self.metrics = metrics or _Quiet()
+        self.scores, self.gens = FairQueue(), FairQueue()
+        self.rows: list[Row] = []
+        self.kv = BatchCache()
+        self.logits: torch.Tensor | None = None  # next-token logits of each active row
+        self._stacked = None  # the active rows' gains, stacked per norm (rebuilt when rows change)
         self._cv = threading.Condition()
         self._stop = False
-        self._last = "step"
-        self.batches = self.rows = self.largest = self.steps = self.cancelled = self.failed_rows = 0
-        self._thread = threading.Thread(target=self._loop, name="sharedllm-scheduler", daemon=True)
+        self.batches = self.largest = self.steps = self.rows_total = 0
+        self.dropped = self.failed_rows = 0  # rows dropped while running (client gone); rows that failed
+        self._thread = threading.Thread(target=self._loop, name="sharedllm-engine", daemon=True)
         self._thread.start()
 
-    # ---- the interface -----------------------------------------------------------------------------------
+    # ---- the request side --------------------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
         with self._cv:
             if self._stop:
                 raise SharedLLMError("server is shutting down")
-            if self._load(job.user) >= self.max_queued_per_user:
+            if self._load.get(job.user, 0) >= self.max_queued_per_user:
                 raise Busy(f"user {job.user!r} already has {self.max_queued_per_user} requests queued or running; "
                            f"retry when some have finished")
-            self._q.append(job)
+            self._load[job.user] = self._load.get(job.user, 0) + 1
+            job.future.add_done_callback(lambda _f, user=job.user: self._release(user))
+            (self.scores if job.kind == "score" else self.gens).push(job)
             self._cv.notify()
         return job.future
+
+    def _release(self, user: str) -> None:
+        with self._cv:
+            left = self._load.get(user, 0) - 1
+            if left > 0:
+                self._load[user] = left
+            else:
+                self._load.pop(user, None)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
 
     def close(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join(timeout=30)
-        for j in list(self._q) + [j for _, jobs in self._groups for j in jobs]:
+        self._thread.join(timeout=10)
+        with self._cv:  # nobody will answer these now
+            waiting = [j for q in (self.scores, self.gens) for j in q.take(len(q))] + [r.job for r in self.rows]
+        for j in waiting:
             _resolve(j, error=SharedLLMError("server is shutting down"))
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest, "queued": len(self._q),
-                "decode_steps": self.steps, "generating_rows": sum(len(jobs) for _, jobs in self._groups),
-                "cancelled_rows": self.cancelled, "failed_rows": self.failed_rows}
+        return {"batches": self.batches, "rows": self.rows_total, "largest_batch": self.largest,
+                "decode_steps": self.steps, "active_rows": len(self.rows), "generating_rows": len(self.rows),
+                "queued": len(self.scores) + len(self.gens),
+                "cancelled_rows": self.dropped + self.scores.cancelled + self.gens.cancelled,
+                "failed_rows": self.failed_rows}
 
-    # ---- choosing the next unit of work ------------------------------------------------------------------
-    def _load(self, user: str) -> int:
-        return sum(j.user == user for j in self._q) + sum(j.user == user for _, js in self._groups for j in js)
-
-    def _ready(self, jobs: list[Job], now: float) -> bool:
-        return bool(jobs) and (len(jobs) >= self.max_batch or now >= jobs[0].t + self.window_s
-                               or bool(self._groups))
-
-    def _next(self):
-        """Under the lock: the next unit of work (a callable), or None to stop. Blocks while there is none."""
-        while not self._stop:
-            self._drop_cancelled()
-            now = time.monotonic()
-            scores = [j for j in self._q if j.kind == "score"]
-            gens = [j for j in self._q if j.kind == "generate"]
-            step_turn = self._groups and self._last != "step"
-            if self._ready(scores, now) and not step_turn:
-                return self._take(scores, self._run_scores)
-            if self._ready(gens, now) and len(self._groups) < self.max_groups and not step_turn:
-                return self._take(gens, self._run_start)
-            if self._groups:
-                return self._run_steps
-            waits = [js[0].t + self.window_s - now for js in (scores, gens) if js]
-            self._cv.wait(max(min(waits), 0.001) if waits else None)
-        return None
-
-    def _take(self, jobs: list[Job], run):
-        batch = self._fit(round_robin(jobs))
-        for j in batch:
-            self._q.remove(j)
-        return lambda: run(batch)
-
-    def _fit(self, jobs: list[Job]) -> list[Job]:
-        """In the given order, the jobs that fit: at most max_batch rows, rows x padded width <= max_batch_tokens
-        (bounds the memory of the logits); the first job always goes."""
-        batch, width = [], 0
-        for j in jobs:
-            w = max(width, len(j.ids) + j.max_tokens)
-            if batch and (len(batch) + 1) * w > self.max_batch_tokens:
-                continue
-            batch.append(j)
-            width = w
-            if len(batch) == self.max_batch:
-                break
-        return batch
-
-    def _drop_cancelled(self) -> None:
-        gone = [j for j in self._q if j.future.cancelled()]
-        for j in gone:
-            self._q.remove(j)
-        self.cancelled += len(gone)
-
+    # ---- the engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                work = self._next()
-            if work is None:
-                return
-            work()
-
-    # ---- the units of work (worker thread, outside the lock) ---------------------------------------------
-    def _count(self, batch: list[Job]) -> None:
-        self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-        self.largest = max(self.largest, len(batch))
-
-    def _isolated(self, run, batch: list[Job]):
-        """run(batch), or, if it raises, run(each row alone): -> [(job, result or None)], failures resolved."""
-        try:
-            return list(zip(batch, run(batch)))
-        except Exception as e:  # one bad row must not fail the others: find it
-            if len(batch) == 1:
-                return self._fail(batch, e)
-            return [pair for j in batch for pair in self._isolated(run, [j])]
-
-    def _fail(self, jobs: list[Job], error: Exception) -> list:
-        self.failed_rows += len(jobs)
-        for j in jobs:
-            _resolve(j, error=error)
-        return []
-
-    def _run_scores(self, batch: list[Job]) -> None:
-        self._last = "score"
-        self._count(batch)
-        for j, r in self._isolated(self._score, batch):
-            _resolve(j, r)
-
-    def _run_start(self, batch: list[Job]) -> None:
-        self._last = "start"
-        self._count(batch)
-        try:
-            new = [(self._start(batch), batch)]
-        except Exception as e:  # one bad row must not fail the others: start each row alone
-            if len(batch) == 1:
-                return self._fail(batch, e)
-            new = [(d, [j]) for j, d in self._isolated(lambda jobs: [self._start(jobs)], batch)]
-        with self._cv:
-            self._groups += new
-
-    def _run_steps(self) -> None:
-        """One decode step of every running group; finished rows are answered, cancelled rows dropped."""
-        self._last = "step"
-        self.steps += 1
-        groups = []
-        for d, jobs in self._groups:
+        while self._wait():
             try:
-                done = d.pick()
-                keep = []
-                for i, (j, fin) in enumerate(zip(jobs, done)):
-                    if j.future.cancelled():
-                        self.cancelled += 1
-                    elif fin:
-                        _resolve(j, d.out[i])
-                    else:
-                        keep.append(i)
-                d.keep(keep)
-                if keep:
-                    d.forward()
-                    groups.append((d, [jobs[i] for i in keep]))
-            except Exception as e:  # a decode step failed: only this group's rows fail
-                self._fail(jobs, e)
+                self._run_scores()
+                self._admit()
+                self._sample()
+                if self.rows:
+                    self._decode()
+            except Exception as e:  # a failed decode step fails the rows in it; the engine goes on
+                self.failed_rows += len(self.rows)
+                for row in self.rows:
+                    _resolve(row.job, error=e)
+                self._keep([])
+
+    def _wait(self) -> bool:
         with self._cv:
-            self._groups = groups
+            while not self._stop and not self.rows and not len(self.scores) and not len(self.gens):
+                self._cv.wait()
+            if not self.rows and self.window_s > 0:  # idle engine: let concurrent requests share the first pass
+                deadline = time.monotonic() + self.window_s
+                while not self._stop and len(self.scores) + len(self.gens) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            return not self._stop
+
+    def _batch(self, n: int) -> None:
+        self.batches, self.rows_total, self.largest = self.batches + 1, self.rows_total + n, max(self.largest, n)
+
+    def _tokens_fit(self, width_of: Callable[[Job], int]):
+        def fits(batch: list[Job], job: Job) -> bool:
+            return (len(batch) + 1) * max(width_of(j) for j in batch + [job]) <= self.max_batch_tokens
+        return fits
+
+    def _isolated(self, jobs: list[Job], fn: Callable) -> list[tuple[list[Job], object]]:
+        """[(jobs, fn(jobs))]; if the batch raises, each job alone, failing only those that raise again."""
+        try:
+            return [(jobs, fn(jobs))]
+        except Exception as e:
+            if len(jobs) == 1:
+                self.failed_rows += 1
+                _resolve(jobs[0], error=e)
+                return []
+        out = []
+        for j in jobs:
+            out += self._isolated([j], fn)
+        return out
+
+    def _run_scores(self) -> None:
+        with self._cv:
+            jobs = self.scores.take(self.max_batch, self._tokens_fit(lambda j: len(j.ids)))
+        if not jobs:
+            return
+        self._batch(len(jobs))
+        for group, results in self._isolated(jobs, lambda js: score_batch(
+                self.rgm, [j.ids for j in js], [j.gains for j in js])):
+            for j, r in zip(group, results):
+                _resolve(j, r)
+                self.metrics.scored(r.tokens)
+
+    def _admit(self) -> None:
+        room = self.max_batch - len(self.rows)
+        if room <= 0:
+            return
+        with self._cv:
+            jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids)))
+        if not jobs:
+            return
+        self._batch(len(jobs))
+
+        def start(js: list[Job]):  # a row's own setup (its seeded generator) fails with its prefill group
+            rows = [self._row(j) for j in js]
+            return rows, prefill(self.rgm, [j.ids for j in js], [j.gains for j in js])
+
+        for group, (rows, (logits, cache, pads)) in self._isolated(jobs, start):
+            self.kv.join(cache, pads)
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            self.rows += rows
+            self._stacked = None
+
+    def _row(self, job: Job) -> Row:
+        gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        return Row(job, TextTail(self.decode, job.stop), gen, t_last=job.t)
+
+    def _sample(self) -> None:
+        """Pick each row's next token; rows that finished, failed or were abandoned leave the batch."""
+        keep = []
+        for b, row in enumerate(self.rows):
+            if row.job.future.cancelled():
+                self.metrics.dropped()
+                self.dropped += 1
+                continue
+            try:
+                if not self._advance(row, self.logits[b]):
+                    keep.append(b)
+                    continue
+                _resolve(row.job, Generated(row.ids, row.finish, row.tail.text))
+            except Exception as e:
+                self.failed_rows += 1
+                _resolve(row.job, error=e)
+        self._keep(keep)
+
+    def _advance(self, row: Row, logits: torch.Tensor) -> bool:
+        """Add one token to `row`; True when the row is finished."""
+        job = row.job
+        tok = pick(logits, job.temperature, row.gen, job.top_p)
+        row.ids.append(tok)
+        self.metrics.generated(1)
+        now = time.monotonic()
+        (self.metrics.first_token if len(row.ids) == 1 else self.metrics.next_token)(now - row.t_last)
+        row.t_last = now
+        if self.eos_id is not None and tok == self.eos_id:
+            piece, done = row.tail.finish(), True
+            row.finish = "stop"
+        else:
+            piece, done = row.tail.push(tok)
+            if done:
+                row.finish = "stop"
+            elif len(row.ids) >= job.max_tokens:
+                piece, done = piece + row.tail.finish(), True
+        if piece and job.on_text is not None:
+            job.on_text(piece)
+        return done
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.rows):
+            return
+        self.kv.keep(rows)
+        self.rows = [self.rows[i] for i in rows]
+        self.logits = self.logits[rows] if rows else None
+        self._stacked = None
+
+    def _decode(self) -> None:
+        if self._stacked is None:
+            self._stacked = self.rgm.stack([r.job.gains for r in self.rows])
+        self.logits = decode_step(self.rgm, self.kv, [r.ids[-1] for r in self.rows], self._stacked)
+        self.steps += 1
+        self._batch(len(self.rows))

@@ -1,0 +1,223 @@
+"""Serving latency and throughput on the default base: the continuous-batching server against the old batch
+worker and against llama.cpp (llama-cpp-python), all on this machine, side by side in one run.
+
+  old-vs-new   the same 16 requests from 16 users (max_tokens alternating short/long, one arriving every
+               --gap-ms) through `sharedllm serve` at this commit and at --old-commit (the batch worker)
+  mix          --long long generations running, then --scores score requests one after another: p50/p99 score
+               latency (new vs old server)
+  single       one stream: time to first token and decode tok/s, sharedllm (HTTP, streamed) vs llama.cpp
+               in-process on the same GGUF (no HTTP: favours llama.cpp)
+  concurrent   16 streams from 16 users through `sharedllm serve` vs llama-cpp-python's OpenAI server
+               (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots)
+
+    PYTHONPATH=src python bench/serve_vs_llamacpp.py [--parts old-vs-new,mix,single,concurrent]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from sharedllm.base import _find_gguf, load_base
+
+from serve_common import MACHINE, ServerProcess, adapter_files, auth, create_users, snippets, upload
+
+N = 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_tree(commit: str, into: Path) -> Path:
+    """The package at `commit`, unpacked with `git archive` (no worktree, no branch)."""
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True, capture_output=True).stdout
+    tarfile.open(fileobj=io.BytesIO(blob)).extractall(into)
+    return into / "src"
+
+
+def stream_one(c: httpx.Client, token: str, body: dict) -> tuple[float, float, int]:
+    """(seconds to first text chunk, total seconds, completion tokens) of one streamed completion."""
+    t0, first, n = time.perf_counter(), None, 0
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                    "stream_options": {"include_usage": True}},
+                  headers=auth(token)) as r:
+        for ln in r.iter_lines():
+            if not ln.startswith("data: {"):
+                continue
+            obj = json.loads(ln[6:])
+            if first is None and obj["choices"] and obj["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+            if obj.get("usage"):
+                n = obj["usage"]["completion_tokens"]
+    return first or 0.0, time.perf_counter() - t0, n
+
+
+def staggered(url: str, calls: list[tuple[str, dict, str]], gap_s: float) -> tuple[float, list[float]]:
+    """Send call i at i * gap_s; (wall from first send to last answer, each request's latency)."""
+    lat = [0.0] * len(calls)
+    c = httpx.Client(base_url=url, timeout=900, limits=httpx.Limits(max_connections=len(calls)))
+    t0 = time.perf_counter()
+
+    def one(i, path, body, token):
+        time.sleep(max(0.0, t0 + i * gap_s - time.perf_counter()))
+        t = time.perf_counter()
+        r = c.post(path, json=body, headers=auth(token))
+        r.raise_for_status()
+        lat[i] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=one, args=(i, *call)) for i, call in enumerate(calls)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    c.close()
+    return time.perf_counter() - t0, lat
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def old_vs_new(servers: dict, tokens: dict, users: list[str], prompts: list[str], args) -> dict:
+    calls = [("/v1/completions", {"prompt": p, "max_tokens": args.short if i % 2 else args.long, "temperature": 0},
+              tokens[users[i]]) for i, p in enumerate(prompts)]
+    out = {}
+    for name, srv in servers.items():
+        wall, lat = staggered(srv.url, calls, args.gap_ms / 1000)
+        out[name] = {"wall_s": wall, "p50_latency_s": pct(lat, 0.5), "mean_latency_s": statistics.mean(lat),
+                     "short_p50_s": pct(lat[1::2], 0.5), "long_p50_s": pct(lat[0::2], 0.5)}
+        print(name, json.dumps(out[name]), flush=True)
+    out["new_over_old_wall"] = out["old"]["wall_s"] / out["new"]["wall_s"]
+    out["new_over_old_short_p50"] = out["old"]["short_p50_s"] / out["new"]["short_p50_s"]
+    return out
+
+
+def mix(servers: dict, tokens: dict, users: list[str], prompts: list[str], texts: list[str], args) -> dict:
+    out = {}
+    for name, srv in servers.items():
+        c = httpx.Client(base_url=srv.url, timeout=900)
+        gens = [threading.Thread(target=lambda i=i: c.post("/v1/completions", headers=auth(tokens[users[i]]), json={
+            "prompt": prompts[i], "max_tokens": args.long * 2, "temperature": 0})) for i in range(args.n_long)]
+        [t.start() for t in gens]
+        time.sleep(1.0)  # the long generations are decoding
+        lat = []
+        for j in range(args.scores):
+            t = time.perf_counter()
+            c.post("/v1/score", json={"text": texts[j % len(texts)]}, headers=auth(tokens[users[-1 - j % 4]]))
+            lat.append(time.perf_counter() - t)
+        [t.join() for t in gens]
+        c.close()
+        out[name] = {"score_p50_s": pct(lat, 0.5), "score_p99_s": pct(lat, 0.99)}
+        print(name, "mix", json.dumps(out[name]), flush=True)
+    out["old_over_new_score_p50"] = out["old"]["score_p50_s"] / out["new"]["score_p50_s"]
+    out["old_over_new_score_p99"] = out["old"]["score_p99_s"] / out["new"]["score_p99_s"]
+    return out
+
+
+def single(srv, token: str, prompt: str, args) -> dict:
+    from llama_cpp import Llama
+
+    with httpx.Client(base_url=srv.url, timeout=900) as c:
+        stream_one(c, token, {"prompt": prompt, "max_tokens": 4, "temperature": 0})  # warm
+        ttft, total, n = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long, "temperature": 0})
+    ours = {"ttft_s": ttft, "decode_tok_s": (n - 1) / (total - ttft), "tokens": n}
+    llm = Llama(model_path=str(_find_gguf()), n_ctx=2048, n_threads=args.threads, verbose=False)
+    llm(prompt, max_tokens=4, temperature=0)
+    t0, first, n = time.perf_counter(), None, 0
+    for _ in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
+        n += 1
+        first = first or time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    theirs = {"ttft_s": first, "decode_tok_s": (n - 1) / (total - first), "tokens": n}
+    print("single", json.dumps({"sharedllm": ours, "llamacpp": theirs}), flush=True)
+    return {"sharedllm": ours, "llamacpp": theirs, "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
+            "ttft_ratio": ours["ttft_s"] / theirs["ttft_s"]}
+
+
+def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) -> dict:
+    port = args.port + 7
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(_find_gguf()), "--port", str(port),
+           "--n_threads", str(args.threads), "--n_ctx", "4096"]
+    llama = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        out = {}
+        for name, url, key in (("sharedllm", srv.url, None), ("llamacpp", f"http://127.0.0.1:{port}", "x")):
+            calls = [("/v1/completions", {"prompt": p, "max_tokens": args.long, "temperature": 0},
+                      key or tokens[users[i]]) for i, p in enumerate(prompts)]
+            wall, lat = staggered(url, calls, 0.0)
+            out[name] = {"wall_s": wall, "tok_s": N * args.long / wall, "p50_latency_s": pct(lat, 0.5)}
+            print("concurrent", name, json.dumps(out[name]), flush=True)
+        out["sharedllm_over_llamacpp_tok_s"] = out["sharedllm"]["tok_s"] / out["llamacpp"]["tok_s"]
+        return out
+    finally:
+        llama.terminate()
+        llama.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="old-vs-new,mix,single,concurrent")
+    ap.add_argument("--old-commit", default="d80473f")
+    ap.add_argument("--short", type=int, default=8)
+    ap.add_argument("--long", type=int, default=64)
+    ap.add_argument("--gap-ms", type=float, default=150)
+    ap.add_argument("--n-long", type=int, default=8)
+    ap.add_argument("--scores", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--port", type=int, default=8790)
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    base = load_base("default")
+    work = Path(tempfile.mkdtemp(prefix="serve-vs-"))
+    files = adapter_files(base, N, work / "adapters")
+    users = [f"user{i}" for i in range(N)]
+    prompts, texts = snippets(N, 120, seed=1), snippets(N, 400, seed=2)
+    new = ServerProcess("default", work / "store", args.port, "--max-batch", str(N))
+    servers = {"new": new}
+    if {"old-vs-new", "mix"} & set(parts):
+        old = ServerProcess("default", work / "store", args.port + 1, "--max-batch", str(N))
+        old.cmd = ["env", f"PYTHONPATH={old_tree(args.old_commit, work / 'old')}", *old.cmd]
+        servers["old"] = old
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": MACHINE, "base": base.name, "args": vars(args)}
+    try:
+        new.start()
+        tokens = create_users(new.url, users)
+        for u, d in zip(users, files):
+            upload(new.url, u, tokens[u], d)
+        if "old" in servers:
+            servers["old"].start()
+        for name, srv in servers.items():  # warm every code path once
+            staggered(srv.url, [("/v1/completions", {"prompt": "hi", "max_tokens": 2}, tokens[users[0]]),
+                                ("/v1/score", {"text": texts[0]}, tokens[users[1]])], 0.0)
+        if "old-vs-new" in parts:
+            report["old_vs_new"] = old_vs_new(servers, tokens, users, prompts, args)
+        if "mix" in parts:
+            report["mix"] = mix(servers, tokens, users, prompts, texts, args)
+        if "old" in servers:
+            servers["old"].stop()
+        if "single" in parts:
+            report["single"] = single(new, tokens[users[0]], prompts[0], args)
+        if "concurrent" in parts:
+            report["concurrent"] = concurrent(new, tokens, users, prompts, args)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
