@@ -28,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from sharedllm.base import _find_gguf, load_base
+from sharedllm import registry
+from sharedllm.base import load_base
 
 from serve_common import MACHINE, ServerProcess, adapter_files, auth, create_users, snippets, upload
 
@@ -128,7 +129,7 @@ def single(srv, token: str, prompt: str, args) -> dict:
         stream_one(c, token, {"prompt": prompt, "max_tokens": 4, "temperature": 0})  # warm
         ttft, total, n = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long, "temperature": 0})
     ours = {"ttft_s": ttft, "decode_tok_s": (n - 1) / (total - ttft), "tokens": n}
-    llm = Llama(model_path=str(_find_gguf()), n_ctx=2048, n_threads=args.threads, verbose=False)
+    llm = Llama(model_path=str(registry.gguf_path(registry.resolve("default"))), n_ctx=2048, n_threads=args.threads, verbose=False)
     llm(prompt, max_tokens=4, temperature=0)
     t0, first, n = time.perf_counter(), None, 0
     for _ in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
@@ -143,7 +144,7 @@ def single(srv, token: str, prompt: str, args) -> dict:
 
 def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) -> dict:
     port = args.port + 7
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(_find_gguf()), "--port", str(port),
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(registry.gguf_path(registry.resolve("default"))), "--port", str(port),
            "--n_threads", str(args.threads), "--n_ctx", "4096"]
     llama = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:

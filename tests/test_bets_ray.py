@@ -37,6 +37,26 @@ def test_enumerate_then_compute_one_unit_as_a_worker_would(tmp_path):
     assert not ctx.checkpoint.path.exists()  # a worker never writes the checkpoint
 
 
+def test_a_unit_that_needs_other_units_cells_is_reached_on_a_worker(tmp_path, monkeypatch):
+    """lr_sensitivity's confusion rows exist only once the grid's cells are known: a worker sent such a unit must
+    see the units the driver had finished (a worker with an empty checkpoint never reached it)."""
+    bet = get_bet("scale_protocol")
+
+    def run(ctx):  # unit b's key and cells depend on unit a's cells
+        cells = ctx.unit("a", lambda: [{"kind": "x", "v": 2}])
+        if ctx.deferred is not None or not cells:
+            return cells
+        n = sum(c["v"] for c in cells)
+        return cells + ctx.unit(f"b{n}", lambda: [{"kind": "y", "v": 10 * n}])
+
+    monkeypatch.setattr(bet, "run", run)
+    plain = json.dumps(ray_units._plain(quick_scale(tmp_path, None)))
+    a = {"cells": [{"kind": "x", "v": 2}], "users": [], "seeds": [], "curves": {}, "wall_s": 0.0}
+    assert ray_units.compute_unit(bet.id, plain, "b2", {"a": a})["cells"] == [{"kind": "y", "v": 20}]
+    with pytest.raises(ray_units.SharedLLMError, match="never reached unit 'b2'"):
+        ray_units.compute_unit(bet.id, plain, "b2")
+
+
 def test_a_target_outside_the_bet_is_an_error(tmp_path):
     opts = quick_scale(tmp_path, None)
     with pytest.raises(ray_units.SharedLLMError, match="never reached unit 'nope'"):

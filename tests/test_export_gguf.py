@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharedllm.base import _find_gguf, load_base
+from sharedllm import registry
+from sharedllm.base import load_base
 from sharedllm.cli import main
 from sharedllm.gguf_export import gguf_name
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
@@ -31,7 +32,7 @@ def test_export_gguf_replaces_exactly_the_norms(tmp_path):
     out = tmp_path / "ann.gguf"
     assert main(["export", "--adapter", str(tmp_path / "ann.safetensors"), "--format", "gguf",
                  "--out", str(out)]) == 0
-    new, old = GGUFReader(str(out)), GGUFReader(str(_find_gguf()))
+    new, old = GGUFReader(str(out)), GGUFReader(str(registry.gguf_path(registry.resolve("default"))))
     assert [f for f in new.fields] == [f for f in old.fields]
     stored = load_adapted(base, tmp_path / "ann.safetensors").params  # the gains as the file holds them (fp16)
     by_name = {gguf_name(n): v for n, v in stored.items()}

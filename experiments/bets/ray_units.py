@@ -98,8 +98,8 @@ def dispatch(bet, opts, keys: list, checkpoint) -> dict:
         task = ray.remote(compute_unit).options(
             num_cpus=1, num_gpus=1 if gpu else 0, max_retries=opts.ray_retries, retry_exceptions=True,
             runtime_env={"env_vars": worker_env(opts.device)})
-        plain = json.dumps(_plain(opts))
-        refs = {task.remote(bet.id, plain, key): key for key in keys}
+        plain, done = json.dumps(_plain(opts)), ray.put(checkpoint.units())
+        refs = {task.remote(bet.id, plain, key, done): key for key in keys}
         say(f"bet {bet.name}: {len(refs)} unit(s) sent to Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
         return _gather(ray, refs, checkpoint)
     finally:
@@ -147,14 +147,16 @@ def _options(plain: str):
 
 # ---- in a Ray worker ----
 
-def compute_unit(bet_id: str, plain_opts: str, key: str) -> dict:
-    """Compute one unit of a bet: run the bet's run() with `key` as the target (every other unit is skipped)."""
+def compute_unit(bet_id: str, plain_opts: str, key: str, done: dict | None = None) -> dict:
+    """Compute one unit of a bet: run the bet's run() with `key` as the target (every other unit is skipped;
+    the units in `done`, finished by the driver, give their cells to the units that depend on them)."""
     import torch
 
-    from .context import UnitDone
+    from .context import NoCheckpoint, UnitDone
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = _context(bet_id, plain_opts)
+    ctx.checkpoint = NoCheckpoint(done)
     ctx.users_used, ctx.seeds_used, ctx.extras, ctx.target = [], set(), {}, key
     _fault(key)
     try:

@@ -44,15 +44,17 @@ def run(args) -> dict:
 
 
 def _gguf(args, adapted, out: Path) -> dict:
-    from ..base import _find_gguf
+    from .. import registry
     from ..gguf_export import write_norm_gguf
 
     if adapted.method != "norm":
         raise SharedLLMError(f"{args.adapter}: --format gguf exports norm adapters only (this is {adapted.method})")
-    if args.base != "default":
-        raise SharedLLMError("--format gguf needs the default base, whose GGUF is the file being patched")
+    named = registry.resolve(args.base)
+    if named is None:
+        raise SharedLLMError(f"--format gguf needs a named base (`sharedllm bases`), whose GGUF is the file "
+                             f"being patched; {args.base!r} is not one")
     say(f"writing {out}: the base GGUF with this adapter's {len(adapted.params)} norm gains")
-    return {**write_norm_gguf(_find_gguf(), adapted.params, out), "method": adapted.method, "files": [out.name]}
+    return {**write_norm_gguf(registry.gguf_path(named), adapted.params, out), "method": adapted.method, "files": [out.name]}
 
 
 def render(r: dict) -> str:
