@@ -278,3 +278,18 @@ def test_63_controls_when_run_and_not_run():
 ])
 def test_lr_sensitivity(cells, want):
     assert judge("lr_sensitivity", cells) == want
+
+
+def test_scale_protocol_tuned_arm_is_judged_apart_from_the_catalogue_arm():
+    """The tuned-lr arm (kind tuned_confusion) gets its own side verdict, over the base rows it shares; the
+    pre-registered verdict reads the catalogue-lr matrix only."""
+    bet = get_bet("scale_protocol")
+    catalogue = scale(1, users=12, seeds=(0,))
+    tuned = [{**x, "kind": "tuned_confusion", "lr": 2e-3} for x in scale(12, users=12, seeds=(0,))
+             if x["adapter"] != "base"]
+    cells = catalogue + tuned
+    assert bet.verdict(cells, bet.criteria) == "CATASTROPHIC"  # unchanged by the tuned cells
+    side = bet.side_verdicts(cells, bet.criteria)
+    assert side["at the tuned norm lr 0.002 (lr_sensitivity's)"] == "LENIENT_PASS"  # 12/12 won, but 1 seed of 3
+    assert "TUNED ARM (norm lr 0.002)" in bet.summary(cells) and "12/12" in bet.summary(cells).split("TUNED")[1]
+    assert list(bet.side_verdicts(catalogue, bet.criteria)) == ["by the catalogue's wording (no CATASTROPHIC tier)"]

@@ -7,11 +7,10 @@ text for that method (read from its committed result; no lr is chosen on these u
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .cells import confusion_outcomes, fmt, ppl, select, values
-from .harness import RESULTS, Bet, MissingDependency, grade, main
+from .harness import Bet, grade, main
 
 USERS = ["chat/sender_549cc1d1", "chat/sender_31267496", "chat/sender_720840be", "chat/sender_0f9fe1f8",
          "chat/sender_afe2b8b4", "chat/sender_a54af4d5", "chat/sender_9c569478", "chat/sender_994e94a5",
@@ -35,17 +34,9 @@ def tuned_lrs(ctx) -> dict:
     if ctx.quick:
         ctx.notes["tuned_lr_source"] = "quick: fixed"
         return dict(QUICK_TUNED)
-    path = RESULTS / "lr_sensitivity.json"
-    if not path.is_file():
-        raise MissingDependency(f"bet chat_cohort needs the committed result of lr_sensitivity ({path}); run "
-                                "`sharedllm bet lr_sensitivity` first; no result written")
-    result = json.loads(path.read_text())
-    if result["config"]["base_fingerprint"] != ctx.base.fingerprint:
-        raise MissingDependency(f"{path} was measured on another base; run lr_sensitivity on this base first")
-    from .lr_sensitivity import tuned_lr
+    from .lr_sensitivity import committed_tuned_lrs
 
-    ctx.notes["tuned_lr_source"] = f"{path.name} (git {result['meta']['git_commit'][:10]})"
-    return {m: tuned_lr(result["cells"], m) for m in ("norm", "lora")}
+    return committed_tuned_lrs(ctx, same_base=True)
 
 
 def name(rel: str) -> str:

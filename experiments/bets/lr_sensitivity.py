@@ -8,6 +8,7 @@ far the gains moved from the base's.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -17,7 +18,7 @@ from sharedllm.personalise import load_adapted
 
 from .cells import confusion_outcomes, fmt, one, ppl, scored, select, values
 from .common import GENERAL, USERS
-from .harness import Bet, grade, main
+from .harness import RESULTS, Bet, MissingDependency, grade, main
 
 CATALOGUE_LR = 5e-5
 GRID = {"norm": [5e-5, 5e-4, 2e-3, 1e-2], "lora": [5e-5, 2e-4, 1e-3], "full": [5e-6, 2e-5, 5e-5]}
@@ -112,6 +113,24 @@ def dev_score(cells: list, method: str, lr: float) -> float:
 def tuned_lr(cells: list, method: str) -> float:
     lrs = sorted(values(cells, "lr", kind="grid", method=method, eval="dev"))
     return min(lrs, key=lambda lr: (round(dev_score(cells, method, lr), 12), lr))
+
+
+def committed_tuned_lrs(ctx, same_base: bool) -> dict:
+    """The dev-chosen lr per method (norm, lora) from this bet's committed result on the default base, for the
+    bets that build on it. same_base: refuse it on another base; else it is transferred and the notes say so."""
+    path = RESULTS / "lr_sensitivity.json"
+    if not path.is_file():
+        raise MissingDependency(f"bet {ctx.bet.name} needs the committed result of lr_sensitivity ({path}); run "
+                                "`sharedllm bet lr_sensitivity` first")
+    result = json.loads(path.read_text())
+    if result.get("incomplete"):
+        raise MissingDependency(f"{path} is incomplete; finish `sharedllm bet lr_sensitivity` first")
+    other = result["config"]["base_fingerprint"] != ctx.base.fingerprint
+    if other and same_base:
+        raise MissingDependency(f"{path} was measured on another base; run lr_sensitivity on this base first")
+    ctx.notes["tuned_lr_source"] = (f"{path.name} (git {result['meta']['git_commit'][:10]}, base "
+                                    f"{result['config']['base']}{', transferred: not tuned on this base' if other else ''})")
+    return {m: tuned_lr(result["cells"], m) for m in ("norm", "lora")}
 
 
 def general_ratio(cells: list, user: str, method: str, lr: float) -> float:
