@@ -21,6 +21,8 @@ from sharedllm.errors import SharedLLMError
 from .common import REPO
 
 RETRIES = 2
+FULL_FT_CPUS = 2  # a full fine-tune unit ("full/...") asks for 2 CPUs: its memory (weights, gradients, AdamW moments
+# ~16 bytes/param) is what limits a small machine, and two at once would not fit 24 GiB at 0.5B
 START_TRIES = 3
 FAULT_ENV = "SHAREDLLM_UNIT_FAULT"  # fault injection for tests: "exit-once|KEY|MARKER_FILE" or "raise|KEY"
 _WORKER: dict = {}  # in a worker process: (bet, options) -> Context, so the base is loaded once per process
@@ -95,11 +97,15 @@ def dispatch(bet, opts, keys: list, checkpoint) -> dict:
     started = start(opts.ray if opts.ray != "local" else None)
     try:
         gpu = opts.device.startswith("cuda")
-        task = ray.remote(compute_unit).options(
-            num_cpus=1, num_gpus=1 if gpu else 0, max_retries=opts.ray_retries, retry_exceptions=True,
-            runtime_env={"env_vars": worker_env(opts.device)})
+        task = ray.remote(compute_unit)
+        common = {"num_gpus": 1 if gpu else 0, "max_retries": opts.ray_retries, "retry_exceptions": True,
+                  "runtime_env": {"env_vars": worker_env(opts.device)}}
         plain, done = json.dumps(_plain(opts)), ray.put(checkpoint.units())
-        refs = {task.remote(bet.id, plain, key, done): key for key in keys}
+        wide = min(FULL_FT_CPUS, int(ray.cluster_resources().get("CPU", 1)))
+        refs = {}
+        for key in keys:
+            cpus = wide if key.startswith("full/") and not gpu else 1
+            refs[task.options(num_cpus=cpus, **common).remote(bet.id, plain, key, done, cpus)] = key
         say(f"bet {bet.name}: {len(refs)} unit(s) sent to Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
         return _gather(ray, refs, checkpoint)
     finally:
@@ -147,14 +153,14 @@ def _options(plain: str):
 
 # ---- in a Ray worker ----
 
-def compute_unit(bet_id: str, plain_opts: str, key: str, done: dict | None = None) -> dict:
+def compute_unit(bet_id: str, plain_opts: str, key: str, done: dict | None = None, threads: int = 1) -> dict:
     """Compute one unit of a bet: run the bet's run() with `key` as the target (every other unit is skipped;
     the units in `done`, finished by the driver, give their cells to the units that depend on them)."""
     import torch
 
     from .context import NoCheckpoint, UnitDone
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(threads)  # one per CPU the task asked for
     ctx = _context(bet_id, plain_opts)
     ctx.checkpoint = NoCheckpoint(done)
     ctx.users_used, ctx.seeds_used, ctx.extras, ctx.target = [], set(), {}, key
