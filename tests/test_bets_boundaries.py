@@ -293,3 +293,19 @@ def test_scale_protocol_tuned_arm_is_judged_apart_from_the_catalogue_arm():
     assert side["at the tuned norm lr 0.002 (lr_sensitivity's)"] == "LENIENT_PASS"  # 12/12 won, but 1 seed of 3
     assert "TUNED ARM (norm lr 0.002)" in bet.summary(cells) and "12/12" in bet.summary(cells).split("TUNED")[1]
     assert list(bet.side_verdicts(catalogue, bet.criteria)) == ["by the catalogue's wording (no CATASTROPHIC tier)"]
+
+
+def test_scale_trend_row_reads_the_confusion_matrix_and_rivals():
+    """The scale report's numbers for one base: own vs base / best other per user, LoRA vs norm, bytes."""
+    from experiments.bets.scale_protocol import trend_row, trend_table
+
+    cells = scale(2, users=3, seeds=(0,))  # own 9.0 for p, n (wins by 10 %), 9.8 for s; others and base 10.0
+    cells[3] = {**cells[3], "bytes": 1000, "train_s": 5.0}  # the first adapter's own cell records its file
+    cells += [b.c(8.0, kind="method", method="lora", user=u, seed=0, bytes=50_000) for u in ("p", "n", "s")]
+    r = trend_row(cells)
+    assert (r["users"], r["own_best"], r["won_5pct"], r["lora_beats_norm"]) == (3, 3, 2, 3)
+    assert r["gain_vs_base"]["median"] == pytest.approx(0.1) and r["gain_vs_base"]["min"] == pytest.approx(0.02)
+    assert r["lora_gain_vs_base"]["max"] == pytest.approx(0.2) and r["bytes"] == {"norm": 1000, "lora": 50_000}
+    assert trend_row(cells, "tuned") is None  # no tuned arm in these cells
+    table = trend_table([("b (1M)", "FAIL", r)])
+    assert "| b (1M) | catalogue | FAIL | 3 | 3/3 | 2/3 |" in table and "215 MB / 10.8 GB" in table

@@ -11,7 +11,8 @@ import pytest
 from experiments.bets import report
 from experiments.bets.harness import BETS, RESULTS, get_bet
 
-COMMITTED = ["13", "37", "46", "49", "52", "53", "54", "55", "58", "60", "61", "63", "scale_protocol"]
+COMMITTED = ["13", "37", "46", "49", "52", "53", "54", "55", "58", "60", "61", "63", "scale_protocol",
+             "lr_sensitivity"]
 
 
 def load(bet_id: str) -> dict:
@@ -126,11 +127,30 @@ def vscale(cells, k):
     return tier(f >= 0.9 and len(won) >= 10 and len(seeds) >= 3, f > 0.5, f <= 0.25)
 
 
+def vlr(cells, k):
+    """lr chosen on dev text (mean log ratio to the base's dev ppl), then 61's rule at it plus general-text bounds."""
+    grid = [x for x in cells if x.get("kind") == "grid"]
+
+    def dev(lr):
+        us = users([x for x in grid if x["method"] == "norm"])
+        return sum(math.log(pp(grid, user=u, method="norm", lr=lr, eval="dev")
+                            / pp(grid, user=u, method="none", eval="dev")) for u in us) / len(us)
+    lr = min(sorted({x["lr"] for x in grid if x["method"] == "norm"}), key=lambda x: (round(dev(x), 12), x))
+    won, best = confusion_won([x for x in cells if x.get("kind") == "confusion" and x["lr"] == lr])
+    general = max(pp(grid, user=u, method="norm", lr=lr, eval="general") / pp(grid, method="none", eval="general")
+                  for u in users([x for x in grid if x["method"] == "norm"]))
+    s, le, c = k["STRICT"], k["LENIENT"], k["CATASTROPHIC"]
+    return tier(sum(won) >= s["min_users_won"] and general <= s["max_general_ratio"] and len(won) >= 3,
+                sum(won) >= le["min_users_won"] and sum(best) >= le["own_best_users"]
+                and general <= le["max_general_ratio"],
+                lr == k["catalogue_lr"] or sum(best) <= c["max_users_own_best"] or general > c["above_general_ratio"])
+
+
 INDEPENDENT = {
     "13": v13, "37": v37, "46": v46, "49": v49, "52": v52, "53": v53,
     "54": lambda c, k: own_vs(c, k, "own", "average"), "55": lambda c, k: own_vs(c, k, "own", "ensemble"),
     "58": v58, "60": lambda c, k: own_vs(c, k, "real", "random", tie_loses=True), "61": v61, "63": v63,
-    "scale_protocol": vscale,
+    "scale_protocol": vscale, "lr_sensitivity": vlr,
 }
 
 
@@ -202,6 +222,11 @@ def key_numbers(bet_id: str, cells: list) -> list:
     if bet_id == "63":
         return [f"0.1:{math.log(pp(cells, user=u, adapter='base', sigma_rel=0.1) / pp(cells, user=u, adapter='own', sigma_rel=0.1)):.3f}"
                 for u in users(cells)]
+    if bet_id == "lr_sensitivity":  # each user's ppl at the tuned norm lr 2e-3 and general ratio, to 3 digits
+        grid = [x for x in cells if x.get("kind") == "grid"]
+        return [f"{g3(pp(grid, user=u, method='norm', lr=2e-3, eval='personal'))}/" for u in users(grid)] + [
+            f"general x{pp(grid, user=u, method='norm', lr=2e-3, eval='general') / pp(grid, method='none', eval='general'):.3f}"
+            for u in users(grid)]
     conf = [x for x in cells if x.get("kind") == "confusion"]
     won, best = confusion_won(conf)
     return [f"{sum(best)}/{len(best)}", f"{len(won)} users", "1 of 3 seeds", "reduced protocol"]

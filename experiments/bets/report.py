@@ -93,6 +93,7 @@ def write_report(results_dir: Path = RESULTS, report: Path = REPORT, plots_dir: 
     plots_dir = Path(plots_dir or Path(results_dir) / "plots")
     plots = make_plots(results, plots_dir)
     text = render_markdown(results, plots, Path(report).parent, in_progress(results_dir))
+    text += "\n".join(scale_section(results_dir, plots_dir, Path(report).parent)) + "\n"
     write_text_atomic(report, text)
     if readme is not None:
         write_text_atomic(readme, with_readme_block(Path(readme).read_text(), results))
@@ -203,6 +204,12 @@ def report_row(module: str, r: dict, results: dict) -> str:
     return (f"| {module} | {_cell(r['hypothesis'])} | **{r['verdict']}**{version}{flag}{check}{side} | "
             f"{_cell(control_column(controls))} | {_cell(get_bet(r['bet']).summary(r['cells']))} | {wall} | "
             f"{r['meta']['git_commit'][:8]} |")
+
+
+def scale_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
+    from .scale_protocol import report_section
+
+    return report_section(results_dir, plots_dir, root)
 
 
 # ---- plots (matplotlib, Agg) ----

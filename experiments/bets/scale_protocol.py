@@ -11,8 +11,11 @@ Full fine-tuning (--full-ft) is trained for the first user of each kind, at the 
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+from sharedllm import registry
 from sharedllm.base import load_base
 from sharedllm.errors import SharedLLMError
 
@@ -84,11 +87,12 @@ def confusion(ctx, users: list, seeds: int, lr: float | None = None) -> list:
 def confusion_row(ctx, users: list, a: str, seed: int, lr: float | None = None) -> list:
     """Train user a's norm adapter and score it on every user's eval texts."""
     path = ctx.adapter(a, "norm", seed=seed, lr=lr)
-    ctx.curve(f"{name(a)}/norm/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
+    side = ctx.curve(f"{name(a)}/norm/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
     kind = {"kind": "confusion"} if lr is None else {"kind": "tuned_confusion", "lr": lr}
     cells = []
     for u in users:
-        cells += ctx.score_cells(path, u, adapter=name(a), user=name(u), seed=seed, **kind)
+        own = {"bytes": path.stat().st_size, "train_s": round(side["wall_s"], 1)} if u == a else {}
+        cells += ctx.score_cells(path, u, adapter=name(a), user=name(u), seed=seed, **kind, **own)
     ctx.release()
     return cells
 
@@ -105,9 +109,10 @@ def rival_methods(ctx, users: list, seeds: int, methods: list, lr: float | None 
 
 def rival(ctx, u: str, method: str, seed: int, lr: float | None = None) -> list:
     path = ctx.adapter(u, method, seed=seed, lr=lr)
-    ctx.curve(f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
+    side = ctx.curve(f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
     kind = {"kind": "method"} if lr is None else {"kind": "tuned_method", "lr": lr}
-    cells = ctx.score_cells(path, u, method=method, user=name(u), seed=seed, bytes=path.stat().st_size, **kind)
+    cells = ctx.score_cells(path, u, method=method, user=name(u), seed=seed, bytes=path.stat().st_size,
+                            train_s=round(side["wall_s"], 1), **kind)
     ctx.release()
     return cells
 
@@ -273,6 +278,195 @@ def summary(cells: list) -> str:
     if select(cells, kind="tuned_confusion"):
         parts.append(f"TUNED ARM (norm lr {tuned_lr_of(cells):g}): " + summary(as_tuned(cells)))
     return "; ".join(parts)
+
+
+# ---- the scale report: one row per base (and per arm), from each base's result or its checkpoint ----
+
+FLEET = 215_000  # the flagship scenario's users, one adapter each
+
+
+def _median(xs: list) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2
+
+
+def _spread(xs: list) -> dict:
+    return {"median": _median(xs), "min": min(xs), "max": max(xs)} if xs else {}
+
+
+def _per_user(cells: list, conf: list, users: list, kind: str, **where) -> dict:
+    """Per user: 1 - own-norm ppl / this condition's ppl (> 0: own norm is better), where the cells exist."""
+    own = {u: ppl(conf, user=u, adapter=u) for u in users}
+    return {u: 1 - own[u] / ppl(cells, kind=kind, user=u, **where) for u in users
+            if select(cells, kind=kind, user=u, **where)}
+
+
+def _bytes(cells: list, **where) -> int | None:
+    sizes = [c["bytes"] for c in select(cells, **where) if "bytes" in c]
+    return int(_median(sizes)) if sizes else None
+
+
+def _train_s(cells: list, **where) -> float | None:
+    walls = [c["train_s"] for c in select(cells, **where) if "train_s" in c]
+    return round(_median(walls), 1) if walls else None
+
+
+def trend_row(cells: list, arm: str = "catalogue") -> dict | None:
+    """The scale report's numbers for one base and arm (catalogue lr, or the tuned lr): None without a full
+    confusion matrix (every user's own adapter scored on every user's text)."""
+    tuned = arm == "tuned"
+    cells = as_tuned(cells) if tuned else cells
+    conf = select(cells, kind="confusion")
+    users = [u for u in values(conf, "user") if select(conf, user=u, adapter=u)]
+    if len(users) < 2 or any(not select(conf, user=u, adapter="base") for u in users):
+        return None
+    conf = [c for c in conf if c["user"] in users and c["adapter"] in users + ["base"]]
+    out = confusion_outcomes(conf, CRITERIA["margin"])
+    others = {u: 1 - ppl(conf, user=u, adapter=u) / best_other_adapter(conf, u) for u in users}
+    lora = _per_user(cells, conf, users, "method", method="lora")
+    return {
+        "arm": arm, "users": len(users), "own_best": sum(b for _, b in out.values()),
+        "won_5pct": sum(w for w, _ in out.values()),
+        "gain_vs_base": _spread(list(_per_user(cells, conf, users, "confusion", adapter="base").values())),
+        "margin_vs_best_other": _spread(list(others.values())),
+        "lora_beats_norm": sum(v < 0 for v in lora.values()), "lora_users": len(lora),
+        "lora_gain_vs_base": _spread([1 - ppl(cells, kind="method", method="lora", user=u)
+                                      / ppl(conf, user=u, adapter="base") for u in lora]),
+        "real_vs_random": _spread(list(_per_user(cells, conf, users, "random").values())),
+        "ternary_recovery": _spread([1 - ppl(cells, kind="ternary", condition="ternary_norm", user=u)
+                                     / ppl(cells, kind="ternary", condition="ternary_base", user=u)
+                                     for u in users if select(cells, kind="ternary", user=u)]),
+        "bytes": {m: b for m, b in (("norm", _bytes(conf, kind="confusion")),
+                                    ("lora", _bytes(cells, kind="method", method="lora")),
+                                    ("full", _bytes(cells, kind="method", method="full"))) if b},
+        "train_s": {m: t for m, t in (("norm", _train_s(conf, kind="confusion")),
+                                      ("lora", _train_s(cells, kind="method", method="lora")),
+                                      ("full", _train_s(cells, kind="method", method="full"))) if t},
+    }
+
+
+def _pct(sp: dict) -> str:
+    return f"{100 * sp['median']:+.1f} % ({100 * sp['min']:+.1f} to {100 * sp['max']:+.1f})" if sp else "—"
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "—"
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n} B"
+
+
+def trend_table(rows: list) -> str:
+    """Markdown: one line per (base, arm); rows are (label, status, trend_row) in size order."""
+    head = ("| base | arm | status | users | own best | wins >= 5 % | own vs base (median, range) | own vs best other "
+            "| LoRA beats norm | LoRA vs base | real vs random | ternary recovery | bytes/user norm / LoRA / full "
+            f"| fleet of {FLEET:,} (norm / LoRA) | train s/adapter norm / LoRA / full |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, status, r in rows:
+        b, t = r["bytes"], r["train_s"]
+        lines.append(
+            f"| {label} | {r['arm']} | {status} | {r['users']} | {r['own_best']}/{r['users']} | "
+            f"{r['won_5pct']}/{r['users']} | {_pct(r['gain_vs_base'])} | {_pct(r['margin_vs_best_other'])} | "
+            f"{r['lora_beats_norm']}/{r['lora_users']} | {_pct(r['lora_gain_vs_base'])} | {_pct(r['real_vs_random'])} | "
+            f"{_pct(r['ternary_recovery'])} | {' / '.join(_size(b.get(m)) for m in ('norm', 'lora', 'full'))} | "
+            f"{' / '.join(_size(b[m] * FLEET) if m in b else '—' for m in ('norm', 'lora'))} | "
+            f"{' / '.join(str(t.get(m, '—')) for m in ('norm', 'lora', 'full'))} |")
+    return "\n".join(lines)
+
+
+def _partial_cells(path: Path) -> list:
+    units = json.loads(path.read_text()).get("units", {})
+    return [c for u in units.values() for c in u["cells"]]
+
+
+def scale_runs(results_dir: Path) -> list:
+    """(base name, status, cells) for the default base's result and each results/other/<base>/ run (a finished
+    result, else its checkpoint), in order of base size."""
+    runs = []
+    for folder in [Path(results_dir)] + sorted(Path(results_dir, "other").glob("*")):
+        done, part = folder / "scale_protocol.json", folder / "partial" / "scale_protocol.json"
+        if done.is_file():
+            r = json.loads(done.read_text())
+            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "")
+            runs.append((r["config"]["base"], status, r["cells"]))
+        elif part.is_file():
+            units = json.loads(part.read_text()).get("units", {})
+            runs.append((folder.name, f"in progress: {len(units)} units", _partial_cells(part)))
+    size = {nb.name: nb.params for nb in registry.BASES.values()}
+    return sorted(runs, key=lambda run: size.get(run[0], 0))
+
+
+def trend_rows(runs: list, norm_bytes: dict | None = None) -> list:
+    """norm_bytes: base -> a norm adapter file's size measured by another bet, for runs whose cells predate the
+    scale protocol's own `bytes` field (the 135M run)."""
+    rows = []
+    for base, status, cells in runs:
+        nb = registry.resolve(base)
+        label = f"{base} ({nb.params / 1e6:,.0f}M)" if nb else base
+        for r in (trend_row(cells), trend_row(cells, "tuned")):
+            if r is not None:
+                if "norm" not in r["bytes"] and (norm_bytes or {}).get(base):
+                    r["bytes"]["norm"] = norm_bytes[base]
+                rows.append((label, status, r))
+    return rows
+
+
+def norm_bytes_elsewhere(results_dir: Path) -> dict:
+    """base -> the size of a norm adapter file recorded by lr_sensitivity or 49 on that base."""
+    out = {}
+    for name in ("lr_sensitivity.json", "49_adapter_shootout.json"):
+        path = Path(results_dir) / name
+        if path.is_file():
+            r = json.loads(path.read_text())
+            sizes = [c["bytes"] for c in r["cells"] if c.get("method") == "norm" and c.get("bytes")]
+            if sizes:
+                out.setdefault(r["config"]["base"], int(_median(sizes)))
+    return out
+
+
+def trend_plot(rows: list, folder: Path) -> Path:
+    """Per base and arm: own norm vs base, own vs best other user's adapter, LoRA vs base (median, range)."""
+    import matplotlib.pyplot as plt
+
+    keys = (("gain_vs_base", "own norm vs base"), ("margin_vs_best_other", "own vs best other user's"),
+            ("lora_gain_vs_base", "LoRA-r4 vs base"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    labels = [f"{label.split(' (')[0]}\n{r['arm']}" for label, _, r in rows]
+    for ax, (key, title) in zip(axes, keys):
+        for i, (_, _, r) in enumerate(rows):
+            sp = r[key]
+            if sp:
+                ax.errorbar([i], [100 * sp["median"]], yerr=[[100 * (sp["median"] - sp["min"])],
+                                                              [100 * (sp["max"] - sp["median"])]],
+                            fmt="o" if r["arm"] == "catalogue" else "s", capsize=4,
+                            color="tab:blue" if r["arm"] == "catalogue" else "tab:orange")
+        ax.axhline(100 * CRITERIA["margin"], color="grey", ls="--", lw=0.8)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("ppl reduction, % (median, range over users)")
+    fig.suptitle("scale_protocol across bases (dashed: the 5 % bar)", fontsize=10)
+    fig.tight_layout()
+    path = Path(folder) / "scale_trend.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
+    """REPORT.md's scale section: the table across bases and arms, and its plot."""
+    rows = trend_rows(scale_runs(results_dir), norm_bytes_elsewhere(results_dir))
+    if not rows:
+        return []
+    plot = trend_plot(rows, plots_dir)
+    return ["", "## Scale: the protocol across bases", "",
+            "One row per base and arm (catalogue lr 5e-5; tuned: lr_sensitivity's lrs, transferred). Percentages "
+            "are 1 - ppl(own norm adapter) / ppl(comparison) per user (for LoRA: 1 - ppl(LoRA) / ppl(base)), median "
+            "and range over users; a base still running shows its checkpointed units. Fleet storage = bytes per "
+            f"adapter x {FLEET:,} users.", "", trend_table(rows), "",
+            f"![scale_trend]({os.path.relpath(plot, root)})"]
 
 
 BET = Bet(id="scale_protocol", slug="scale_protocol", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
