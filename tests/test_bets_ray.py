@@ -57,6 +57,25 @@ def test_a_unit_that_needs_other_units_cells_is_reached_on_a_worker(tmp_path, mo
         ray_units.compute_unit(bet.id, plain, "b2")
 
 
+def test_quantising_is_a_unit_and_the_ternary_units_follow_it(tmp_path):
+    """The ternary base is made by a unit of its own (on Ray, in a worker, not the driver); the ternary units are
+    enumerated once its file exists."""
+    bet = get_bet("scale_protocol")
+    opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", users=USERS, seeds=1, ternary=None)
+    ctx = Context(bet, opts)
+    ctx.deferred = []
+    bet.run(ctx)
+    quantise = [k for k in ctx.deferred if k.startswith("quantize/")]
+    assert len(quantise) == 1 and not any(k.startswith("ternary/") for k in ctx.deferred)
+    done = ray_units.compute_unit(bet.id, json.dumps(ray_units._plain(opts)), quantise[0])
+    assert done["cells"] == [] and list((tmp_path / "out" / "ternary").rglob("*.safetensors"))
+    ctx = Context(bet, opts)
+    ctx.checkpoint.put(quantise[0], done)
+    ctx.deferred = []
+    bet.run(ctx)
+    assert {k for k in ctx.deferred if k.startswith("ternary/")} and quantise[0] not in ctx.deferred
+
+
 def test_a_target_outside_the_bet_is_an_error(tmp_path):
     opts = quick_scale(tmp_path, None)
     with pytest.raises(ray_units.SharedLLMError, match="never reached unit 'nope'"):

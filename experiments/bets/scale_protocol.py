@@ -165,6 +165,8 @@ def ternary_composition(ctx, users: list) -> list:
     if ctx.opts.ternary == "none":
         ctx.notes["ternary"] = "skipped (--ternary none)"
         return []
+    if not quantised(ctx):
+        return []  # enumerating: the quantise unit runs first, the ternary units come in the next pass
     try:
         tbase = load_base(str(ctx.ternary_file()), ctx.opts.device)
     except MissingDependency as e:
@@ -174,6 +176,21 @@ def ternary_composition(ctx, users: list) -> list:
     for u in users:
         cells += ctx.unit(f"ternary/{tbase.fingerprint[:16]}/{name(u)}", lambda u=u: ternary_cells(tctx, u))
     return cells
+
+
+def quantised(ctx) -> bool:
+    """Quantising a base (`sharedllm quantize`: per-layer PTQ, then repair steps) is a unit of its own, so that on
+    Ray it runs in a worker beside the other units instead of holding up the driver (~2 h for the 0.5B on a CPU).
+    True once the ternary file is there."""
+    if ctx.opts.ternary:
+        return True
+    path = Path(ctx.opts.out) / "ternary" / ctx.fingerprint[:16] / "quantize_default.safetensors"
+    def quantise() -> list:
+        ctx.ternary_file()
+        return []  # no cells: the file under --out is what the ternary units need
+
+    ctx.unit(f"quantize/{ctx.fingerprint[:16]}", quantise)
+    return path.is_file() or (ctx.deferred is None and ctx.target is None and ctx.ternary_file().is_file())
 
 
 def ternary_cells(tctx, u: str) -> list:
