@@ -8,7 +8,7 @@ import torch
 
 from . import wire
 from .adapters import adapted_model, adapter_state, get_method, load_state
-from .base import Base
+from .arch import Base
 from .data import eval_windows
 from .metrics import evaluate
 from .train import TrainConfig, TrainResult, train

@@ -1,7 +1,7 @@
 """norm: train every RMSNorm gain vector and nothing else (BitFit-style; the production adapter)."""
 from __future__ import annotations
 
-from ..base import norm_modules
+from ..arch import norm_modules
 from . import register
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import norm_modules
+from ..arch import norm_modules
 from . import register
 
 PARAM = "sharedllm_steer"

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import load_base
-from ..cli import add_base_args, say
 from ..data import load_user
 from ..errors import SharedLLMError
+from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
-from ..train import TrainConfig
+from .args import add_base_args, add_eval_args, add_train_args, train_config
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -24,27 +24,6 @@ def configure(p) -> None:
     add_base_args(p)
     add_train_args(p)
     add_eval_args(p)
-
-
-def add_train_args(p) -> None:
-    d = TrainConfig()
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--budget-s", type=float, default=None, help="stop training after this many seconds")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-
-
-def add_eval_args(p) -> None:
-    p.add_argument("--window", type=int, default=256, help="evaluation window length in tokens")
-    p.add_argument("--eval-tokens", type=int, default=4096,
-                   help="score at most this many held-out tokens (0 = the whole held-out slice)")
-
-
-def train_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
-                       budget_s=args.budget_s)
 
 
 def run(args) -> dict:
