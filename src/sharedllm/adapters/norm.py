@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from ..arch import norm_modules
-from . import register
+from . import NoConfig, register
 
 
 class NormMethod:
     name = "norm"
+
+    def __init__(self, config: NoConfig = NoConfig()):
+        self.config = config
 
     def attach(self, model):
         return model
