@@ -90,11 +90,11 @@ def bars_enabled() -> bool:
 
 def progress(iterable=None, total: int | None = None, desc: str | None = None, unit: str = "it", **kw):
     """A tqdm bar (ETA included) on the current stderr, or a silent one; use it as tqdm (iterate, or `with ... as
-    bar: bar.update(1)`). Bars appear only after a second, so short loops stay quiet."""
+    bar: bar.update(1)`). Bars appear only after a second (at once under -v), so short loops stay quiet."""
     from tqdm.auto import tqdm
 
     kw.setdefault("leave", False)
-    kw.setdefault("delay", 1.0)
+    kw.setdefault("delay", 0.0 if _settings["verbosity"] >= VERBOSE else 1.0)
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=not bars_enabled(), **kw)
 
 
