@@ -40,7 +40,7 @@ def train_config(args) -> TrainConfig:
 def add_method_args(p: argparse.ArgumentParser, default: str = "norm") -> None:
     """--method, and one --METHOD-FIELD option per field of each method's config (e.g. --lora-rank), typed and
     defaulted from the config dataclass; tuple fields take comma-separated values."""
-    p.add_argument("--method", default=default, choices=sorted(METHODS), help="adapter method")
+    p.add_argument("--method", default=default, help=" | ".join(sorted(METHODS)))  # unknown: get_method's error
     for name, method in sorted(METHODS.items()):
         for f in dataclasses.fields(method.config):
             value = getattr(method.config, f.name)
