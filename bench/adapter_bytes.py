@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from sharedllm.base import load_base
-from sharedllm.commands.compress import policy_for
 from sharedllm.data import load_user
 from sharedllm.personalise import load_adapted, personalise, save_adapted
+from sharedllm.quant.compress import policy_for
 from sharedllm.quant.policy import table
 from sharedllm.train import TrainConfig
 

@@ -27,9 +27,9 @@ import torch
 from sharedllm import wire
 from sharedllm.base import load_base
 from sharedllm.cli import main as cli
-from sharedllm.commands.compress import encoded
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
+from sharedllm.quant.compress import encoded
 
 DTYPES = list(wire.DTYPE_SIZES) + ["F17", "", 5, None, "f16"]
 ODD = [None, 5, -1, 2 ** 70, 1.5, "x", "", [], {}, [0], [0, "x"], [0, 0, 0], True, float("nan"), "\ud800"]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from sharedllm.base import load_base, norm_modules
+from sharedllm.arch import norm_modules
+from sharedllm.base import load_base
 from sharedllm.personalise import load_adapted
 
 from serve_common import MACHINE, ServerProcess, adapter_files, create_users, fire, snippets, upload

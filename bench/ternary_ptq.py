@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from sharedllm.base import load_base
-from sharedllm.commands.quantize import calibration_tokens
 from sharedllm.data import load_user
 from sharedllm.personalise import evaluate_on
+from sharedllm.quant.calibration import calibration_tokens
 from sharedllm.quant.ptq import METHODS, PTQConfig
 from sharedllm.quant.repair import repair
 from sharedllm.quant.ternary import decoder_linears, load_quantised, save_ternary_base
@@ -80,7 +80,7 @@ def main():
     texts = held_out(base)
     calib = calibration_tokens(GENERAL, base.tokenizer)
     cfg = PTQConfig(calib_seqs=args.calib_seqs, keep_err=args.keep_err, repair_steps=args.repair_steps,
-                    repair_batch=args.repair_batch, log=log)
+                    repair_batch=args.repair_batch)
     n = sum(m.weight.numel() for m in decoder_linears(base.model).values())
     rows = [{"method": "fp (source)", "bits_per_weight": 32.0, "decoder_linear_weights": n,
              **{f"ppl_{k}": v for k, v in score(base.model, base, texts, args).items()}}]

@@ -132,7 +132,7 @@ def test_inspect_of_a_good_file_is_valid(good, tmp_path, capsys):
 
 
 def test_int8_scales_must_be_positive_and_finite(good, tiny):
-    from sharedllm.commands.compress import encoded
+    from sharedllm.quant.compress import encoded
 
     tensors, meta = wire.parse_file(good, "good")
     layout = [(f"t{i}", tuple(s)) for i, s in enumerate(meta["shapes"])]

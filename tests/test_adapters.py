@@ -111,7 +111,8 @@ def test_wrong_length_tensor_is_refused(tiny, tmp_path):
 
 
 def test_adapter_on_another_base_is_refused(tiny, tmp_path):
-    from sharedllm.base import Base, fingerprint_model, tiny_model
+    from sharedllm.arch import Base, fingerprint_model
+    from sharedllm.base import tiny_model
 
     other = tiny_model(seed=1)
     other_base = Base(model=other, tokenizer=tiny.tokenizer, fingerprint=fingerprint_model(other), name="tiny-1")
@@ -166,7 +167,7 @@ def test_adapted_copies_share_the_frozen_base_and_never_write_it(tiny):
     import torch
 
     from sharedllm.adapters import adapted_model, get_method
-    from sharedllm.base import fingerprint_model
+    from sharedllm.arch import fingerprint_model
     from sharedllm.personalise import personalise
     from sharedllm.train import TrainConfig
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sharedllm.base import gain_offset, load_base, norm_modules
+from sharedllm.arch import gain_offset, norm_modules
+from sharedllm.base import load_base
 from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 

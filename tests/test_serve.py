@@ -7,7 +7,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from sharedllm import wire
-from sharedllm.base import Base, fingerprint_model, tiny_model
+from sharedllm.arch import Base, fingerprint_model
+from sharedllm.base import tiny_model
 from sharedllm.serve import build
 from sharedllm.store import ADMIN_ENV
 
@@ -235,7 +236,7 @@ def test_concurrent_requests_of_different_users_share_a_batch_and_each_gets_its_
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-channel", "int8-delta"])
 def test_int8_adapters_are_served_like_the_cli_loads_them(server, tiny, tmp_path, scheme):
-    from sharedllm.commands.compress import encoded
+    from sharedllm.quant.compress import encoded
 
     token = server.user("ann")
     raw = adapter_bytes(tiny, 9, tmp_path)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sharedllm.base import Base, fingerprint_model, norm_modules
+from sharedllm.arch import Base, fingerprint_model, norm_modules
 from sharedllm.personalise import new_adapter
 from sharedllm.serve.compute import generate_batch, score_batch
 from sharedllm.serve.rowgains import RowGainModel

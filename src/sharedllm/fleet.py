@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import load_state
-from .base import Base
+from .arch import Base
 from .data import batch_sampler
 from .errors import SharedLLMError
+from .log import milestone, progress
 from .losses import causal_lm_parts, weighted_linear_cross_entropy
 from .personalise import Adapted, new_adapter
 from .serve.rowgains import RowGainModel
-from .train import TrainConfig, TrainResult, _log_when_not_a_terminal, _progress
+from .train import TrainConfig, TrainResult
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
 
@@ -118,13 +119,13 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     torch.manual_seed(first.seed)
     rgm.model.train()
     start, cpu = time.perf_counter(), time.process_time()
-    with _progress(first.steps, label or f"train norm, {len(members)} users") as bar:
+    with progress(total=first.steps, desc=label or f"train norm, {len(members)} users", unit="step") as bar:
         for step in range(first.steps):
             if first.budget_s is not None and time.perf_counter() - start >= first.budget_s:
                 break
             _step(rgm, opt, members, base.device)
             bar.update(1)
-            _log_when_not_a_terminal(label or "fleet", step + 1, first.steps, members[0].losses[-1])
+            milestone(label or "fleet", step + 1, first.steps, members[0].losses[-1])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {m.name: _adapted(base, rgm, m, wall, cpu) for m in members}
 

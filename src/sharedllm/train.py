@@ -1,13 +1,13 @@
 """One trainer for every adapter method: AdamW at a fixed budget of steps (and optionally seconds)."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .data import batch_sampler
+from .log import milestone, progress
 from .losses import next_token_loss
 
 
@@ -39,18 +39,6 @@ class TrainResult:
                 "loss_first": sum(head) / max(len(head), 1), "loss_last": sum(tail) / max(len(tail), 1)}
 
 
-def _progress(total: int, label: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty(), leave=False)
-
-
-def _log_when_not_a_terminal(label: str, step: int, total: int, loss: float) -> None:
-    """Background runs and CI logs get a line every 10 % of the steps instead of a progress bar."""
-    if not sys.stderr.isatty() and total >= 20 and step % (total // 10) == 0:
-        print(f"[sharedllm] {label}: step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
-
-
 def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train") -> TrainResult:
     """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen."""
     torch.manual_seed(cfg.seed)
@@ -59,14 +47,14 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
     device = next(iter(params.values())).device
     model.train()
     losses, start, cpu = [], time.perf_counter(), time.process_time()
-    with _progress(cfg.steps, label) as bar:
+    with progress(total=cfg.steps, desc=label, unit="step") as bar:
         for _ in range(cfg.steps):
             if cfg.budget_s is not None and time.perf_counter() - start >= cfg.budget_s:
                 break
             losses.append(_step(model, opt, next(batches).to(device)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            _log_when_not_a_terminal(label, len(losses), cfg.steps, losses[-1])
+            milestone(label, len(losses), cfg.steps, losses[-1])
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses,
                        cpu_s=time.process_time() - cpu)

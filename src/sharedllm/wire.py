@@ -158,7 +158,7 @@ def _need(meta: dict, key: str, ok, what: str, source: str) -> None:
 
 def check_adapter_meta(meta: dict, source: str) -> None:
     """The sharedllm adapter metadata: every field the loaders read is present with the right type."""
-    from .adapters import METHODS
+    from .adapters import METHODS, config_from_json
 
     _need(meta, "format_version", lambda v: _is_int(v) and v == FORMAT_VERSION, str(FORMAT_VERSION), source)
     _need(meta, "method", lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
@@ -175,6 +175,8 @@ def check_adapter_meta(meta: dict, source: str) -> None:
                              f"params says {meta['params']}")
     if meta["scheme"] == "int8-channel":
         _need(meta, "channel_block", lambda v: _is_int(v) and v == 64, "64", source)
+    if "method_config" in meta:  # absent in files written before method configs were recorded: the default
+        config_from_json(meta["method"], meta["method_config"], source)
 
 
 def expected_tensors(meta: dict) -> dict[str, tuple[str, list]]:

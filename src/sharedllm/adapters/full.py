@@ -1,11 +1,14 @@
 """full: every parameter of the base trains (the expensive baseline)."""
 from __future__ import annotations
 
-from . import register
+from . import NoConfig, register
 
 
 class FullMethod:
     name = "full"
+
+    def __init__(self, config: NoConfig = NoConfig()):
+        self.config = config
 
     def attach(self, model):
         return model

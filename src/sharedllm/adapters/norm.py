@@ -1,12 +1,15 @@
 """norm: train every RMSNorm gain vector and nothing else (BitFit-style; the production adapter)."""
 from __future__ import annotations
 
-from ..base import norm_modules
-from . import register
+from ..arch import norm_modules
+from . import NoConfig, register
 
 
 class NormMethod:
     name = "norm"
+
+    def __init__(self, config: NoConfig = NoConfig()):
+        self.config = config
 
     def attach(self, model):
         return model

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..base import norm_modules
-from . import register
+from ..arch import norm_modules
+from . import NoConfig, register
 
 PARAM = "sharedllm_steer"
 
@@ -18,6 +18,9 @@ def final_norm(model) -> torch.nn.Module:
 
 class SteerMethod:
     name = "steer"
+
+    def __init__(self, config: NoConfig = NoConfig()):
+        self.config = config
 
     def attach(self, model):
         hidden = model.config.hidden_size

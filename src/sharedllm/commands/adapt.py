@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import load_base
-from ..cli import add_base_args, say
 from ..data import load_user
 from ..errors import SharedLLMError
+from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
-from ..train import TrainConfig
+from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, method_config,
+                   train_config)
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -20,31 +21,10 @@ def configure(p) -> None:
     p.add_argument("--out-dir", help="folder for several users' adapters, one USER.safetensors each")
     p.add_argument("--manifest", help="users to train in one pass: lines 'USER PATH', or JSON {USER: PATH} or "
                                       "{USER: {\"text\": PATH, \"lr\": X}}")
-    p.add_argument("--method", default="norm", help="norm | lora | full | steer")
+    add_method_args(p)
     add_base_args(p)
     add_train_args(p)
     add_eval_args(p)
-
-
-def add_train_args(p) -> None:
-    d = TrainConfig()
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--budget-s", type=float, default=None, help="stop training after this many seconds")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-
-
-def add_eval_args(p) -> None:
-    p.add_argument("--window", type=int, default=256, help="evaluation window length in tokens")
-    p.add_argument("--eval-tokens", type=int, default=4096,
-                   help="score at most this many held-out tokens (0 = the whole held-out slice)")
-
-
-def train_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
-                       budget_s=args.budget_s)
 
 
 def run(args) -> dict:
@@ -60,7 +40,7 @@ def run(args) -> dict:
 
 def run_one(args) -> dict:
     args.text = args.text[0]
-    cfg = train_config(args)
+    cfg, config = train_config(args), method_config(args)
     say(f"loading base {args.base}")
     base = load_base(args.base, args.device)
     user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
@@ -68,7 +48,7 @@ def run_one(args) -> dict:
     say(f"{user.source}: {len(user.train)} training tokens, {len(user.heldout)} held-out tokens")
     before = evaluate_on(base.model, base, user.heldout, args.window, cap)
     say(f"held-out ppl before: {before['ppl']:.3f}; training {args.method} for {cfg.steps} steps")
-    adapted = personalise(base, user.train.to(base.device), args.method, cfg)
+    adapted = personalise(base, user.train.to(base.device), args.method, cfg, method_config=config)
     after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
     path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
     return {"method": args.method, "out": str(path), "base": base.name, "base_fingerprint": base.fingerprint,

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 from ..base import load_base
-from ..cli import say
 from ..data import load_user
 from ..errors import SharedLLMError
 from ..fleet import train_fleet, with_lr
+from ..log import say
 from ..personalise import evaluate_on, save_adapted
+from .args import train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 
@@ -81,7 +82,6 @@ def _line_manifest(raw: str, path: Path) -> dict:
 
 
 def run_many(args) -> dict:
-    from .adapt import train_config
 
     if args.out or not args.out_dir:
         raise SharedLLMError("several users write one file each: give --out-dir DIR (not --out)")

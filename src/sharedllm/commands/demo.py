@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from ..base import load_base
-from ..cli import add_base_args, say
 from ..data import split_by_position
+from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
 from ..train import TrainConfig
+from .args import add_base_args
 
 HELP = "personalise a built-in user on the embedded default base: norm-only vs LoRA-r4 vs full, one table"
 METHODS = ["norm", "lora", "full"]

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..base import load_base
-from ..cli import add_base_args, say
 from ..data import load_user
+from ..log import say
 from ..personalise import evaluate_on, load_adapted
-from .adapt import add_eval_args
+from .args import add_base_args, add_eval_args
 
 HELP = "held-out token ppl and bits/byte of a text (the last 20 %), optionally under an adapter"
 

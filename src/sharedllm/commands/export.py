@@ -5,9 +5,10 @@ import shutil
 from pathlib import Path
 
 from ..base import load_base
-from ..cli import add_base_args, say
 from ..errors import SharedLLMError
+from ..log import say
 from ..personalise import load_adapted
+from .args import add_base_args
 
 HELP = ("export an adapter as a PEFT folder (lora), a merged HF transformers checkpoint (norm, full) or a GGUF "
         "(norm, default base)")

@@ -6,11 +6,12 @@ import time
 import torch
 
 from ..base import load_base
-from ..cli import add_base_args, say
-from ..data import read_user_text, split_by_position
 from ..errors import SharedLLMError
+from ..log import say
+from ..quant.calibration import calibration_tokens
 from ..quant.ptq import METHODS, NEEDS_CALIB, PTQConfig, quantize_model
 from ..quant.ternary import save_ternary_base
+from .args import add_base_args
 
 REPAIR_STEPS = 100
 HELP = "ternarise a base's decoder linears into one file (5 trits/byte + scales); use it with --base FILE"
@@ -43,13 +44,7 @@ def configure(p) -> None:
 def ptq_config(args) -> PTQConfig:
     return PTQConfig(group=args.group, calib_seqs=args.calib_seqs, calib_len=args.calib_len, damp=args.damp,
                      rounds=args.rounds, target_bpw=args.target_bpw, keep_err=args.keep_err,
-                     repair_steps=args.repair_steps, repair_lr=args.repair_lr, log=say)
-
-
-def calibration_tokens(path, tokenizer) -> torch.Tensor:
-    """The first 80 % of a general text (the last 20 % stays free for evaluating the result)."""
-    train, _ = split_by_position(read_user_text(path))
-    return torch.tensor(tokenizer.encode(train), dtype=torch.long)
+                     repair_steps=args.repair_steps, repair_lr=args.repair_lr)
 
 
 def run(args) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import cache_dir, load_base
-from ..cli import add_base_args, say
+from ..log import say
+from .args import add_base_args
 
 HELP = "serve many users from one base over HTTP: adapter store, per-user tokens, mixed-user batches"
 

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from .ptq import PTQConfig, asym_fit
+from ..log import progress, report
+from .grid import PTQConfig, asym_fit
 from .ternary import Int8Tensor, TernaryTensor, decoder_linears
 
 LLAMA_GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -167,7 +168,8 @@ def quantize_layers(model, calib: torch.Tensor, cfg: PTQConfig, batch: int = 8) 
     prefix = next(n for n, m in model.named_modules() if m is model.model.layers)
     inputs = layer_inputs(model, calib, batch)
     budget, out = _Budget(model, cfg), {}
-    for li, layer in enumerate(model.model.layers):
+    layers = progress(list(enumerate(model.model.layers)), desc="quantise layers", unit="layer")
+    for li, layer in layers:
         t0 = time.time()
         errs = {}
         for group in _groups_of(layer):
@@ -181,8 +183,7 @@ def quantize_layers(model, calib: torch.Tensor, cfg: PTQConfig, batch: int = 8) 
                 lin.weight.copy_(q.dequant())
                 out[f"{prefix}.{li}.{name}"] = q
         inputs = [(layer(x, **kw), kw) for x, kw in inputs]
-        if cfg.log:
-            worst = max(errs, key=errs.get)
-            cfg.log(f"layer {li}: {time.time() - t0:.1f} s, mean rel. output error {sum(errs.values()) / len(errs):.3f},"
-                f" worst {worst} {errs[worst]:.3f}")
+        worst = max(errs, key=errs.get)
+        report(layers, f"layer {li}: {time.time() - t0:.1f} s, mean rel. output error "
+                       f"{sum(errs.values()) / len(errs):.3f}, worst {worst} {errs[worst]:.3f}")
     return out

@@ -11,76 +11,20 @@ Each method maps (model, calibration tokens, params) -> {linear name: TernaryTen
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..errors import SharedLLMError
+from .gptq import quantize_layers
+from .grid import PTQConfig, asym_fit
 from .ternary import TernaryTensor, decoder_linears
 
-
-@dataclass
-class PTQConfig:
-    """Every knob of every method; the file records the ones its method used."""
-
-    group: int = 0            # columns per scale group; 0 = the whole row
-    fit_iters: int = 10       # alternating least-squares iterations of the asym fit
-    calib_seqs: int = 32      # calibration sequences of calib_len tokens (gptq-asym)
-    calib_len: int = 256
-    damp: float = 0.01        # GPTQ damping, as a fraction of mean(diag(H))
-    rounds: int = 2           # GPTQ passes, each followed by an output-error refit of alpha / mu
-    act_order: bool = True    # quantise columns in order of decreasing activation energy
-    target_bpw: float = 1.70  # keep the worst matrices as int8 while bits/weight stays under this (0 = never)
-    keep_err: float = 0.25    # ... namely those whose relative output error exceeds this (0 = never)
-    repair_steps: int = 0     # distillation steps re-tuning norm gains, alpha and mu (repair.py)
-    repair_lr: float = 2e-3
-    repair_batch: int = 4
-    seed: int = 0
-    log: object = field(default=None, repr=False, compare=False)  # progress callback (not recorded)
-
-    def used(self, method: str) -> dict:
-        keys = {"absmean": [], "asym": ["group", "fit_iters"]}.get(method)
-        d = {k: v for k, v in asdict(self).items() if k != "log"}
-        return d if keys is None else {k: d[k] for k in keys}
+__all__ = ["METHODS", "NEEDS_CALIB", "PTQConfig", "absmean", "asym_fit", "per_matrix", "quantize_model"]
 
 
 def absmean(w: torch.Tensor, cfg: PTQConfig) -> TernaryTensor:
     s = w.abs().mean().clamp_min(1e-8)
     return TernaryTensor(torch.round(torch.clamp(w / s, -1, 1)), s.reshape(1, 1))
-
-
-def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
-    """[out, in] -> [out, n_groups, group]"""
-    g = group or w.shape[1]
-    if w.shape[1] % g:
-        raise SharedLLMError(f"group size {g} does not divide {w.shape[1]} columns")
-    return w.reshape(w.shape[0], -1, g)
-
-
-def asym_fit(w: torch.Tensor, group: int = 0, iters: int = 10) -> TernaryTensor:
-    """Least-squares alpha, mu per (row, group) and codes T, by alternating minimisation from a TWN start."""
-    x = _groups(w.float(), group)
-    mu = x.mean(-1, keepdim=True)
-    r = x - mu
-    t = torch.where(r.abs() > 0.7 * r.abs().mean(-1, keepdim=True), torch.sign(r), torch.zeros_like(r))
-    for _ in range(iters):
-        alpha, mu = _ls_alpha_mu(x, t)
-        t = torch.clamp(torch.round((x - mu) / alpha), -1, 1)
-    alpha, mu = _ls_alpha_mu(x, t)
-    return TernaryTensor(t.reshape(w.shape), alpha.squeeze(-1), mu.squeeze(-1))
-
-
-def _ls_alpha_mu(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin over alpha, mu of sum (x - alpha t - mu)^2 per group (2x2 normal equations)."""
-    n = x.shape[-1]
-    st, stt = t.sum(-1, keepdim=True), (t * t).sum(-1, keepdim=True)
-    sx, sxt = x.sum(-1, keepdim=True), (x * t).sum(-1, keepdim=True)
-    det = stt * n - st * st
-    ok = det.abs() > 1e-9
-    alpha = torch.where(ok, (sxt * n - st * sx) / torch.where(ok, det, 1.0), x.abs().mean(-1, keepdim=True))
-    mu = torch.where(ok, (sx - alpha * st) / n, x.mean(-1, keepdim=True))
-    alpha = torch.where(alpha.abs() < 1e-8, torch.full_like(alpha, 1e-8), alpha)
-    return alpha, mu
 
 
 def per_matrix(fn):
@@ -91,8 +35,6 @@ def per_matrix(fn):
 
 
 def _gptq_asym(model, calib, cfg: PTQConfig) -> dict:
-    from .gptq import quantize_layers
-
     if calib is None:
         raise SharedLLMError("method gptq-asym needs calibration text (--calib)")
     need = cfg.calib_seqs * cfg.calib_len

@@ -11,8 +11,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..base import norm_modules
+from ..arch import norm_modules
 from ..data import batch_sampler
+from ..log import progress, report
 from .ternary import TernaryTensor
 
 
@@ -65,7 +66,8 @@ def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg) -> dict:
     batches = batch_sampler(calib.reshape(-1), cfg.repair_batch, cfg.calib_len - 1, cfg.seed)
     student.train()
     t0 = time.time()
-    for step in range(cfg.repair_steps):
+    steps = progress(range(cfg.repair_steps), desc="repair", unit="step")
+    for step in steps:
         x = next(batches)[:, :-1]
         with torch.no_grad():
             target = teacher(input_ids=x, use_cache=False).logits
@@ -73,8 +75,8 @@ def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if cfg.log and (step % 10 == 0 or step == cfg.repair_steps - 1):
-            cfg.log(f"repair step {step + 1}/{cfg.repair_steps}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
+        if step % 10 == 0 or step == cfg.repair_steps - 1:
+            report(steps, f"repair step {step + 1}/{cfg.repair_steps}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
     student.eval()
     out = dict(qtensors)
     with torch.no_grad():

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..arch import Base, check_rmsnorm, freeze
 from ..atomic import write_bytes_atomic
-from ..base import Base, _freeze, check_rmsnorm
 from ..errors import SharedLLMError
 from ..tokenizer import ByteTokenizer, HFTokenizer
 
@@ -292,7 +292,7 @@ def load_ternary_base(path, device: str = "cpu") -> Base:
     """A `Base` whose model is the dequantised ternary model and whose fingerprint is the file's own."""
     source = str(path)
     tensors, meta = read_ternary_file(path)
-    model = _freeze(dequantised_model(tensors, meta, source).to(device))
+    model = freeze(dequantised_model(tensors, meta, source).to(device))
     check_rmsnorm(model, source)
     tokenizer = _load_tokenizer(tensors, meta.get("tokenizer"), source)
     info = {k: v for k, v in meta.items() if k != "config"}

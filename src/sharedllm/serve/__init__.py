@@ -4,7 +4,7 @@ admission), `textstream` (stop strings on decoded text), `router` (user -> gains
 completions and chat, streaming), `metrics` (Prometheus), `app` (the FastAPI layer). `build` wires them up."""
 from __future__ import annotations
 
-from ..base import Base
+from ..arch import Base
 from ..store import AdapterStore, admin_token
 
 

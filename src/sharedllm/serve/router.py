@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from .. import wire
 from ..adapters import get_method
-from ..base import Base
+from ..arch import Base
 from ..errors import SharedLLMError
 from ..store import AdapterStore
 from .rowgains import Gains, RowGainModel

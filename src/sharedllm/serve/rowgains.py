@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import shared_copy
-from ..base import Base, gain_offset, norm_modules
+from ..arch import Base, gain_offset, norm_modules
 
 _ROW_GAINS: contextvars.ContextVar = contextvars.ContextVar("sharedllm_row_gains", default=None)
 

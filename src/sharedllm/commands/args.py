@@ -1,0 +1,70 @@
+"""Argument helpers shared by several subcommands (base, training, evaluation), and turning them into configs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..adapters import METHODS, get_method
+from ..errors import SharedLLMError
+from ..train import TrainConfig
+
+
+def add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="default",
+                   help="default (embedded SmolLM2-135M-Instruct) | a named base (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b; "
+                        "`sharedllm bases`) | tiny | HF checkpoint DIR | ternary base FILE")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--budget-s", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int, default=256, help="evaluation window length in tokens")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="score at most this many held-out tokens (0 = the whole held-out slice)")
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+                       budget_s=args.budget_s)
+
+
+def add_method_args(p: argparse.ArgumentParser, default: str = "norm") -> None:
+    """--method, and one --METHOD-FIELD option per field of each method's config (e.g. --lora-rank), typed and
+    defaulted from the config dataclass; tuple fields take comma-separated values."""
+    p.add_argument("--method", default=default, help=" | ".join(sorted(METHODS)))  # unknown: get_method's error
+    for name, method in sorted(METHODS.items()):
+        for f in dataclasses.fields(method.config):
+            value = getattr(method.config, f.name)
+            kind = _comma_list if isinstance(value, tuple) else type(value)
+            shown = ",".join(value) if isinstance(value, tuple) else value
+            p.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=_dest(name, f.name), type=kind, default=None,
+                           help=f"{name} adapters: {f.name} (default {shown})")
+
+
+def _comma_list(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _dest(method: str, field: str) -> str:
+    return f"method_{method}_{field}"
+
+
+def method_config(args):
+    """The config of args.method with the --METHOD-FIELD options given; refuses options of another method."""
+    given = {(m, f.name): getattr(args, _dest(m, f.name), None) for m, impl in METHODS.items()
+             for f in dataclasses.fields(impl.config)}
+    given = {k: v for k, v in given.items() if v is not None}
+    other = sorted(f"--{m}-{f.replace('_', '-')}" for m, f in given if m != args.method)
+    if other:
+        raise SharedLLMError(f"{', '.join(other)} do not apply to --method {args.method}")
+    default = get_method(args.method).config
+    return dataclasses.replace(default, **{f: v for (_, f), v in given.items()})
