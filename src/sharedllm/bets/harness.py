@@ -7,12 +7,9 @@ A bet is data plus two functions, fixed in its module before it runs:
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +22,10 @@ from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
 from sharedllm.registry import resolve as resolve_base
 
-from .common import DEFAULT_CORPORA, OUT, REPO
+from .catalogue import current
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
 NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
-BETS = {  # the registry: bet id -> module under experiments/bets/
-    "13": "13_ternary_ptq", "37": "37_norm_only", "46": "46_replication", "49": "49_adapter_shootout",
-    "52": "52_quant_plus_adapter", "53": "53_adapter_compress", "54": "54_adapter_averaging",
-    "55": "55_logit_ensemble", "58": "58_steering_vector", "60": "60_noise_floor", "61": "61_confusion_matrix",
-    "63": "63_noise_robustness", "scale_protocol": "scale_protocol", "lr_sensitivity": "lr_sensitivity",
-    "chat_cohort": "chat_cohort",
-}
 
 
 class MissingDependency(SharedLLMError):
@@ -70,9 +59,9 @@ class Options:
     quick: bool = False
     force: bool = False
     base: str | None = None
-    corpora: Path = DEFAULT_CORPORA
+    corpora: Path | None = None  # None: the bets dir's CORPORA
     device: str = "cpu"
-    out: Path = OUT
+    out: Path | None = None  # None: the bets dir's OUT
     results: Path | None = None
     users: list | None = None
     seeds: int | None = None
@@ -82,6 +71,11 @@ class Options:
     ray_retries: int = 2
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name in ("corpora", "out"):
+            if getattr(self, name) is None:
+                setattr(self, name, _default(name))
+
     @property
     def base_spec(self) -> str:
         return self.base or ("tiny" if self.quick else "default")
@@ -89,20 +83,30 @@ class Options:
     def result_dir(self) -> Path:
         if self.results is not None:
             return Path(self.results)
+        results = current().results
         if self.quick:
-            return RESULTS / "quick"
+            return results / "quick"
         default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
-        return RESULTS if default else RESULTS / "other" / Path(self.base_spec).name
+        return results if default else results / "other" / Path(self.base_spec).name
+
+
+def _default(name: str) -> Path:
+    path = current().default(name.upper())
+    if path is None:
+        raise SharedLLMError(f"the bets dir {current().path} names no default {name.upper()}: pass --{name} DIR")
+    return path
 
 
 def get_bet(bet_id: str) -> Bet:
-    key = str(bet_id)
-    if key not in BETS:
-        match = [k for k, m in BETS.items() if m == key or m.split("_", 1)[-1] == key]
+    """A bet of the current bets dir by id (13), module name (13_ternary_ptq) or slug (ternary_ptq)."""
+    catalogue, key = current(), str(bet_id)
+    bets = catalogue.bets
+    if key not in bets:
+        match = [k for k, m in bets.items() if m == key or m.split("_", 1)[-1] == key]
         if not match:
-            raise SharedLLMError(f"unknown bet {bet_id!r}; choose from {', '.join(BETS)}")
+            raise SharedLLMError(f"unknown bet {bet_id!r} in {catalogue.path}; choose from {', '.join(bets)}")
         key = match[0]
-    return importlib.import_module(f"experiments.bets.{BETS[key]}").BET
+    return catalogue.module(bets[key]).BET
 
 
 def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
@@ -226,7 +230,8 @@ def _or_incomplete(compute: Callable, incomplete: bool, fallback: str) -> str:
 
 def _git(*args) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(["git", *args], cwd=current().path, capture_output=True, text=True,
+                              timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -241,8 +246,7 @@ def meta(wall_s: float, opts: Options) -> dict:
     device = opts.device
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(0)})"
-    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--",
-                                                                             "src", "experiments/bets")),
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", ".", ":/src")),
             "packages": {"sharedllm": sharedllm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "python": platform.python_version()},
@@ -256,35 +260,6 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-
-
-# ---- command line (shared by `python -m experiments.bets.<id>_<slug>` and `sharedllm bet <id>`) ----
-
-def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny base, a few steps, tiny eval texts (seconds)")
-    p.add_argument("--force", action="store_true", help="re-run even if the result file exists")
-    p.add_argument("--base", default=None,
-                   help="default | a named base (`sharedllm bases`) | tiny | HF dir | ternary base file (quick: tiny)")
-    p.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="folder of <kind>/<user>.txt corpora")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--out", default=str(OUT), help="artefact folder: trained adapters, score cache")
-    p.add_argument("--results", default=None, help="folder for the result JSON (default experiments/bets/results)")
-    p.add_argument("--users", nargs="+", default=None,
-                   help="scale_protocol: user corpora (kind/name, files) or one corpora folder")
-    p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
-    p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
-    p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
-    p.add_argument("--ray", action="store_true",
-                   help="run the bet's units as Ray tasks on a local Ray instance sized to this machine")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead (auto, ray://host:10001)")
-    p.add_argument("--ray-retries", type=int, default=2, help="retries of a failed unit before it is recorded failed")
-
-
-def options_from(args) -> Options:
-    return Options(quick=args.quick, force=args.force, base=args.base, corpora=Path(args.corpora),
-                   device=args.device, out=Path(args.out), results=Path(args.results) if args.results else None,
-                   users=args.users, seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
-                   ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
 def render(result: dict) -> str:
@@ -303,12 +278,9 @@ def render(result: dict) -> str:
 
 
 def main(bet: Bet, argv=None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m experiments.bets.{bet.name}", description=bet.hypothesis)
-    add_options(p)
-    args = p.parse_args(argv)
-    try:
-        print(render(run_bet(bet, options_from(args))))
-    except SharedLLMError as e:
-        print(f"bet {bet.name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m experiments.bets.<module>`: the same as `sharedllm bet <id>` (its options and output)."""
+    import sys
+
+    from sharedllm.cli import main as cli_main
+
+    return cli_main(["bet", bet.id, *(sys.argv[1:] if argv is None else argv)])
