@@ -13,8 +13,7 @@ from .conftest import CORPORA
 
 BETS = current().bets
 KEYS = {"bet", "version", "hypothesis", "criteria", "config", "cells", "verdict", "meta"}
-CONFIG_BETS = current().bets
-KEYS = {"base_fingerprint", "users", "steps", "batch", "seq", "lr", "seeds", "eval"}
+CONFIG_KEYS = {"base_fingerprint", "users", "steps", "batch", "seq", "lr", "seeds", "eval"}
 
 
 @pytest.fixture(scope="module")
