@@ -31,8 +31,9 @@ def build_wheel(tmp: Path) -> Path:
     shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp / "dist")], check=True, capture_output=True, env=clean_env())
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp / "dist")], capture_output=True, text=True, env=clean_env())
+    assert built.returncode == 0, f"pip wheel (offline: the test extra's setuptools >= 70.1) failed:\n{built.stderr}"
     return next((tmp / "dist").glob("sharedllm-*.whl"))
 
 
