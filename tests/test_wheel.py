@@ -1,6 +1,6 @@
 """A wheel built from this checkout and installed into a fresh venv runs without the checkout on its path:
-`sharedllm --help`, `inspect --base tiny`, and the bets commands (one clear line without a bets dir; the checkout's
-bets with --bets-dir). The venv reuses this interpreter's installed dependencies through a .pth file, so nothing
+`sharedllm --help` (the console script), `adapt` and `inspect` on `--base tiny`, and the bets commands (one clear
+line without a bets dir; the checkout's bets with --bets-dir). The venv reuses this interpreter's installed dependencies through a .pth file, so nothing
 is downloaded; the wheel is built from a copy of the sources, so the checkout gets no build/ or egg-info."""
 from __future__ import annotations
 
@@ -56,40 +56,67 @@ def env_bin(tmp_path_factory) -> Path:
     return tmp / "venv" / "bin"
 
 
-def sharedllm(env_bin: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(env_bin / "sharedllm"), *argv], capture_output=True, text=True, timeout=300,
-                          cwd=env_bin.parent, env={**clean_env(), "OMP_NUM_THREADS": "1"})
+DRIVER = """
+import contextlib, io, json, sys
+import sharedllm
+from sharedllm.cli import main
+
+out = {"package": sharedllm.__file__}
+for name, argv in json.loads(sys.argv[1]).items():
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+    out[name] = [rc, stdout.getvalue(), stderr.getvalue()]
+print(json.dumps(out))
+"""
 
 
-def test_the_wheel_is_what_runs(env_bin):
-    out = subprocess.run([str(env_bin / "python"), "-c", "import sharedllm.bets.catalogue as c; print(c.__file__)"],
-                         capture_output=True, text=True, cwd=env_bin.parent, env=clean_env())
-    assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).is_relative_to(env_bin.parent), out.stdout
-    help_ = sharedllm(env_bin, "--help")
-    assert help_.returncode == 0 and "bets" in help_.stdout and "inspect" in help_.stdout, help_.stderr
+@pytest.fixture(scope="module")
+def ran(env_bin, tmp_path_factory) -> dict:
+    """The commands, through the console script's entry point, in one process of the venv (each process imports
+    torch and transformers: a minute of disk reads on a busy machine)."""
+    text = REPO / "data" / "corpora" / "programmer" / "cpython_asyncio.txt"
+    adapter = tmp_path_factory.mktemp("adapter") / "u.safetensors"
+    cases = {"help": ["--help"], "list": ["bets", "list"], "bet": ["bet", "37", "--quick"],
+             "list_dir": ["bets", "list", "--json", "--bets-dir", str(REPO / "experiments" / "bets")],
+             "adapt": ["adapt", "--text", str(text), "--out", str(adapter), "--base", "tiny", "--steps", "2",
+                       "--seq", "32", "--window", "32", "--eval-tokens", "256", "--json"],
+             "inspect": ["inspect", str(adapter), "--base", "tiny", "--json"]}
+    r = subprocess.run([str(env_bin / "python"), "-c", DRIVER, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=600, cwd=env_bin.parent, env={**clean_env(), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_bets_without_a_bets_dir_say_where_they_looked(env_bin):
-    for argv in (["bets", "list"], ["bet", "37", "--quick"]):
-        r = sharedllm(env_bin, *argv)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1, r.stderr
+def test_the_console_script_and_the_package_are_the_wheels(env_bin, ran):
+    assert Path(ran["package"]).is_relative_to(env_bin.parent), ran["package"]
+    rc, out, err = ran["help"]
+    assert rc == 0 and "bets" in out and "inspect" in out, err
+    script = (env_bin / "sharedllm").read_text()  # run as `sharedllm`: this venv's python, sharedllm.cli's main
+    assert script.startswith(f"#!{env_bin / 'python'}") and "from sharedllm.cli import main" in script, script
+
+
+def test_bets_without_a_bets_dir_say_where_they_looked(ran):
+    for name in ("list", "bet"):
+        rc, _, err = ran[name]
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, err
         assert "no bets dir found; looked at:" in lines[0] and "--bets-dir <checkout>/experiments/bets" in lines[0]
 
 
-def test_bets_list_with_the_checkouts_bets_dir(env_bin):
-    r = sharedllm(env_bin, "bets", "list", "--json", "--bets-dir", str(REPO / "experiments" / "bets"))
-    assert r.returncode == 0, r.stderr
-    listed = json.loads(r.stdout)
+def test_bets_list_with_the_checkouts_bets_dir(ran):
+    rc, out, err = ran["list_dir"]
+    assert rc == 0, err
+    listed = json.loads(out)
     committed = json.loads((REPO / "experiments" / "bets" / "results" / "37_norm_only.json").read_text())
     assert listed["bets"]["37"] == committed["verdict"] and "chat_cohort" in listed["bets"]
 
 
-def test_adapt_and_inspect_on_the_tiny_base(env_bin, tmp_path):
-    text, out = REPO / "data" / "corpora" / "programmer" / "cpython_asyncio.txt", tmp_path / "u.safetensors"
-    r = sharedllm(env_bin, "adapt", "--text", str(text), "--out", str(out), "--base", "tiny", "--steps", "2",
-                  "--seq", "32", "--window", "32", "--eval-tokens", "256", "--json")
-    assert r.returncode == 0 and out.is_file(), r.stderr
-    i = sharedllm(env_bin, "inspect", str(out), "--base", "tiny", "--json")
-    assert i.returncode == 0 and json.loads(i.stdout)["method"] == "norm", i.stderr
+def test_adapt_and_inspect_on_the_tiny_base(ran):
+    rc, _, err = ran["adapt"]
+    assert rc == 0, err
+    rc, out, err = ran["inspect"]
+    assert rc == 0 and json.loads(out)["method"] == "norm", err
