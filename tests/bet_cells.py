@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 
-from experiments.bets.cells import scored
-from experiments.bets.harness import get_bet
+from sharedllm.bets.catalogue import current
+from sharedllm.bets.cells import scored
+from sharedllm.bets.harness import get_bet
 
 USERS3 = ("p", "n", "s")
 
@@ -143,12 +144,11 @@ def lr_grid(won: int = 3, general: float = 1.0, tuned: float = 2e-3, users=USERS
     """lr_sensitivity: every grid cell (dev ppl 9 at norm's `tuned` lr and at every rival lr, 9.5 elsewhere; base 10),
     general ppl = general x the base's 20, and the confusion matrix at `tuned`: own 9.0 for the first `won` users,
     9.8 (best, but by < 5 %) for the rest, every other adapter and the base 10."""
-    from experiments.bets.lr_sensitivity import GRID
-
+    grid = current().module("lr_sensitivity").GRID
     out = [c(20.0, kind="grid", user="-", method="none", lr=0.0, eval="general")]
     for u in users:
         out += [c(10.0, kind="grid", user=u, method="none", lr=0.0, eval=e, text=0) for e in ("dev", "personal")]
-    for m, lrs in GRID.items():
+    for m, lrs in grid.items():
         for lr in lrs:
             dev, tag = 9.0 if m != "norm" or lr == tuned else 9.5, {"kind": "grid", "method": m, "lr": lr}
             for u in users:

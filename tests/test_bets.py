@@ -5,11 +5,13 @@ import json
 
 import pytest
 
-from experiments.bets import harness
-from experiments.bets.harness import BETS, VERDICTS, Options, get_bet, run_bet
+from sharedllm.bets import harness
+from sharedllm.bets.catalogue import current
+from sharedllm.bets.harness import VERDICTS, Options, get_bet, run_bet
 
 from .conftest import CORPORA
 
+BETS = current().bets
 KEYS = {"bet", "version", "hypothesis", "criteria", "config", "cells", "verdict", "meta"}
 CONFIG_KEYS = {"base_fingerprint", "users", "steps", "batch", "seq", "lr", "seeds", "eval"}
 
@@ -66,8 +68,8 @@ def test_options_a_bet_does_not_take_are_refused(tmp_path):
 
 
 def test_report_from_quick_results(res_dir, tmp_path):
-    from experiments.bets import report
-    from experiments.bets.report import write_report
+    from sharedllm.bets import report
+    from sharedllm.bets.report import write_report
 
     got = write_report(res_dir, tmp_path / "REPORT.md", tmp_path / "plots")
     rows = {x.split("|")[1].strip(): x.split("|") for x in (tmp_path / "REPORT.md").read_text().splitlines()
@@ -98,7 +100,7 @@ def test_cli_bet_and_bets(out_dir, tmp_path, capsys):
 
 def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Long bets checkpoint each finished unit under results/partial/; a resumed run does only what is left."""
-    from experiments.bets.context import Context
+    from sharedllm.bets.context import Context
 
     bet, calls = get_bet("46"), []
     opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=2)
@@ -126,7 +128,7 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_report_shows_bets_in_progress(tmp_path):
-    from experiments.bets.report import write_report
+    from sharedllm.bets.report import write_report
 
     partial = tmp_path / "results" / "partial" / "46_replication.json"
     partial.parent.mkdir(parents=True)

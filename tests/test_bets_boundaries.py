@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.bets.harness import NOT_RUN, get_bet
+from sharedllm.bets.harness import NOT_RUN, get_bet
 
 from . import bet_cells as b
 from .bet_cells import judge

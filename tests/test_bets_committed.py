@@ -8,9 +8,11 @@ import math
 
 import pytest
 
-from experiments.bets import report
-from experiments.bets.harness import BETS, RESULTS, get_bet
+from sharedllm.bets import report
+from sharedllm.bets.catalogue import current
+from sharedllm.bets.harness import get_bet
 
+BETS, RESULTS, README = current().bets, current().results, current().default("README")
 COMMITTED = ["13", "37", "46", "49", "52", "53", "54", "55", "58", "60", "61", "63", "scale_protocol",
              "lr_sensitivity"]
 
@@ -191,7 +193,7 @@ def test_committed_controls_by_hand():
 # ---- REPORT.md and README quote the cells ----
 
 def report_row(bet_id: str) -> list:
-    rows = [x for x in report.REPORT.read_text().splitlines() if x.startswith(f"| {BETS[bet_id]} |")]
+    rows = [x for x in current().report.read_text().splitlines() if x.startswith(f"| {BETS[bet_id]} |")]
     assert len(rows) == 1, f"REPORT.md has {len(rows)} rows for {BETS[bet_id]}"
     return [x.strip() for x in rows[0].split("|")[1:-1]]
 
@@ -255,7 +257,7 @@ def test_report_marks_passes_a_control_meets_too():
 
 
 def test_readme_bets_block_is_what_the_results_say():
-    text = report.README.read_text()
+    text = README.read_text()
     assert report.BEGIN in text and report.END in text
     block = report.BEGIN + text.split(report.BEGIN, 1)[1].split(report.END, 1)[0] + report.END
     assert block == report.readme_block(report.load_results(RESULTS)), "README's bets block drifted: run `sharedllm bets report`"

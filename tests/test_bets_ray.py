@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from experiments.bets import ray_units
-from experiments.bets.context import Checkpoint, Context, UnitDone
-from experiments.bets.harness import Options, get_bet, options_from, run_bet
+from sharedllm.bets import ray_units
+from sharedllm.bets.context import Checkpoint, Context, UnitDone
+from sharedllm.bets.harness import Options, get_bet, run_bet
+from sharedllm.commands.bet import add_options, options_from
 
 from .conftest import CORPORA
 
@@ -107,8 +108,6 @@ def test_checkpoint_records_failures_and_reads_the_old_format(tmp_path):
 
 def test_ray_options_from_the_command_line():
     from argparse import ArgumentParser
-
-    from experiments.bets.harness import add_options
 
     p = ArgumentParser()
     add_options(p)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from experiments.bets import harness
-from experiments.bets.cells import confusion_outcomes, ppl, scored
-from experiments.bets.harness import get_bet, grade
-from experiments.bets.probes import block_noise, ensemble_nll, mean_state
+from sharedllm.bets.catalogue import current
+from sharedllm.bets.cells import confusion_outcomes, ppl, scored
+from sharedllm.bets.harness import get_bet, grade
+from sharedllm.bets.probes import block_noise, ensemble_nll, mean_state
 from sharedllm.metrics import score_windows
 
 from .bet_cells import confusion
@@ -33,7 +33,7 @@ def test_confusion_outcomes_margin_and_ties():
 
 
 def test_every_registered_bet_declares_its_criteria():
-    for bet_id in harness.BETS:
+    for bet_id in current().bets:
         bet = get_bet(bet_id)
         assert bet.hypothesis and {"STRICT", "LENIENT", "CATASTROPHIC"} <= set(bet.criteria), bet_id
 

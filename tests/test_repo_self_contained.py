@@ -27,6 +27,6 @@ def test_corpora_are_in_the_repository():
     texts = sorted(corpora.glob("*/*.txt"))
     assert len(texts) >= 24, texts
     assert (corpora / "MANIFEST.md").is_file() and (corpora / "LICENSES").is_dir()
-    from experiments.bets.common import DEFAULT_CORPORA
+    from sharedllm.bets.catalogue import current
 
-    assert DEFAULT_CORPORA.resolve() == corpora.resolve()
+    assert current().default("CORPORA").resolve() == corpora.resolve()

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 from sharedllm.base import load_base
-
-from .cells import fmt, one, ppl, values
-from .common import GENERAL
-from .harness import Bet, grade, main
+from sharedllm.bets.cells import fmt, one, ppl, values
+from sharedllm.bets.common import GENERAL
+from sharedllm.bets.harness import Bet, grade, main
 
 HYPOTHESIS = ("Ternary PTQ of the base (the best method of `sharedllm quantize`) gives a base file <= 1/8 of the "
               "fp16 base's size with general-text ppl <= 1.5x the full-precision base.")

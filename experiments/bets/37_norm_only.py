@@ -1,9 +1,11 @@
 """Bet 37: norm-only vs LoRA-r4 vs full fine-tuning on the programmer user, 3 eval texts."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, select, values
-from .common import EVAL_TEXTS, USERS
-from .harness import Bet, grade, main, not_run
+from sharedllm.bets.cells import fmt, one, ppl, select, values
+from sharedllm.bets.common import EVAL_TEXTS
+from sharedllm.bets.harness import Bet, grade, main, not_run
+
+from .common import USERS
 
 USER = "programmer"
 METHODS = ("norm", "lora", "full")

@@ -1,9 +1,10 @@
 """Bet 46: Bet 37's norm-vs-full comparison replicated over 5 seeds x 3 eval texts."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, select, values
+from sharedllm.bets.cells import fmt, one, ppl, select, values
+from sharedllm.bets.harness import Bet, grade, main, not_run
+
 from .common import USERS
-from .harness import Bet, grade, main, not_run
 
 USER = "programmer"
 SEEDS = 5

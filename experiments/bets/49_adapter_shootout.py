@@ -1,9 +1,11 @@
 """Bet 49: norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning (3 users x 3 methods)."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, select, values
-from .common import GENERAL, USERS
-from .harness import Bet, grade, main, not_run
+from sharedllm.bets.cells import fmt, one, ppl, select, values
+from sharedllm.bets.common import GENERAL
+from sharedllm.bets.harness import Bet, grade, main, not_run
+
+from .common import USERS
 
 METHODS = ("norm", "lora", "full")
 HYPOTHESIS = ("Per-user norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning at a fixed budget "

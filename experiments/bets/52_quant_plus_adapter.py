@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from sharedllm.base import load_base
+from sharedllm.bets.cells import fmt, ppl, select, values
+from sharedllm.bets.harness import Bet, grade, main, not_run
 
-from .cells import fmt, ppl, select, values
 from .common import USERS
-from .harness import Bet, grade, main, not_run
 
 HYPOTHESIS = ("A norm-only adapter trained on the ternary base (same budget as on the fp base) improves each "
               "user's held-out ppl by >= 30 % over the bare ternary base.")

@@ -1,9 +1,10 @@
 """Bet 53: int8 compression of norm adapters keeps their gain."""
 from __future__ import annotations
 
-from .cells import fmt, one, ppl, select, values
+from sharedllm.bets.cells import fmt, one, ppl, select, values
+from sharedllm.bets.harness import Bet, grade, main, not_run
+
 from .common import USERS
-from .harness import Bet, grade, main, not_run
 
 SCHEMES = ("int8", "int8-channel", "int8-delta")
 HYPOTHESIS = ("Per-tensor symmetric int8 (scale = max|w| / 127) of a norm-only adapter keeps held-out ppl within "

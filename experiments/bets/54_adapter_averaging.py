@@ -1,12 +1,12 @@
 """Bet 54: averaging users' norm adapters destroys what each one learned (route, never average)."""
 from __future__ import annotations
 
+from sharedllm.bets.cells import head_to_head, per_user_ppl, values
+from sharedllm.bets.harness import Bet, grade_users, main
+from sharedllm.bets.probes import mean_state
 from sharedllm.personalise import load_adapted
 
-from .cells import head_to_head, per_user_ppl, values
 from .common import USERS
-from .harness import Bet, grade_users, main
-from .probes import mean_state
 
 HYPOTHESIS = ("Each user's own norm adapter beats the element-wise mean of all users' norm adapters on that "
               "user's held-out text by >= 5 %.")

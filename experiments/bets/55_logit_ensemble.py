@@ -1,10 +1,11 @@
 """Bet 55: a user's own adapter beats an ensemble of the other users' adapters (probabilities averaged)."""
 from __future__ import annotations
 
-from .cells import head_to_head, per_user_ppl, scored, values
+from sharedllm.bets.cells import head_to_head, per_user_ppl, scored, values
+from sharedllm.bets.harness import Bet, grade_users, main
+from sharedllm.bets.probes import ensemble_nll
+
 from .common import USERS
-from .harness import Bet, grade_users, main
-from .probes import ensemble_nll
 
 HYPOTHESIS = ("For each user, their own norm adapter beats, by >= 5 % held-out ppl, the ensemble that averages "
               "the next-token probabilities of every other user's norm adapter (their own left out).")

@@ -1,9 +1,10 @@
 """Bet 58: one learned steering vector on the residual stream vs norm-only adapters."""
 from __future__ import annotations
 
-from .cells import fmt, ppl, values
+from sharedllm.bets.cells import fmt, ppl, values
+from sharedllm.bets.harness import Bet, grade, main
+
 from .common import USERS
-from .harness import Bet, grade, main
 
 HYPOTHESIS = ("A single learned vector added to the residual stream after the last block (the `steer` method, "
               "hidden-size parameters) personalises better than norm-only adapters at the same budget.")

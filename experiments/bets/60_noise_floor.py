@@ -1,9 +1,10 @@
 """Bet 60: a norm adapter trained on the user's text beats one trained on uniform random tokens."""
 from __future__ import annotations
 
-from .cells import head_to_head, per_user_ppl, values
+from sharedllm.bets.cells import head_to_head, per_user_ppl, values
+from sharedllm.bets.harness import Bet, grade_users, main
+
 from .common import USERS
-from .harness import Bet, grade_users, main
 
 HYPOTHESIS = ("Norm-only adapters learn the user, not just 'being fine-tuned': trained on the user's text they "
               "beat, by >= 5 % held-out ppl, the same method trained on uniform random tokens (same token count).")

@@ -1,9 +1,10 @@
 """Bet 61: the confusion matrix: every user's norm adapter (and the bare base) on every user's held-out text."""
 from __future__ import annotations
 
-from .cells import confusion_outcomes, fmt, ppl, values
+from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, values
+from sharedllm.bets.harness import Bet, grade, main
+
 from .common import USERS
-from .harness import Bet, grade, main
 
 HYPOTHESIS = ("Norm-only adapters are user-specific: on each user's held-out text their own adapter beats every "
               "other user's adapter and the bare base by >= 5 % ppl.")

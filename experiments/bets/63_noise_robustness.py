@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
-from .cells import fmt, ppl, select, values
+from sharedllm.bets.cells import fmt, ppl, select, values
+from sharedllm.bets.harness import Bet, grade, main, not_run
+from sharedllm.bets.probes import block_noise
+
 from .common import USERS
-from .harness import Bet, grade, main, not_run
-from .probes import block_noise
 
 SIGMAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HYPOTHESIS = ("A user's norm adapter keeps its advantage over the base when every block's output hidden state "

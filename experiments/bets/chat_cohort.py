@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cells import confusion_outcomes, fmt, ppl, select, values
-from .harness import Bet, grade, main
+from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, select, values
+from sharedllm.bets.harness import Bet, grade, main
 
 USERS = ["chat/sender_549cc1d1", "chat/sender_31267496", "chat/sender_720840be", "chat/sender_0f9fe1f8",
          "chat/sender_afe2b8b4", "chat/sender_a54af4d5", "chat/sender_9c569478", "chat/sender_994e94a5",

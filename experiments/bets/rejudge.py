@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from sharedllm.atomic import write_text_atomic
-
-from .harness import RESULTS, get_bet
+from sharedllm.bets.harness import get_bet
 
 
 def rejudge(result: dict, why: str, today: str | None = None) -> dict:
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bets.rejudge", description=__doc__)
     p.add_argument("bet")
     p.add_argument("--why", required=True, help="the reason recorded in meta.rejudged")
-    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     path = Path(args.results) / f"{get_bet(args.bet).name}.json"
     old = json.loads(path.read_text())

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from sharedllm import registry
 from sharedllm.base import load_base
+from sharedllm.bets.cells import beats, best_other_adapter, confusion_outcomes, ppl, select, values
+from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
 from sharedllm.errors import SharedLLMError
-
-from .cells import beats, best_other_adapter, confusion_outcomes, ppl, select, values
-from .harness import Bet, MissingDependency, grade, main, not_run
 
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
          "novelist/austen_pride_and_prejudice", "novelist/dickens_tale_of_two_cities",

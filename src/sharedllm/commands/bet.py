@@ -1,38 +1,68 @@
-"""sharedllm bet: run one pre-registered bet (experiments/bets/) and print its verdict."""
+"""sharedllm bet: run one pre-registered bet of a bets dir (the checkout's experiments/bets/) and print its verdict.
+
+Building the parser imports no bets code: the runtime (sharedllm.bets) and the bet modules load when the command
+runs, so every other subcommand stays free of them."""
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
-
-from ..errors import SharedLLMError
 
 HELP = "run a catalogue bet by id (13, 37, 46, 49, 52-55, 58, 60, 61, 63, scale_protocol); results are reused"
 
 
-def bets_package():
-    """experiments/bets lives beside src/ in a source checkout; make it importable."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "experiments" / "bets" / "harness.py").is_file():
-        raise SharedLLMError(f"the bets live in a source checkout (experiments/bets/ beside src/); none at {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from experiments.bets import harness
-
-    return harness
+def add_bets_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bets-dir", default=None,
+                   help="folder of bet modules and results (default: $SHAREDLLM_BETS_DIR, else the source "
+                        "checkout's experiments/bets)")
 
 
-def configure(p) -> None:
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="bet id, e.g. 49 or scale_protocol")
-    try:
-        bets_package().add_options(p)
-    except SharedLLMError:  # not a source checkout: the command reports it when run
-        pass
+    add_options(p)
+    add_bets_dir(p)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny base, a few steps, tiny eval texts (seconds)")
+    p.add_argument("--force", action="store_true", help="re-run even if the result file exists")
+    p.add_argument("--base", default=None,
+                   help="default | a named base (`sharedllm bases`) | tiny | HF dir | ternary base file (quick: tiny)")
+    p.add_argument("--corpora", default=None, help="folder of <kind>/<user>.txt corpora (default: the bets dir's)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--out", default=None, help="artefact folder: trained adapters, score cache (default: the bets dir's)")
+    p.add_argument("--results", default=None, help="folder for the result JSON (default <bets dir>/results)")
+    p.add_argument("--users", nargs="+", default=None,
+                   help="scale_protocol: user corpora (kind/name, files) or one corpora folder")
+    p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
+    p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
+    p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
+    p.add_argument("--ray", action="store_true",
+                   help="run the bet's units as Ray tasks on a local Ray instance sized to this machine")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead (auto, ray://host:10001)")
+    p.add_argument("--ray-retries", type=int, default=2, help="retries of a failed unit before it is recorded failed")
+
+
+def _path(value):
+    return Path(value) if value else None
+
+
+def options_from(args):
+    from ..bets.harness import Options
+
+    return Options(quick=args.quick, force=args.force, base=args.base, corpora=_path(args.corpora),
+                   device=args.device, out=_path(args.out), results=_path(args.results), users=args.users,
+                   seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
+                   ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
 def run(args) -> dict:
-    harness = bets_package()
-    return harness.run_bet(harness.get_bet(args.id), harness.options_from(args))
+    from ..bets import catalogue, harness
+
+    catalogue.use(args.bets_dir)
+    return harness.run_bet(harness.get_bet(args.id), options_from(args))
 
 
 def render(result: dict) -> str:
-    return bets_package().render(result)
+    from ..bets.harness import render as render_result
+
+    return render_result(result)

@@ -3,36 +3,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bet import bets_package
+from .bet import add_bets_dir
 
-HELP = "bets overview: `report` writes experiments/bets/REPORT.md + PNG plots from the results; `list` shows them"
+HELP = "bets overview: `report` writes <bets dir>/REPORT.md + PNG plots from the results; `list` shows them"
 
 
 def configure(p) -> None:
     p.add_argument("action", choices=["report", "list"])
     p.add_argument("--quick", action="store_true", help="use the --quick results (results/quick/)")
     p.add_argument("--results", default=None, help="folder of result JSON files")
-    p.add_argument("--report", default=None, help="where to write the report (default experiments/bets/REPORT.md)")
+    p.add_argument("--report", default=None, help="where to write the report (default <bets dir>/REPORT.md)")
+    add_bets_dir(p)
 
 
 def run(args) -> dict:
-    bets_package()
-    from experiments.bets import harness, report
+    from ..bets import catalogue, report
 
-    folder = Path(args.results) if args.results else harness.RESULTS / "quick" if args.quick else harness.RESULTS
+    bets = catalogue.use(args.bets_dir)
+    folder = Path(args.results) if args.results else bets.results / "quick" if args.quick else bets.results
     if args.action == "list":
         found = report.load_results(folder)
-        return {"results": str(folder), "bets": {b: found[b]["verdict"] if b in found else None
-                                                 for b in harness.BETS}}
+        return {"bets_dir": str(bets.path), "results": str(folder),
+                "bets": {b: found[b]["verdict"] if b in found else None for b in bets.bets}}
     default = not (args.quick or args.results or args.report)
-    dest = Path(args.report) if args.report else folder / "REPORT.md" if not default else report.REPORT
-    return report.write_report(folder, dest, readme=report.README if default else None)
+    dest = Path(args.report) if args.report else folder / "REPORT.md" if not default else bets.report
+    return report.write_report(folder, dest, readme=bets.default("README") if default else None)
 
 
 def render(r: dict) -> str:
     if "bets" in r and isinstance(r["bets"], dict):
-        return "\n".join(f"{b:16s} {v or '-'}" for b, v in r["bets"].items())
+        return "\n".join([f"bets dir {r['bets_dir']}"] + [f"{b:16s} {v or '-'}" for b, v in r["bets"].items()])
     lines = [f"wrote {r['report']} ({len(r['with_results'])}/{r['bets']} bets with results, {len(r['plots'])} plots)"]
+    if r.get("unchanged"):
+        lines[0] += "; unchanged but for its date, so left as it was"
     if r.get("readme"):
         lines.append(f"  regenerated the bets block of {r['readme']}")
     lines += [f"  {b:16s} {v}" for b, v in r["verdicts"].items()]

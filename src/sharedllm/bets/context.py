@@ -362,7 +362,7 @@ class Context:
 
         parser, modules = build_parser()
         if name not in modules:
-            from .harness import MissingDependency
+            from .spec import MissingDependency
 
             raise MissingDependency(f"bet {self.bet.name} needs `sharedllm {name}` (sharedllm.commands.{name}), "
                                     "which this checkout does not have yet; no result written")

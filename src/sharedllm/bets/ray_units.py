@@ -3,7 +3,7 @@ an existing cluster). Each unit asks for one CPU (one GPU with --device cuda); a
 once and computes the units it is sent; the driver alone writes the checkpoint and the result.
 
 A unit whose task raises, or whose worker dies, is retried (`--ray-retries`, default 2) and then recorded as failed
-with its error. On a cluster, every node needs this checkout at the same path and `--out` on a shared filesystem
+with its error. On a cluster, every node needs sharedllm and the bets dir at the same paths and `--out` on a shared filesystem
 (the adapters are written there; the cells come back to the driver either way).
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import sharedllm
 from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
 
-from .common import REPO
+from .catalogue import ENV, current
 
 RETRIES = 2
 FULL_FT_CPUS = 2  # a full fine-tune unit ("full/...") asks for 2 CPUs: its memory (weights, gradients, AdamW moments
@@ -82,11 +83,12 @@ def _end_new_children(before: set) -> None:
 
 
 def worker_env(device: str) -> dict:
-    """What a unit's worker process needs: this checkout importable, one thread per CPU asked, the SHAREDLLM_*
-    settings (cache folder, fault hooks) of the driver."""
+    """What a unit's worker process needs: the driver's sharedllm importable, its bets dir, one thread per CPU
+    asked, the SHAREDLLM_* settings (cache folder, fault hooks) of the driver."""
     env = {k: v for k, v in os.environ.items() if k.startswith("SHAREDLLM_")}
-    path = os.environ.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
+    env[ENV] = str(current().path)
+    path, package = os.environ.get("PYTHONPATH"), Path(sharedllm.__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(package) + (os.pathsep + path if path else "")
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -143,7 +145,7 @@ def _plain(opts) -> dict:
 
 
 def _options(plain: str):
-    from .harness import Options
+    from .spec import Options
 
     d = json.loads(plain)
     for k in ("corpora", "out", "results"):
@@ -176,7 +178,7 @@ def compute_unit(bet_id: str, plain_opts: str, key: str, done: dict | None = Non
 
 def _context(bet_id: str, plain_opts: str):
     from .context import Context, NoCheckpoint
-    from .harness import get_bet
+    from .spec import get_bet
 
     if (bet_id, plain_opts) not in _WORKER:
         _WORKER.clear()  # one bet at a time per worker: do not hold two bases

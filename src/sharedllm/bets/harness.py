@@ -7,14 +7,10 @@ A bet is data plus two functions, fixed in its module before it runs:
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import platform
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,103 +19,10 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.cli import say
 from sharedllm.errors import SharedLLMError
-from sharedllm.registry import resolve as resolve_base
 
-from .common import DEFAULT_CORPORA, OUT, REPO
-
-RESULTS = Path(__file__).resolve().parent / "results"
-VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
-NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
-BETS = {  # the registry: bet id -> module under experiments/bets/
-    "13": "13_ternary_ptq", "37": "37_norm_only", "46": "46_replication", "49": "49_adapter_shootout",
-    "52": "52_quant_plus_adapter", "53": "53_adapter_compress", "54": "54_adapter_averaging",
-    "55": "55_logit_ensemble", "58": "58_steering_vector", "60": "60_noise_floor", "61": "61_confusion_matrix",
-    "63": "63_noise_robustness", "scale_protocol": "scale_protocol", "lr_sensitivity": "lr_sensitivity",
-    "chat_cohort": "chat_cohort",
-}
-
-
-class MissingDependency(SharedLLMError):
-    """A bet needs a piece of the package that this checkout does not have yet (no result is written)."""
-
-
-@dataclass
-class Bet:
-    id: str
-    slug: str
-    version: int
-    hypothesis: str
-    criteria: dict
-    run: Callable
-    verdict: Callable
-    summary: Callable  # cells -> one line of key numbers for REPORT.md
-    accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary
-    side_verdicts: Callable | None = None  # (cells, criteria) -> {name: verdict}, reported beside the verdict
-    # (cells, criteria) -> {control name: verdict, or a "not run: ..." line}: the same rule applied to controls that
-    # could meet it without the thing under test (the bare base, an adapter of random tokens, ...)
-    controls: Callable | None = None
-    borrow: tuple = ()  # (bet id, {cell selector}): control cells another result may lend (report.lent_cells)
-
-    @property
-    def name(self) -> str:
-        return f"{self.id}_{self.slug}" if self.id != self.slug else self.id
-
-
-@dataclass
-class Options:
-    quick: bool = False
-    force: bool = False
-    base: str | None = None
-    corpora: Path = DEFAULT_CORPORA
-    device: str = "cpu"
-    out: Path = OUT
-    results: Path | None = None
-    users: list | None = None
-    seeds: int | None = None
-    full_ft: bool = False
-    ternary: str | None = None
-    ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
-    ray_retries: int = 2
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def base_spec(self) -> str:
-        return self.base or ("tiny" if self.quick else "default")
-
-    def result_dir(self) -> Path:
-        if self.results is not None:
-            return Path(self.results)
-        if self.quick:
-            return RESULTS / "quick"
-        default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
-        return RESULTS if default else RESULTS / "other" / Path(self.base_spec).name
-
-
-def get_bet(bet_id: str) -> Bet:
-    key = str(bet_id)
-    if key not in BETS:
-        match = [k for k, m in BETS.items() if m == key or m.split("_", 1)[-1] == key]
-        if not match:
-            raise SharedLLMError(f"unknown bet {bet_id!r}; choose from {', '.join(BETS)}")
-        key = match[0]
-    return importlib.import_module(f"experiments.bets.{BETS[key]}").BET
-
-
-def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
-    """The one verdict order: CATASTROPHIC first, then STRICT_PASS, LENIENT_PASS, else FAIL."""
-    if catastrophic:
-        return "CATASTROPHIC"
-    return "STRICT_PASS" if strict else "LENIENT_PASS" if lenient else "FAIL"
-
-
-def not_run(why: str) -> str:
-    return f"{NOT_RUN}: {why}"
-
-
-def grade_users(won: int, lost: int, criteria: dict) -> str:
-    """The per-user head-to-head rule: STRICT / LENIENT by users won, CATASTROPHIC by users lost."""
-    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
-                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
+from .catalogue import current
+from .spec import (NOT_RUN, VERDICTS, Bet, MissingDependency, Options, get_bet, grade,  # noqa: F401 - re-exported
+                   grade_users, not_run)
 
 
 def result_path(bet: Bet, opts: Options) -> Path:
@@ -226,7 +129,8 @@ def _or_incomplete(compute: Callable, incomplete: bool, fallback: str) -> str:
 
 def _git(*args) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(["git", *args], cwd=current().path, capture_output=True, text=True,
+                              timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -241,8 +145,7 @@ def meta(wall_s: float, opts: Options) -> dict:
     device = opts.device
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(0)})"
-    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--",
-                                                                             "src", "experiments/bets")),
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", ".", ":/src")),
             "packages": {"sharedllm": sharedllm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "python": platform.python_version()},
@@ -256,35 +159,6 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-
-
-# ---- command line (shared by `python -m experiments.bets.<id>_<slug>` and `sharedllm bet <id>`) ----
-
-def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny base, a few steps, tiny eval texts (seconds)")
-    p.add_argument("--force", action="store_true", help="re-run even if the result file exists")
-    p.add_argument("--base", default=None,
-                   help="default | a named base (`sharedllm bases`) | tiny | HF dir | ternary base file (quick: tiny)")
-    p.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="folder of <kind>/<user>.txt corpora")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--out", default=str(OUT), help="artefact folder: trained adapters, score cache")
-    p.add_argument("--results", default=None, help="folder for the result JSON (default experiments/bets/results)")
-    p.add_argument("--users", nargs="+", default=None,
-                   help="scale_protocol: user corpora (kind/name, files) or one corpora folder")
-    p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
-    p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
-    p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
-    p.add_argument("--ray", action="store_true",
-                   help="run the bet's units as Ray tasks on a local Ray instance sized to this machine")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead (auto, ray://host:10001)")
-    p.add_argument("--ray-retries", type=int, default=2, help="retries of a failed unit before it is recorded failed")
-
-
-def options_from(args) -> Options:
-    return Options(quick=args.quick, force=args.force, base=args.base, corpora=Path(args.corpora),
-                   device=args.device, out=Path(args.out), results=Path(args.results) if args.results else None,
-                   users=args.users, seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
-                   ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
 def render(result: dict) -> str:
@@ -303,12 +177,9 @@ def render(result: dict) -> str:
 
 
 def main(bet: Bet, argv=None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m experiments.bets.{bet.name}", description=bet.hypothesis)
-    add_options(p)
-    args = p.parse_args(argv)
-    try:
-        print(render(run_bet(bet, options_from(args))))
-    except SharedLLMError as e:
-        print(f"bet {bet.name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m experiments.bets.<module>`: the same as `sharedllm bet <id>` (its options and output)."""
+    import sys
+
+    from sharedllm.cli import main as cli_main
+
+    return cli_main(["bet", bet.id, *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,113 @@
+"""What a bet is and how it is run (Bet, Options, grading words), apart from the machinery that runs it (harness,
+context, ray_units import this; it imports none of them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sharedllm.errors import SharedLLMError
+from sharedllm.registry import resolve as resolve_base
+
+from .catalogue import current
+
+VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
+NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
+
+
+class MissingDependency(SharedLLMError):
+    """A bet needs a piece of the package that this checkout does not have yet (no result is written)."""
+
+
+@dataclass
+class Bet:
+    id: str
+    slug: str
+    version: int
+    hypothesis: str
+    criteria: dict
+    run: Callable
+    verdict: Callable
+    summary: Callable  # cells -> one line of key numbers for REPORT.md
+    accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary
+    side_verdicts: Callable | None = None  # (cells, criteria) -> {name: verdict}, reported beside the verdict
+    # (cells, criteria) -> {control name: verdict, or a "not run: ..." line}: the same rule applied to controls that
+    # could meet it without the thing under test (the bare base, an adapter of random tokens, ...)
+    controls: Callable | None = None
+    borrow: tuple = ()  # (bet id, {cell selector}): control cells another result may lend (report.lent_cells)
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}_{self.slug}" if self.id != self.slug else self.id
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    force: bool = False
+    base: str | None = None
+    corpora: Path | None = None  # None: the bets dir's CORPORA
+    device: str = "cpu"
+    out: Path | None = None  # None: the bets dir's OUT
+    results: Path | None = None
+    users: list | None = None
+    seeds: int | None = None
+    full_ft: bool = False
+    ternary: str | None = None
+    ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
+    ray_retries: int = 2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("corpora", "out"):
+            if getattr(self, name) is None:
+                setattr(self, name, _default(name))
+
+    @property
+    def base_spec(self) -> str:
+        return self.base or ("tiny" if self.quick else "default")
+
+    def result_dir(self) -> Path:
+        if self.results is not None:
+            return Path(self.results)
+        results = current().results
+        if self.quick:
+            return results / "quick"
+        default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
+        return results if default else results / "other" / Path(self.base_spec).name
+
+
+def _default(name: str) -> Path:
+    path = current().default(name.upper())
+    if path is None:
+        raise SharedLLMError(f"the bets dir {current().path} names no default {name.upper()}: pass --{name} DIR")
+    return path
+
+
+def get_bet(bet_id: str) -> Bet:
+    """A bet of the current bets dir by id (13), module name (13_ternary_ptq) or slug (ternary_ptq)."""
+    catalogue, key = current(), str(bet_id)
+    bets = catalogue.bets
+    if key not in bets:
+        match = [k for k, m in bets.items() if m == key or m.split("_", 1)[-1] == key]
+        if not match:
+            raise SharedLLMError(f"unknown bet {bet_id!r} in {catalogue.path}; choose from {', '.join(bets)}")
+        key = match[0]
+    return catalogue.module(bets[key]).BET
+
+
+def grade(strict: bool, lenient: bool, catastrophic: bool) -> str:
+    """The one verdict order: CATASTROPHIC first, then STRICT_PASS, LENIENT_PASS, else FAIL."""
+    if catastrophic:
+        return "CATASTROPHIC"
+    return "STRICT_PASS" if strict else "LENIENT_PASS" if lenient else "FAIL"
+
+
+def not_run(why: str) -> str:
+    return f"{NOT_RUN}: {why}"
+
+
+def grade_users(won: int, lost: int, criteria: dict) -> str:
+    """The per-user head-to-head rule: STRICT / LENIENT by users won, CATASTROPHIC by users lost."""
+    return grade(won >= criteria["STRICT"]["min_users_won"], won >= criteria["LENIENT"]["min_users_won"],
+                 lost >= criteria["CATASTROPHIC"]["min_users_lost"])
