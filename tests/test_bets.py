@@ -43,6 +43,10 @@ def test_quick_run_every_bet(bet_id, out_dir, res_dir):
     assert (bet.controls is None) == (controls == {})
     # a fresh run scores every control it defines: none is left "not run"
     assert all(v in VERDICTS for v in controls.values()), controls
+    if bet_id in ("13", "52", "scale_protocol"):  # the ternary base it used: quantize settings and fingerprints
+        record = saved["config"]["ternary"]
+        assert record["method"] and isinstance(record["params"], dict) and len(record["fingerprint"]) == 64
+        assert record["source_fingerprint"] == saved["config"]["base_fingerprint"]
 
 
 def test_result_file_is_a_make_target(out_dir, tmp_path, monkeypatch):

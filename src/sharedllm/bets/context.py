@@ -6,15 +6,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import struct
 import time
 from pathlib import Path
 
 import torch
 
+from sharedllm import wire
 from sharedllm.atomic import write_text_atomic
 from sharedllm.base import load_base, peek
-from sharedllm.cli import say
+from sharedllm.log import say
 from sharedllm.data import eval_windows, load_user
+from sharedllm.errors import SharedLLMError
 from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.train import TrainConfig
@@ -373,6 +376,7 @@ class Context:
         written once under out/ternary/ (a make-style target shared by bets 13, 52 and scale_protocol)."""
         if self.opts.ternary:
             self.notes["ternary_file"] = str(self.opts.ternary)
+            self.notes["ternary"] = ternary_record(Path(self.opts.ternary))
             return Path(self.opts.ternary)
         path = Path(self.opts.out) / "ternary" / self.fingerprint[:16] / "quantize_default.safetensors"
         if not path.is_file():
@@ -382,4 +386,20 @@ class Context:
             info = {"argv": args, **self.command("quantize", *args)}
             write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=1, default=str))
         self.notes["ternary_file"] = str(path)
+        self.notes["ternary"] = ternary_record(path)
         return path
+
+
+TERNARY_RECORD = ("method", "params", "fingerprint", "source_fingerprint", "source_name", "bits_per_weight",
+                  "quantize_wall_s", "version")
+
+
+def ternary_record(path: Path) -> dict:
+    """What a result records about the ternary base it used: the quantize settings (method and every parameter),
+    the ternary file's own fingerprint and its source base's, read from the file's header (not its tensors)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > wire.MAX_HEADER:
+            raise SharedLLMError(f"{path}: header of {n} bytes is not a ternary base's")
+        meta = wire.header_meta(wire.strict_json(f.read(n), f"{path} header"), str(path)) or {}
+    return {k: meta[k] for k in TERNARY_RECORD if k in meta}

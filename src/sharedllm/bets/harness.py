@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from sharedllm.atomic import write_text_atomic
-from sharedllm.cli import say
+from sharedllm.log import say
 from sharedllm.errors import SharedLLMError
 
 from .catalogue import current

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import sharedllm
-from sharedllm.cli import say
+from sharedllm.log import say
 from sharedllm.errors import SharedLLMError
 
 from .catalogue import ENV, current
