@@ -27,8 +27,10 @@ def run(ctx) -> list:
         models = [load_adapted(ctx.base, paths[u]).model for u in others]
         for i, text in enumerate(ctx.texts(rel)):
             w = ctx.windows(text)
-            cells.append(scored(ensemble_nll(models, w), int(w[:, 1:].numel()), text=i, user=user,
-                                condition="ensemble", members="+".join(others)))
+            with ctx.autocast():  # --dtype: the ensemble is scored in the dtype of every other cell
+                nll = ensemble_nll(models, w)
+            cells.append(scored(nll, int(w[:, 1:].numel()), text=i, user=user, condition="ensemble",
+                                members="+".join(others)))
         del models
     return cells
 

@@ -398,6 +398,11 @@ def _partial_cells(path: Path) -> list:
     return [c for u in units.values() for c in u["cells"]]
 
 
+def _dtype(config: dict) -> str:
+    """" (bf16)" for a run in a compute dtype other than fp32 (--dtype), else ""."""
+    return f" ({config['dtype']})" if config.get("dtype", "fp32") != "fp32" else ""
+
+
 def scale_runs(results_dir: Path) -> list:
     """(base name, status, cells) for the default base's result and each results/other/<base>/ run (a finished
     result, else its checkpoint), in order of base size."""
@@ -406,11 +411,13 @@ def scale_runs(results_dir: Path) -> list:
         done, part = folder / "scale_protocol.json", folder / "partial" / "scale_protocol.json"
         if done.is_file():
             r = json.loads(done.read_text())
-            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "")
+            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "") + _dtype(r["config"])
             runs.append((r["config"]["base"], status, r["cells"]))
         elif part.is_file():
-            units = json.loads(part.read_text()).get("units", {})
-            runs.append((folder.name, f"in progress: {len(units)} units", _partial_cells(part)))
+            data = json.loads(part.read_text())
+            dtype = _dtype(data.get("stamp", {}))
+            base = folder.name.removesuffix(f"-{dtype[2:-1]}") if dtype else folder.name  # other/<base>-bf16/
+            runs.append((base, f"in progress: {len(data.get('units', {}))} units{dtype}", _partial_cells(part)))
     size = {nb.name: nb.params for nb in registry.BASES.values()}
     return sorted(runs, key=lambda run: size.get(run[0], 0))
 

@@ -183,7 +183,17 @@ class Context:
         self.seeds_used.clear()
         return {"bet": self.bet.name, "version": self.bet.version, "base_fingerprint": self.fingerprint,
                 "train": {k: cfg[k] for k in ("steps", "batch", "seq", "lr", "betas", "weight_decay")},
-                "eval": [self.n_texts, self.text_len, self.window], "corpora": Path(self.opts.corpora).name}
+                "eval": [self.n_texts, self.text_len, self.window], "corpora": Path(self.opts.corpora).name,
+                **self._dtype_note()}
+
+    def _dtype_note(self) -> dict:
+        """{"dtype": ...} when not fp32 (stamp and config): fp32 runs keep the stamp and config they always had."""
+        return {} if self.opts.dtype == "fp32" else {"dtype": self.opts.dtype}
+
+    def autocast(self):
+        """The compute dtype (--dtype) for what a bet runs on the models itself (Bet 55's ensemble): training and
+        scoring through this context already use it."""
+        return common.autocast(self.opts.dtype, self.opts.device)
 
     def unit(self, key: str, compute) -> list:
         """Cells of one resumable unit of work (e.g. train one adapter and score it): computed once, then
@@ -237,7 +247,7 @@ class Context:
                 "seeds": sorted(self.seeds_used), "eval": {"texts": self.n_texts, "tokens_per_text": self.text_len,
                                                           "window": self.window, "split": "last 20 % by position"},
                 "corpora": Path(self.opts.corpora).name, "device": self.opts.device, "quick": self.quick,
-                **self.notes}
+                **self._dtype_note(), **self.notes}
 
     # ---- data ----
     def user_path(self, rel: str) -> Path:
@@ -276,9 +286,11 @@ class Context:
         base = base or self.base
         tokens = self.data(rel).train if tokens is None else tokens
         cfg = self.train_config(seed, lr)
-        if not common.adapter_path(base, rel, method, cfg, tag, self.opts.out).is_file():
-            say(f"training {method}{tag} for {rel} (seed {seed}, {cfg.steps} steps)")
-        return common.ensure_adapter(base, rel, tokens, method, cfg, tag, root=self.opts.out)
+        dtype = self.opts.dtype
+        if not common.adapter_path(base, rel, method, cfg, tag, self.opts.out, dtype).is_file():
+            how = "" if dtype == "fp32" else f", {dtype}"
+            say(f"training {method}{tag} for {rel} (seed {seed}, {cfg.steps} steps{how})")
+        return common.ensure_adapter(base, rel, tokens, method, cfg, tag, root=self.opts.out, dtype=dtype)
 
     def curve(self, key: str, path: Path) -> dict:
         side = common.sidecar(path)
@@ -304,7 +316,13 @@ class Context:
 
     def score_model(self, model, text: torch.Tensor) -> tuple[float, int]:
         w = self.windows(text)
-        return score_windows(model, w), int(w[:, 1:].numel())
+        with self.autocast():
+            return score_windows(model, w), int(w[:, 1:].numel())
+
+    @property
+    def _dtype_key(self) -> str:
+        """What a score cache key adds for a compute dtype other than fp32 (fp32 keys are as they always were)."""
+        return "" if self.opts.dtype == "fp32" else f"|{self.opts.dtype}"
 
     def _file_key(self, path: Path | None) -> str:
         if path is None:
@@ -317,7 +335,8 @@ class Context:
         """Summed NLL and token count of eval text `idx` of user `rel` under the adapter file (or the base).
 
         `wrap(model, idx)` is an optional context manager (e.g. noise hooks) named by `probe` in the cache key."""
-        key = f"{self._file_key(path)}|{rel}|{idx}/{self.n_texts}x{self.text_len}|w{self.window}|{probe}"
+        key = (f"{self._file_key(path)}|{rel}|{idx}/{self.n_texts}x{self.text_len}|w{self.window}|{probe}"
+               f"{self._dtype_key}")
         hit = self.cache.get(key)
         if hit is None:
             model = self.model(path)
@@ -331,7 +350,7 @@ class Context:
 
     def score_dev(self, path: Path | None, rel: str) -> tuple[float, int]:
         """Summed NLL and token count of the user's dev slice under the adapter file (or the base)."""
-        key = f"{self._file_key(path)}|{rel}|dev{self.n_texts}x{self.text_len}|w{self.window}|"
+        key = f"{self._file_key(path)}|{rel}|dev{self.n_texts}x{self.text_len}|w{self.window}|{self._dtype_key}"
         hit = self.cache.get(key)
         if hit is None:
             hit = list(self.score_model(self.model(path), self.dev_text(rel)))
@@ -349,6 +368,7 @@ class Context:
 
         adapted = new_adapter(self.base, method)
         load_state(adapted.params, state, name)
+        name += "" if self.opts.dtype == "fp32" else f"_{self.opts.dtype}"  # from adapters trained in that dtype
         path = Path(self.opts.out) / "adapters" / self.base.fingerprint[:16] / "derived" / f"{name}.safetensors"
         return save_adapted(adapted, path, self.base, info={"derived": name})
 

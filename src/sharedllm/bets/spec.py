@@ -11,6 +11,7 @@ from sharedllm.registry import resolve as resolve_base
 
 from .catalogue import current
 
+DTYPES = ("fp32", "bf16")  # --dtype: the compute dtype of training and scoring (bf16: autocast, fp32 parameters)
 VERDICTS = ("STRICT_PASS", "LENIENT_PASS", "FAIL", "CATASTROPHIC")
 NOT_RUN = "not run"  # how a control verdict starts when the cells it needs are not in the result
 
@@ -56,9 +57,12 @@ class Options:
     ternary: str | None = None
     ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
     ray_retries: int = 2
+    dtype: str = "fp32"  # "bf16": train and score under torch.autocast(bf16); see sharedllm.bets.common.autocast
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise SharedLLMError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         for name in ("corpora", "out"):
             if getattr(self, name) is None:
                 setattr(self, name, _default(name))
@@ -68,13 +72,20 @@ class Options:
         return self.base or ("tiny" if self.quick else "default")
 
     def result_dir(self) -> Path:
+        """--results, else results/ (the default base), results/other/<base>/, results/quick/. A run in another
+        dtype than fp32 gets a folder of its own (results/other/<base>-bf16/, results/quick/bf16/): its result
+        must not be reused as the fp32 one, nor its checkpoint (stamped with the dtype) replace the fp32 one's."""
         if self.results is not None:
             return Path(self.results)
-        results = current().results
+        results, fp32 = current().results, self.dtype == "fp32"
         if self.quick:
-            return results / "quick"
-        default = resolve_base(self.base_spec) is resolve_base("default")  # `default` or its full name
-        return results if default else results / "other" / Path(self.base_spec).name
+            return results / "quick" / ("" if fp32 else self.dtype)
+        named = resolve_base(self.base_spec)
+        default = named is resolve_base("default")  # `default` or its full name
+        if fp32:
+            return results if default else results / "other" / Path(self.base_spec).name
+        name = named.name if default else Path(self.base_spec).name
+        return results / "other" / f"{name}-{self.dtype}"
 
 
 def _default(name: str) -> Path:
