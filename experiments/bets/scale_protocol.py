@@ -399,7 +399,7 @@ def _partial_cells(path: Path) -> list:
 
 
 def _dtype(config: dict) -> str:
-    """" (bf16)" for a run in a compute dtype other than fp32 (--dtype), else ""."""
+    """The status suffix " (bf16)" of a run in a compute dtype other than fp32 (--dtype), else nothing."""
     return f" ({config['dtype']})" if config.get("dtype", "fp32") != "fp32" else ""
 
 
