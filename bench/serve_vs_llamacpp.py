@@ -107,25 +107,46 @@ def old_vs_new(servers: dict, tokens: dict, users: list[str], prompts: list[str]
 
 
 def mix(servers: dict, tokens: dict, users: list[str], prompts: list[str], texts: list[str], args) -> dict:
+    """--scores scores one after another on the idle server, then again while --n-long long generations (users
+    cycling over the 16) decode: p50/p99 score latency idle and under load, per server."""
     out = {}
     for name, srv in servers.items():
         c = httpx.Client(base_url=srv.url, timeout=900)
-        gens = [threading.Thread(target=lambda i=i: c.post("/v1/completions", headers=auth(tokens[users[i]]), json={
-            "prompt": prompts[i], "max_tokens": args.long * 2, "temperature": 0})) for i in range(args.n_long)]
+
+        def scores():
+            lat = []
+            for j in range(args.scores):
+                t = time.perf_counter()
+                c.post("/v1/score", json={"text": texts[j % len(texts)]},
+                       headers=auth(tokens[users[-1 - j % 4]])).raise_for_status()
+                lat.append(time.perf_counter() - t)
+            return lat
+
+        idle = scores()
+        gens = [threading.Thread(target=lambda i=i: c.post("/v1/completions", headers=auth(tokens[users[i % N]]), json={
+            "prompt": prompts[i % N], "max_tokens": args.long * 2, "temperature": 0})) for i in range(args.n_long)]
         [t.start() for t in gens]
         time.sleep(1.0)  # the long generations are decoding
-        lat = []
-        for j in range(args.scores):
-            t = time.perf_counter()
-            c.post("/v1/score", json={"text": texts[j % len(texts)]}, headers=auth(tokens[users[-1 - j % 4]]))
-            lat.append(time.perf_counter() - t)
+        lat = scores()
+        busy = router_busy(c)
         [t.join() for t in gens]
         c.close()
-        out[name] = {"score_p50_s": pct(lat, 0.5), "score_p99_s": pct(lat, 0.99)}
+        out[name] = {"idle_score_p50_s": pct(idle, 0.5), "idle_score_p99_s": pct(idle, 0.99),
+                     "score_p50_s": pct(lat, 0.5), "score_p99_s": pct(lat, 0.99),
+                     "loaded_over_idle_p99": pct(lat, 0.99) / pct(idle, 0.99), "rows_generating_after": busy}
         print(name, "mix", json.dumps(out[name]), flush=True)
-    out["old_over_new_score_p50"] = out["old"]["score_p50_s"] / out["new"]["score_p50_s"]
-    out["old_over_new_score_p99"] = out["old"]["score_p99_s"] / out["new"]["score_p99_s"]
+    if "old" in out:
+        out["old_over_new_score_p50"] = out["old"]["score_p50_s"] / out["new"]["score_p50_s"]
+        out["old_over_new_score_p99"] = out["old"]["score_p99_s"] / out["new"]["score_p99_s"]
     return out
+
+
+def router_busy(c: httpx.Client):
+    """Rows still generating when the last score came back (so the scores really ran under load)."""
+    try:
+        return c.get("/health").json().get("generating_rows")
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def single(srv, token: str, prompt: str, args) -> dict:
@@ -265,6 +286,7 @@ def main() -> None:
     ap.add_argument("--scores", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8790)
+    ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
     ap.add_argument("--llama-server", default=None, help="a llama.cpp `llama-server` binary (parallel slots)")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -275,7 +297,7 @@ def main() -> None:
     prompts, texts = snippets(N, 120, seed=1), snippets(N, 400, seed=2)
     new = ServerProcess("default", work / "store", args.port, "--max-batch", str(N))
     servers = {"new": new}
-    if {"old-vs-new", "mix"} & set(parts):
+    if "old-vs-new" in parts or ("mix" in parts and not args.no_old):
         old = ServerProcess("default", work / "store", args.port + 1, "--max-batch", str(N))
         old.cmd = ["env", f"PYTHONPATH={old_tree(args.old_commit, work / 'old')}", *old.cmd]
         servers["old"] = old
