@@ -159,7 +159,9 @@ def single(srv, token: str, prompt: str, args) -> dict:
     llm = Llama(model_path=str(registry.gguf_path(registry.resolve("default"))), n_ctx=2048, n_threads=args.threads, verbose=False)
     llm(prompt, max_tokens=4, temperature=0)
     t0, first, n = time.perf_counter(), None, 0
-    for _ in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
+    for chunk in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
+        if not chunk["choices"][0]["text"]:
+            continue  # the closing chunk (finish_reason only) is not a token
         n += 1
         first = first or time.perf_counter() - t0
     total = time.perf_counter() - t0
