@@ -7,8 +7,10 @@ worker and against llama.cpp (llama-cpp-python), all on this machine, side by si
                latency (new vs old server)
   single       one stream: time to first token and decode tok/s, sharedllm (HTTP, streamed) vs llama.cpp
                in-process on the same GGUF (no HTTP: favours llama.cpp)
-  concurrent   16 streams from 16 users through `sharedllm serve` vs llama-cpp-python's OpenAI server
-               (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots)
+  concurrent   16 requests from 16 users at once through `sharedllm serve` vs llama.cpp: `llama-server -np 16`
+               (parallel slots) when --llama-server names the binary, else llama-cpp-python's OpenAI server
+               (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots); and
+               llama.cpp's batched decode of the same 16 prompts in process (what parallel slots do, no HTTP)
 
     PYTHONPATH=src python bench/serve_vs_llamacpp.py [--parts old-vs-new,mix,single,concurrent]
 """
@@ -61,8 +63,10 @@ def stream_one(c: httpx.Client, token: str, body: dict) -> tuple[float, float, i
     return first or 0.0, time.perf_counter() - t0, n
 
 
-def staggered(url: str, calls: list[tuple[str, dict, str]], gap_s: float) -> tuple[float, list[float]]:
-    """Send call i at i * gap_s; (wall from first send to last answer, each request's latency)."""
+def staggered(url: str, calls: list[tuple[str, dict, str]], gap_s: float, tokens: list | None = None
+              ) -> tuple[float, list[float]]:
+    """Send call i at i * gap_s; (wall from first send to last answer, each request's latency). With `tokens`
+    (a list), each reply's usage.completion_tokens is appended to it."""
     lat = [0.0] * len(calls)
     c = httpx.Client(base_url=url, timeout=900, limits=httpx.Limits(max_connections=len(calls)))
     t0 = time.perf_counter()
@@ -73,6 +77,8 @@ def staggered(url: str, calls: list[tuple[str, dict, str]], gap_s: float) -> tup
         r = c.post(path, json=body, headers=auth(token))
         r.raise_for_status()
         lat[i] = time.perf_counter() - t
+        if tokens is not None:
+            tokens.append(r.json()["usage"]["completion_tokens"])
 
     threads = [threading.Thread(target=one, args=(i, *call)) for i, call in enumerate(calls)]
     [t.start() for t in threads]
@@ -101,25 +107,46 @@ def old_vs_new(servers: dict, tokens: dict, users: list[str], prompts: list[str]
 
 
 def mix(servers: dict, tokens: dict, users: list[str], prompts: list[str], texts: list[str], args) -> dict:
+    """--scores scores one after another on the idle server, then again while --n-long long generations (users
+    cycling over the 16) decode: p50/p99 score latency idle and under load, per server."""
     out = {}
     for name, srv in servers.items():
         c = httpx.Client(base_url=srv.url, timeout=900)
-        gens = [threading.Thread(target=lambda i=i: c.post("/v1/completions", headers=auth(tokens[users[i]]), json={
-            "prompt": prompts[i], "max_tokens": args.long * 2, "temperature": 0})) for i in range(args.n_long)]
+
+        def scores():
+            lat = []
+            for j in range(args.scores):
+                t = time.perf_counter()
+                c.post("/v1/score", json={"text": texts[j % len(texts)]},
+                       headers=auth(tokens[users[-1 - j % 4]])).raise_for_status()
+                lat.append(time.perf_counter() - t)
+            return lat
+
+        idle = scores()
+        gens = [threading.Thread(target=lambda i=i: c.post("/v1/completions", headers=auth(tokens[users[i % N]]), json={
+            "prompt": prompts[i % N], "max_tokens": args.long * 2, "temperature": 0})) for i in range(args.n_long)]
         [t.start() for t in gens]
         time.sleep(1.0)  # the long generations are decoding
-        lat = []
-        for j in range(args.scores):
-            t = time.perf_counter()
-            c.post("/v1/score", json={"text": texts[j % len(texts)]}, headers=auth(tokens[users[-1 - j % 4]]))
-            lat.append(time.perf_counter() - t)
+        lat = scores()
+        busy = router_busy(c)
         [t.join() for t in gens]
         c.close()
-        out[name] = {"score_p50_s": pct(lat, 0.5), "score_p99_s": pct(lat, 0.99)}
+        out[name] = {"idle_score_p50_s": pct(idle, 0.5), "idle_score_p99_s": pct(idle, 0.99),
+                     "score_p50_s": pct(lat, 0.5), "score_p99_s": pct(lat, 0.99),
+                     "loaded_over_idle_p99": pct(lat, 0.99) / pct(idle, 0.99), "rows_generating_after": busy}
         print(name, "mix", json.dumps(out[name]), flush=True)
-    out["old_over_new_score_p50"] = out["old"]["score_p50_s"] / out["new"]["score_p50_s"]
-    out["old_over_new_score_p99"] = out["old"]["score_p99_s"] / out["new"]["score_p99_s"]
+    if "old" in out:
+        out["old_over_new_score_p50"] = out["old"]["score_p50_s"] / out["new"]["score_p50_s"]
+        out["old_over_new_score_p99"] = out["old"]["score_p99_s"] / out["new"]["score_p99_s"]
     return out
+
+
+def router_busy(c: httpx.Client):
+    """Rows still generating when the last score came back (so the scores really ran under load)."""
+    try:
+        return c.get("/health").json().get("generating_rows")
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def single(srv, token: str, prompt: str, args) -> dict:
@@ -132,7 +159,9 @@ def single(srv, token: str, prompt: str, args) -> dict:
     llm = Llama(model_path=str(registry.gguf_path(registry.resolve("default"))), n_ctx=2048, n_threads=args.threads, verbose=False)
     llm(prompt, max_tokens=4, temperature=0)
     t0, first, n = time.perf_counter(), None, 0
-    for _ in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
+    for chunk in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
+        if not chunk["choices"][0]["text"]:
+            continue  # the closing chunk (finish_reason only) is not a token
         n += 1
         first = first or time.perf_counter() - t0
     total = time.perf_counter() - t0
@@ -142,31 +171,110 @@ def single(srv, token: str, prompt: str, args) -> dict:
             "ttft_ratio": ours["ttft_s"] / theirs["ttft_s"]}
 
 
+def batched_llamacpp(prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """What llama.cpp's server does with parallel slots, in process (no HTTP: favours llama.cpp): every prompt
+    prefilled in one llama_decode, then one llama_decode per step with one greedy token per live sequence, each
+    sequence its own seq_id in a unified KV cache."""
+    import ctypes
+
+    import llama_cpp as L
+    import numpy as np
+
+    path = str(registry.gguf_path(registry.resolve("default")))
+    tok = L.Llama(model_path=path, vocab_only=True, verbose=False)
+    toks = [tok.tokenize(p.encode(), add_bos=False) for p in prompts]
+    eos = tok.token_eos()
+    n_seq, n_prompt = len(toks), sum(map(len, toks))
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx = n_prompt + n_seq * (max_tokens + 8)
+    cp.n_batch = cp.n_ubatch = max(n_prompt, n_seq)
+    cp.n_seq_max, cp.kv_unified = n_seq, True
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+
+    def decode(rows):  # rows: (token, pos, seq, wants_logits) -> {seq: index of its logits}
+        for i, (t, pos, sq, lg) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, lg
+            batch.seq_id[i][0] = sq
+        batch.n_tokens = len(rows)
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return {sq: i for i, (_, _, sq, lg) in enumerate(rows) if lg}
+
+    def greedy(i):
+        ptr = L.llama_get_logits_ith(ctx, i)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_vocab,)).argmax())
+
+    t0 = time.perf_counter()
+    at = decode([(t, j, s, j == len(ts) - 1) for s, ts in enumerate(toks) for j, t in enumerate(ts)])
+    nxt = {s: greedy(i) for s, i in at.items()}
+    ttft = time.perf_counter() - t0
+    made, pos = {s: 1 for s in nxt}, {s: len(toks[s]) for s in nxt}
+    live = {s for s in nxt if nxt[s] != eos}
+    while live:
+        live = {s for s in live if made[s] < max_tokens}
+        if not live:
+            break
+        at = decode([(nxt[s], pos[s], s, True) for s in sorted(live)])
+        for s, i in at.items():
+            pos[s] += 1
+            nxt[s] = greedy(i)
+            made[s] += 1
+            if nxt[s] == eos:
+                live.discard(s)
+    wall = time.perf_counter() - t0
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    n = sum(made.values())
+    return {"wall_s": wall, "tokens": n, "tok_s": n / wall, "prefill_s": ttft}
+
+
 def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) -> dict:
+    """16 streams from 16 users through `sharedllm serve` vs llama.cpp: its `llama-server` binary with 16 parallel
+    slots where --llama-server names one, else llama-cpp-python's server (one request at a time), and the batched
+    in-process decode above. tok/s counts the tokens the replies report (greedy rows may end early at EOS)."""
     port = args.port + 7
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(registry.gguf_path(registry.resolve("default"))), "--port", str(port),
-           "--n_threads", str(args.threads), "--n_ctx", "4096"]
+    gguf = str(registry.gguf_path(registry.resolve("default")))
+    if args.llama_server:
+        name = f"llama-server -np {N}"
+        cmd = [args.llama_server, "-m", gguf, "--port", str(port), "-t", str(args.threads), "-tb", str(args.threads),
+               "-np", str(N), "-c", str(N * 512), "--no-webui"]
+    else:
+        name = "llama_cpp.server (serial)"
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+               "--n_threads", str(args.threads), "--n_ctx", "4096"]
     llama = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         out = {}
-        for name, url, key in (("sharedllm", srv.url, None), ("llamacpp", f"http://127.0.0.1:{port}", "x")):
+        for who, url, key in (("sharedllm", srv.url, None), (name, f"http://127.0.0.1:{port}", "x")):
             calls = [("/v1/completions", {"prompt": p, "max_tokens": args.long, "temperature": 0},
                       key or tokens[users[i]]) for i, p in enumerate(prompts)]
-            wall, lat = staggered(url, calls, 0.0)
-            out[name] = {"wall_s": wall, "tok_s": N * args.long / wall, "p50_latency_s": pct(lat, 0.5)}
-            print("concurrent", name, json.dumps(out[name]), flush=True)
-        out["sharedllm_over_llamacpp_tok_s"] = out["sharedllm"]["tok_s"] / out["llamacpp"]["tok_s"]
-        return out
+            staggered(url, calls[:2], 0.0)  # warm
+            made: list[int] = []
+            wall, lat = staggered(url, calls, 0.0, made)
+            out[who] = {"wall_s": wall, "tokens": sum(made), "tok_s": sum(made) / wall, "p50_latency_s": pct(lat, 0.5)}
+            print("concurrent", who, json.dumps(out[who]), flush=True)
     finally:
         llama.terminate()
         llama.wait()
+    out["llama.cpp batched in-process"] = batched_llamacpp(prompts, args.long, args.threads)
+    print("concurrent batched", json.dumps(out["llama.cpp batched in-process"]), flush=True)
+    for who in (name, "llama.cpp batched in-process"):
+        out[f"sharedllm_over_{who}_tok_s"] = out["sharedllm"]["tok_s"] / out[who]["tok_s"]
+    return out
 
 
 def main() -> None:
@@ -180,6 +288,8 @@ def main() -> None:
     ap.add_argument("--scores", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8790)
+    ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
+    ap.add_argument("--llama-server", default=None, help="a llama.cpp `llama-server` binary (parallel slots)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     base = load_base("default")
@@ -189,7 +299,7 @@ def main() -> None:
     prompts, texts = snippets(N, 120, seed=1), snippets(N, 400, seed=2)
     new = ServerProcess("default", work / "store", args.port, "--max-batch", str(N))
     servers = {"new": new}
-    if {"old-vs-new", "mix"} & set(parts):
+    if "old-vs-new" in parts or ("mix" in parts and not args.no_old):
         old = ServerProcess("default", work / "store", args.port + 1, "--max-batch", str(N))
         old.cmd = ["env", f"PYTHONPATH={old_tree(args.old_commit, work / 'old')}", *old.cmd]
         servers["old"] = old

@@ -83,6 +83,34 @@ def test_every_completion_field_is_validated(server, two_users, field, value):
     assert field in json.dumps(clean_4xx(r, 422))
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-45, 1e-30, 1e-8])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tiny_positive_temperature_samples_greedily_not_500(server, two_users, temperature, stream):
+    # fuzz_api --n 1000 --seed 0, input 853: temperature 1e-320 made logits / T inf, softmax NaN, multinomial raise
+    toks, _ = two_users
+    body = {"prompt": "the cat", "max_tokens": 3, "seed": 7, "stream": stream}
+    hot = server.client.post("/v1/completions", json={**body, "temperature": temperature}, headers=auth(toks["ann"]))
+    greedy = server.client.post("/v1/completions", json={**body, "temperature": 0}, headers=auth(toks["ann"]))
+    assert hot.status_code == 200 and greedy.status_code == 200, hot.text
+    assert "error" not in hot.text and hot.text.count("data:") == greedy.text.count("data:")
+    if not stream:
+        assert hot.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_an_unexpected_row_failure_is_a_json_500(server, two_users, monkeypatch):
+    from sharedllm.serve import scheduler
+
+    def boom(*a, **k):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    monkeypatch.setattr(scheduler, "pick", boom)
+    client = type(server.client)(server.app, raise_server_exceptions=False)
+    toks, _ = two_users
+    r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 2, "temperature": 1.0},
+                    headers=auth(toks["ann"]))
+    assert r.status_code == 500 and "detail" in r.json() and "Traceback" not in r.text
+
+
 @pytest.mark.parametrize("name", ["data_offsets 5", "data_offsets []", "data_offsets [0, x]", "metadata a number",
                                   "shape [2, 160]", "F16 as I16", "F16 as BF16", "F16 as BOOL",
                                   "F64 under float32", "fp16 65504 gain"])

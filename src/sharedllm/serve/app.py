@@ -16,7 +16,7 @@ import secrets
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -67,6 +67,12 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
 
     async def body_of(request: Request, model):
         return await body(request, model, text_body, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # A bug, not a refusal: the client still gets a JSON body (never a traceback); the server log keeps the
+        # traceback, and only this request fails (a failing row is resolved with its own error by the engine).
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -57,7 +57,10 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     """Greedy at temperature 0; else sample from softmax(logits / T), restricted to the top_p nucleus if < 1."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()  # seeded generators live on the CPU
+    # Shift so the largest logit is 0 and divide in float64: any finite T > 0, even a subnormal one, gives finite
+    # or -inf scores (never NaN), so a tiny T samples the argmax instead of failing the row.
+    z = logits.cpu().double()  # on the CPU first: seeded generators live there, and MPS has no float64
+    probs = torch.softmax((z - z.max()) / temperature, dim=-1).float()
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
