@@ -1,8 +1,13 @@
 """Bet 53: int8 compression of norm adapters keeps their gain."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from sharedllm.atomic import write_bytes_atomic
 from sharedllm.bets.cells import fmt, one, ppl, select, values
 from sharedllm.bets.harness import Bet, grade, main, not_run
+from sharedllm.personalise import load_adapted
+from sharedllm.quant.compress import encode_adapter
 
 from .common import USERS
 
@@ -25,11 +30,17 @@ def run(ctx) -> list:
         for scheme in SCHEMES:
             out = raw.with_name(raw.stem + f"__{scheme}.safetensors")
             if not out.is_file() or ctx.opts.force:
-                ctx.command("compress", "--adapter", str(raw), "--scheme", scheme, "--out", str(out),
-                            "--base", ctx.opts.base_spec, "--device", ctx.opts.device)
+                compress(ctx.base, raw, scheme, out)
             cells += ctx.score_cells(out, rel, user=user, scheme=scheme, bytes=out.stat().st_size)
         ctx.release()
     return cells
+
+
+def compress(base, raw: Path, scheme: str, out: Path) -> None:
+    """What `sharedllm compress --scheme` does: re-encode, check the result loads on this base, write atomically."""
+    data = encode_adapter(base, load_adapted(base, raw), scheme)
+    load_adapted(base, data=data, source=str(out))
+    write_bytes_atomic(out, data)
 
 
 def counts(cells: list, criteria: dict) -> tuple[int, int, int]:

@@ -20,13 +20,15 @@ from sharedllm.data import eval_windows, load_user
 from sharedllm.errors import SharedLLMError
 from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
+from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
+from sharedllm.quant.ptq import PTQConfig
 from sharedllm.train import TrainConfig
 
 from . import common
 from .cells import scored
 
 QUICK = {"steps": 3, "batch": 2, "seq": 32, "lr": 5e-3, "text_len": 64, "window": 32}
-QUICK_QUANTIZE = ("--calib-seqs", "2", "--calib-len", "32", "--repair-steps", "2")
+QUICK_QUANTIZE = {"calib_seqs": 2, "calib_len": 32, "repair_steps": 2}
 WINDOW = 256
 _DATA: dict = {}  # (tokenizer id, file) -> UserData, shared by bets run in one process
 
@@ -379,18 +381,6 @@ class Context:
         other.deferred, other.target = self.deferred, self.target
         return other
 
-    def command(self, name: str, *argv: str) -> dict:
-        """Run a `sharedllm` subcommand in-process (exactly as the CLI would) and return its result dict."""
-        from sharedllm.cli import build_parser
-
-        parser, modules = build_parser()
-        if name not in modules:
-            from .spec import MissingDependency
-
-            raise MissingDependency(f"bet {self.bet.name} needs `sharedllm {name}` (sharedllm.commands.{name}), "
-                                    "which this checkout does not have yet; no result written")
-        return modules[name].run(parser.parse_args([name, *argv]))
-
     def ternary_file(self) -> Path:
         """The ternary base: --ternary FILE, else `sharedllm quantize` of this base with its default method,
         written once under out/ternary/ (a make-style target shared by bets 13, 52 and scale_protocol)."""
@@ -401,9 +391,10 @@ class Context:
         path = Path(self.opts.out) / "ternary" / self.fingerprint[:16] / "quantize_default.safetensors"
         if not path.is_file():
             say(f"quantising base {self.opts.base_spec} to {path} (sharedllm quantize, default method)")
-            args = ["--base", self.opts.base_spec, "--out", str(path), "--device", self.opts.device,
-                    "--calib", str(common.user_file(self.opts.corpora, common.GENERAL)), *QUICK_QUANTIZE * self.quick]
-            info = {"argv": args, **self.command("quantize", *args)}
+            cfg = PTQConfig(**QUICK_QUANTIZE) if self.quick else PTQConfig(repair_steps=REPAIR_STEPS)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            info = ternarise(self.opts.base_spec, path, DEFAULT_METHOD,
+                             common.user_file(self.opts.corpora, common.GENERAL), cfg, self.opts.device)
             write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=1, default=str))
         self.notes["ternary_file"] = str(path)
         self.notes["ternary"] = ternary_record(path)

@@ -1,25 +1,18 @@
 """sharedllm quantize: write a ternary base file (decoder linears as packed ternary codes + scales)."""
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..base import load_base
-from ..errors import SharedLLMError
-from ..log import say
-from ..quant.calibration import calibration_tokens
-from ..quant.ptq import METHODS, NEEDS_CALIB, PTQConfig, quantize_model
-from ..quant.ternary import save_ternary_base
+from ..quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
+from ..quant.ptq import METHODS, PTQConfig
 from .args import add_base_args
 
-REPAIR_STEPS = 100
 HELP = "ternarise a base's decoder linears into one file (5 trits/byte + scales); use it with --base FILE"
 
 
 def configure(p) -> None:
     p.add_argument("--out", required=True, help="ternary base file to write (.safetensors)")
-    p.add_argument("--method", default="gptq-asym", choices=list(METHODS),
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
                    help="absmean (naive baseline) | asym (per-row alpha*T+mu, no data) | gptq-asym (calibrated)")
     p.add_argument("--calib", default=None,
                    help="general text for calibration and repair; only its first 80 %% is used")
@@ -50,26 +43,7 @@ def ptq_config(args) -> PTQConfig:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ptq_config(args)
-    needs = args.method in NEEDS_CALIB or cfg.repair_steps
-    if needs and not args.calib:
-        raise SharedLLMError(f"--method {args.method} (or --repair-steps) needs --calib TEXT (general text)")
-    say(f"loading base {args.base}")
-    base = load_base(args.base, args.device)
-    calib = calibration_tokens(args.calib, base.tokenizer).to(base.device) if args.calib else None
-    t0 = time.time()
-    model, q = quantize_model(base.model, args.method, calib if needs else None, cfg)
-    wall = time.time() - t0
-    info = {"method": args.method, "params": cfg.used(args.method), "source_fingerprint": base.fingerprint,
-            "source_name": base.name, "quantize_wall_s": round(wall, 1)}
-    meta = save_ternary_base(args.out, model, base.tokenizer, q, info)
-    kept = sorted(n for n, k in meta["kinds"].items() if k != "ternary")
-    return {"out": args.out, "method": args.method, "bits_per_weight": meta["bits_per_weight"],
-            "bytes": meta["bytes"], "bytes_decoder_linears": meta["bytes_decoder_linears"],
-            "bytes_embeddings_fp16": meta["bytes_embeddings_fp16"],
-            "bytes_norms_biases_fp32": meta["bytes_norms_biases_fp32"], "bytes_tokenizer": meta["bytes_tokenizer"],
-            "kept_int8": kept, "fingerprint": meta["fingerprint"], "source_fingerprint": base.fingerprint,
-            "wall_s": round(wall, 1)}
+    return ternarise(args.base, args.out, args.method, args.calib, ptq_config(args), args.device)
 
 
 def render(r: dict) -> str:
