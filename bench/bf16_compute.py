@@ -1,0 +1,65 @@
+"""fp32 vs bf16 compute on this CPU, side by side in one run: a decoder-sized matmul, and a base's forward over
+held-out text (fp32, bf16 autocast as `sharedllm bet --dtype bf16` uses it, bf16 weights), with the ppl each gives.
+
+    OMP_NUM_THREADS=1 python bench/bf16_compute.py --base qwen2.5-coder-0.5b --tokens 1024
+
+Prints time ratios against fp32 (the machine may be loaded: compare within one run) and the ppl shift."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from machine import describe  # noqa: E402
+
+from sharedllm.base import load_base  # noqa: E402
+
+
+def matmul_gflops(dtype, m=512, k=896, n=4864, reps=20) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def forward(model, ids, autocast: bool) -> tuple[float, float]:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(ids[:1, :16])  # warm-up
+        t = time.perf_counter()
+        logits = model(ids).logits.float()
+        wall = time.perf_counter() - t
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return wall, math.exp(-lp.mean().item())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="default")
+    ap.add_argument("--tokens", type=int, default=1024, help="scored tokens, in windows of 256")
+    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "data/corpora/novelist/"
+                                          "austen_pride_and_prejudice.txt"))
+    args = ap.parse_args()
+    print(f"# {describe()}; torch threads {torch.get_num_threads()}")
+    f32, b16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    print(f"matmul 512x896x4864: fp32 {f32:.1f} GFLOP/s, bf16 {b16:.1f} GFLOP/s, ratio {b16 / f32:.2f}x")
+    base = load_base(args.base)
+    text = Path(args.text).read_text()
+    ids = torch.tensor(base.tokenizer.encode(text[-len(text) // 5:])[: args.tokens]).view(-1, 256)
+    model = base.model.eval()
+    rows = [("fp32", *forward(model, ids, False)), ("bf16 autocast", *forward(model, ids, True))]
+    rows.append(("bf16 weights", *forward(model.to(torch.bfloat16), ids, False)))
+    print(f"| {args.base}, {ids.numel()} tokens | forward s | speed vs fp32 | ppl | ppl vs fp32 |\n|---|---:|---:|---:|---:|")
+    for name, wall, p in rows:
+        print(f"| {name} | {wall:.2f} | {rows[0][1] / wall:.2f}x | {p:.3f} | {100 * (p / rows[0][2] - 1):+.2f} % |")
+
+
+if __name__ == "__main__":
+    main()
