@@ -248,3 +248,32 @@ def test_an_adapter_file_that_vanished_gives_a_clean_404(server, two_users):
     router.cache._d.clear()
     router.store.path_of(router.store.get("ann").sha256).unlink()
     assert "retry" in clean_4xx(server.score(toks["ann"]), 404)["detail"]
+
+
+# ---- 8. scores in mixed batches, through HTTP ------------------------------------------------------------------
+
+def test_a_score_through_the_server_depends_on_its_batch_by_at_most_the_stated_bound(live):
+    """README's bound (1e-6 nats per scored token) holds end to end: each score sent alone, then the same requests
+    sent at once from two users with other lengths beside them (so they share batches with other rows)."""
+    texts = [TEXT[: 40 + 37 * i] for i in range(8)]
+    who = [live.tokens["ann" if i % 2 else "bob"] for i in range(8)]
+
+    def score(i):
+        r = httpx.post(f"{live.url}/v1/score", json={"text": texts[i], "adapter": "none"}, headers=auth(who[i]),
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    alone = [score(i) for i in range(8)]
+    assert live.router.stats()["largest_batch"] == 1
+    together: dict = {}
+    for _ in range(5):  # until some of them shared a batch (the engine batches what is waiting)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, score(i))) for i in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        if live.router.stats()["largest_batch"] > 1:
+            break
+    assert live.router.stats()["largest_batch"] > 1 and len(together) == 8
+    for i in range(8):
+        assert together[i]["tokens"] == alone[i]["tokens"]
+        assert abs(together[i]["logprob"] - alone[i]["logprob"]) <= 1e-6 * alone[i]["tokens"], i
