@@ -1,5 +1,6 @@
 """A wheel built from this checkout and installed into a fresh venv runs without the checkout on its path:
-`sharedllm --help` (the console script), `adapt` and `inspect` on `--base tiny`, and the bets commands (one clear
+`sharedllm --help` (the console script), `adapt`, `inspect`, `eval`, `compress`, `export`, `quantize` and `serve`
+on `--base tiny`, and the bets commands (one clear
 line without a bets dir; the checkout's bets with --bets-dir). The venv reuses this interpreter's installed dependencies through a .pth file, so nothing
 is downloaded; the wheel is built from a copy of the sources, so the checkout gets no build/ or egg-info."""
 from __future__ import annotations
@@ -84,7 +85,15 @@ def ran(env_bin, tmp_path_factory) -> dict:
              "list_dir": ["bets", "list", "--json", "--bets-dir", str(REPO / "experiments" / "bets")],
              "adapt": ["adapt", "--text", str(text), "--out", str(adapter), "--base", "tiny", "--steps", "2",
                        "--seq", "32", "--window", "32", "--eval-tokens", "256", "--json"],
-             "inspect": ["inspect", str(adapter), "--base", "tiny", "--json"]}
+             "inspect": ["inspect", str(adapter), "--base", "tiny", "--json"],
+             "eval": ["eval", "--text", str(text), "--adapter", str(adapter), "--base", "tiny", "--window", "32",
+                      "--eval-tokens", "256", "--json"],
+             "compress": ["compress", "--adapter", str(adapter), "--scheme", "int8", "--out",
+                          str(adapter.with_name("u8.safetensors")), "--base", "tiny", "--json"],
+             "export": ["export", "--adapter", str(adapter), "--out", str(adapter.with_name("hf")), "--base", "tiny",
+                        "--json"],
+             "quantize": ["quantize", "--method", "absmean", "--repair-steps", "0", "--out",
+                          str(adapter.with_name("t.safetensors")), "--base", "tiny", "--json"]}
     r = subprocess.run([str(env_bin / "python"), "-c", DRIVER, json.dumps(cases)], capture_output=True, text=True,
                        timeout=600, cwd=env_bin.parent, env={**clean_env(), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -120,3 +129,37 @@ def test_adapt_and_inspect_on_the_tiny_base(ran):
     assert rc == 0, err
     rc, out, err = ran["inspect"]
     assert rc == 0 and json.loads(out)["method"] == "norm", err
+
+
+def test_eval_compress_export_quantize_on_the_tiny_base(ran):
+    for name in ("eval", "compress", "export", "quantize"):
+        rc, out, err = ran[name]
+        assert rc == 0 and json.loads(out), f"{name}: {err}"
+    assert json.loads(ran["compress"][1])["scheme"] == "int8"
+    assert json.loads(ran["quantize"][1])["method"] == "absmean"
+
+
+def test_serve_from_the_wheel_answers_health(env_bin, tmp_path):
+    """`sharedllm serve --base tiny` (the console script of the venv) comes up and answers /health."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "SHAREDLLM_ADMIN_TOKEN": "a" * 40}
+    proc = subprocess.Popen([str(env_bin / "sharedllm"), "serve", "--base", "tiny", "--port", str(port), "--store",
+                             str(tmp_path / "store")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, status = time.monotonic() + 300, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(1)
+        assert status == 200, proc.stderr.read().decode() if proc.poll() is not None else "no answer in 300 s"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
