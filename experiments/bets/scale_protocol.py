@@ -183,13 +183,14 @@ def quantised(ctx) -> bool:
     True once the ternary file is there."""
     if ctx.opts.ternary:
         return True
-    path = Path(ctx.opts.out) / "ternary" / ctx.fingerprint[:16] / "quantize_default.safetensors"
     def quantise() -> list:
         ctx.ternary_file()
         return []  # no cells: the file under --out is what the ternary units need
 
     ctx.unit(f"quantize/{ctx.fingerprint[:16]}", quantise)
-    return path.is_file() or (ctx.deferred is None and ctx.target is None and ctx.ternary_file().is_file())
+    if ctx.ternary_target().is_file():
+        return True
+    return ctx.deferred is None and ctx.target is None and ctx.ternary_file().is_file()
 
 
 def ternary_cells(tctx, u: str) -> list:

@@ -381,6 +381,10 @@ class Context:
         other.deferred, other.target = self.deferred, self.target
         return other
 
+    def ternary_target(self) -> Path:
+        """Where this base's default ternary file is (or will be) written under --out."""
+        return Path(self.opts.out) / "ternary" / self.fingerprint[:16] / "quantize_default.safetensors"
+
     def ternary_file(self) -> Path:
         """The ternary base: --ternary FILE, else `sharedllm quantize` of this base with its default method,
         written once under out/ternary/ (a make-style target shared by bets 13, 52 and scale_protocol)."""
@@ -388,7 +392,7 @@ class Context:
             self.notes["ternary_file"] = str(self.opts.ternary)
             self.notes["ternary"] = ternary_record(Path(self.opts.ternary))
             return Path(self.opts.ternary)
-        path = Path(self.opts.out) / "ternary" / self.fingerprint[:16] / "quantize_default.safetensors"
+        path = self.ternary_target()
         if not path.is_file():
             say(f"quantising base {self.opts.base_spec} to {path} (sharedllm quantize, default method)")
             cfg = PTQConfig(**QUICK_QUANTIZE) if self.quick else PTQConfig(repair_steps=REPAIR_STEPS)
