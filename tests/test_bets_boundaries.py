@@ -309,3 +309,35 @@ def test_scale_trend_row_reads_the_confusion_matrix_and_rivals():
     assert trend_row(cells, "tuned") is None  # no tuned arm in these cells
     table = trend_table([("b (1M)", "FAIL", r)])
     assert "| b (1M) | catalogue | FAIL | 3 | 3/3 | 2/3 |" in table and "215 MB / 10.8 GB" in table
+
+
+def test_scale_protocol_summary_and_control_over_subsets_of_users():
+    """Full FT for the first user of each kind and --random-users N: the summary and the random-token control
+    count only the users that have those cells (the 0.5B / 1.5B protocols), instead of failing at the end."""
+    bet = get_bet("scale_protocol")
+    cells = scale(10, users=12, seeds=(0,))  # u0..u9 won (own 9.0), u10, u11 not (9.8); others and base 10.0
+    cells += [b.c(7.0, kind="method", method="full", user=u, seed=0) for u in ("u0", "u5")]
+    cells += [b.c(9.99, kind="random", user=u, seed=0) for u in ("u0", "u10")]  # u0 beats it by 10 %, u10 not
+    summary = bet.summary(cells)
+    assert "norm beats full for 0/2" in summary and "real beats random-token control by >= 5 % for 1/2" in summary
+    name = "norm adapter of random tokens as the user's own"
+    # random as own: 9.99 vs every other adapter at 10.0 is not a 5 % win for either user: 0 of 2
+    assert bet.controls(cells, bet.criteria) == {name: "CATASTROPHIC"}
+    better = [x for x in cells if x.get("kind") != "random"] + [
+        b.c(9.0, kind="random", user=u, seed=0) for u in ("u0", "u10")]
+    assert bet.controls(better, bet.criteria) == {name: "LENIENT_PASS"}  # 2/2 won, but 2 users and 1 seed
+
+
+def test_scale_protocol_options_for_the_larger_bases(tmp_path):
+    """--random-users and --eval-len reach the protocol (and only the bets that take them)."""
+    from sharedllm.bets.harness import Options, check_options
+    from sharedllm.bets.context import Context
+    from sharedllm.errors import SharedLLMError
+
+    opts = Options(quick=False, out=tmp_path, results=tmp_path, base="tiny", random_users=2, eval_len=1024)
+    check_options(get_bet("scale_protocol"), opts)
+    assert Context(get_bet("scale_protocol"), opts).text_len == 1024
+    with pytest.raises(SharedLLMError, match="--random-users"):
+        check_options(get_bet("61"), opts)
+    with pytest.raises(SharedLLMError, match="--eval-len 0"):
+        Options(eval_len=0)

@@ -147,6 +147,10 @@ def tuned_arm(ctx, users: list) -> list:
 
 
 def random_control(ctx, users: list) -> list:
+    """The norm adapter trained on random tokens, for every user or (--random-users N) the first N."""
+    if ctx.opts.random_users is not None:
+        users = users[:ctx.opts.random_users]
+        ctx.notes["random_control_users"] = [name(u) for u in users]
     cells = []
     for u in users:
         cells += ctx.unit(f"random/{name(u)}", lambda u=u: random_cells(ctx, u))
@@ -246,8 +250,10 @@ def as_tuned(cells: list) -> list:
 
 
 def random_as_own(cells: list) -> list:
-    """The confusion matrix with each user's own adapter replaced by the norm adapter trained on random tokens."""
-    conf = [c for c in select(cells, kind="confusion") if c["adapter"] != c["user"]]
+    """The confusion matrix with each user's own adapter replaced by the norm adapter trained on random tokens,
+    on the eval texts of the users that have one (--random-users N: the first N)."""
+    users = values(cells, "user", kind="random")
+    conf = [c for c in select(cells, kind="confusion") if c["adapter"] != c["user"] and c["user"] in users]
     return conf + [{**c, "kind": "confusion", "adapter": c["user"]} for c in select(cells, kind="random")]
 
 
@@ -283,14 +289,17 @@ def summary(cells: list) -> str:
              f"{_span([1 - own[u] / ppl(conf, user=u, adapter='base') for u in users])} below the base, "
              f"{_span([1 - own[u] / best_other[u] for u in users])} below the best other user's adapter"]
     if select(cells, kind="random"):
-        k = sum(beats(own[u], ppl(cells, kind="random", user=u), 0.05) for u in users)
-        parts.append(f"real beats random-token control by >= 5 % for {k}/{len(users)}")
+        rand = values(cells, "user", kind="random")
+        k = sum(beats(own[u], ppl(cells, kind="random", user=u), 0.05) for u in rand)
+        parts.append(f"real beats random-token control by >= 5 % for {k}/{len(rand)}")
     for m in values(cells, "method", kind="method"):
-        k = sum(own[u] < ppl(cells, kind="method", method=m, user=u) for u in users)
-        parts.append(f"norm beats {m} for {k}/{len(users)}")
+        with_m = values(cells, "user", kind="method", method=m)  # full FT: the first user of each kind
+        k = sum(own[u] < ppl(cells, kind="method", method=m, user=u) for u in with_m)
+        parts.append(f"norm beats {m} for {k}/{len(with_m)}")
     if select(cells, kind="ternary"):
         imp = [1 - ppl(cells, kind="ternary", condition="ternary_norm", user=u)
-               / ppl(cells, kind="ternary", condition="ternary_base", user=u) for u in users]
+               / ppl(cells, kind="ternary", condition="ternary_base", user=u)
+               for u in values(cells, "user", kind="ternary")]
         parts.append(f"norm on ternary base improves it by {_span(imp)} (mean {100 * sum(imp) / len(imp):.1f} %)")
     if select(cells, kind="tuned_confusion"):
         parts.append(f"TUNED ARM (norm lr {tuned_lr_of(cells):g}): " + summary(as_tuned(cells)))
@@ -494,7 +503,8 @@ def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
 
 
 BET = Bet(id="scale_protocol", slug="scale_protocol", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
-          verdict=verdict, summary=summary, accepts=("users", "seeds", "full_ft", "ternary"),
+          verdict=verdict, summary=summary,
+          accepts=("users", "seeds", "full_ft", "ternary", "random_users", "eval_len"),
           side_verdicts=side_verdicts, controls=controls)
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class Context:
         self.bet, self.opts, self.quick = bet, opts, opts.quick
         self._base = base  # loaded when first needed: a Ray driver often never needs the weights
         self._known = None if base is not None else peek(opts.base_spec)
-        self.text_len = QUICK["text_len"] if self.quick else common.EVAL_LEN
+        self.text_len = QUICK["text_len"] if self.quick else (opts.eval_len or common.EVAL_LEN)
         self.n_texts = common.EVAL_TEXTS
         self.window = QUICK["window"] if self.quick else WINDOW
         self.extras, self.notes, self.users_used, self.seeds_used = {}, {}, [], set()

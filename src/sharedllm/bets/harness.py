@@ -31,7 +31,8 @@ def result_path(bet: Bet, opts: Options) -> Path:
 
 def check_options(bet: Bet, opts: Options) -> None:
     given = {"users": opts.users is not None, "seeds": opts.seeds is not None, "full_ft": opts.full_ft,
-             "ternary": opts.ternary is not None}
+             "ternary": opts.ternary is not None, "random_users": opts.random_users is not None,
+             "eval_len": opts.eval_len is not None}
     bad = [k for k, v in given.items() if v and k not in bet.accepts]
     if bad:
         flags = ", ".join("--" + k.replace("_", "-") for k in bad)

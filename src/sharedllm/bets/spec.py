@@ -30,7 +30,7 @@ class Bet:
     run: Callable
     verdict: Callable
     summary: Callable  # cells -> one line of key numbers for REPORT.md
-    accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary
+    accepts: tuple = ()  # extra options this bet understands: users, seeds, full_ft, ternary, random_users, eval_len
     side_verdicts: Callable | None = None  # (cells, criteria) -> {name: verdict}, reported beside the verdict
     # (cells, criteria) -> {control name: verdict, or a "not run: ..." line}: the same rule applied to controls that
     # could meet it without the thing under test (the bare base, an adapter of random tokens, ...)
@@ -55,12 +55,17 @@ class Options:
     seeds: int | None = None
     full_ft: bool = False
     ternary: str | None = None
+    random_users: int | None = None  # scale_protocol: the random-token control for the first N users only
+    eval_len: int | None = None  # tokens per eval text (None: the bets' 2,048); recorded in the stamp and config
     ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
     ray_retries: int = 2
     dtype: str = "fp32"  # "bf16": train and score under torch.autocast(bf16); see sharedllm.bets.common.autocast
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("random_users", "eval_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SharedLLMError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.dtype not in DTYPES:
             raise SharedLLMError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         for name in ("corpora", "out"):

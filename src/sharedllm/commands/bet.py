@@ -36,6 +36,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="scale_protocol / 46: number of training seeds")
     p.add_argument("--full-ft", action="store_true", help="scale_protocol: also train full fine-tunes")
     p.add_argument("--ternary", default=None, help="13 / 52 / scale_protocol: use this ternary base file")
+    p.add_argument("--random-users", type=int, default=None, metavar="N",
+                   help="scale_protocol: the random-token control for the first N users only (default: every user)")
+    p.add_argument("--eval-len", type=int, default=None, metavar="TOKENS",
+                   help="scale_protocol: tokens per eval text (default 2048; e.g. 1024 on a base too slow for it)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="compute dtype of training and scoring: bf16 runs them under torch.autocast (parameters, "
                         "optimizer state and NLL sums stay fp32); recorded in the result and the checkpoint stamp, "
@@ -55,7 +59,8 @@ def options_from(args):
 
     return Options(quick=args.quick, force=args.force, base=args.base, corpora=_path(args.corpora),
                    device=args.device, out=_path(args.out), results=_path(args.results), users=args.users,
-                   seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary, dtype=getattr(args, "dtype", "fp32"),
+                   seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
+                   random_users=args.random_users, eval_len=args.eval_len, dtype=getattr(args, "dtype", "fp32"),
                    ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
