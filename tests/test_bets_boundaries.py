@@ -32,6 +32,18 @@ def test_13_ignores_the_development_text():
     assert judge("13", b.ternary({0: 1.0, 1: 1.2, 2: 1.2}, 0.1), dev_text=1) == "STRICT_PASS"
 
 
+def test_13_code_and_prose_are_reported_not_judged():
+    """The code and prose users' cells (a `domain`) are reported beside the verdict and never enter it."""
+    from sharedllm.bets.harness import get_bet
+
+    general = b.ternary({0: 1.0, 1: 1.2, 2: 1.2}, 0.1)
+    code = [{**x, "domain": "code", "user": "programmer/x"} for x in b.ternary({0: 20.0, 1: 20.0, 2: 20.0}, 0.1, fp=5.0)
+            if x["condition"] in ("fp", "ternary")]
+    assert judge("13", general + code) == judge("13", general) == "STRICT_PASS"
+    summary = get_bet("13").summary(general + code)
+    assert "code (programmer/cpython_asyncio) ternary/fp 20.00x" in summary and "1.20x" in summary
+
+
 def test_13_fewer_judged_texts_than_declared_is_not_strict():
     assert judge("13", b.ternary({0: 1.0, 1: 1.2}, 0.1)) == "LENIENT_PASS"
 

@@ -51,7 +51,7 @@ def own_vs(cells, k, mine, rival, tie_loses=False):
 
 
 def v13(cells, k):
-    judged = [x for x in cells if x["text"] != k["dev_text"]]
+    judged = [x for x in cells if x["text"] != k["dev_text"] and "domain" not in x]  # code / prose: not judged
     r = pp(judged, condition="ternary") / pp(judged, condition="fp")
     size = [x["bytes"] for x in cells if x["condition"] == "ternary"][0] / [x["bytes"] for x in cells
                                                                            if x["condition"] == "fp"][0]
@@ -205,7 +205,11 @@ def g3(x: float) -> str:
 def key_numbers(bet_id: str, cells: list) -> list:
     """Numbers the bet's REPORT.md row must show, computed here from raw cells."""
     if bet_id == "13":
-        return [f"{pp(cells, condition='ternary', text=t) / pp(cells, condition='fp', text=t):.2f}" for t in range(3)]
+        gen = [x for x in cells if "domain" not in x]
+        domains = sorted({x["domain"] for x in cells if "domain" in x})
+        return ([f"{pp(gen, condition='ternary', text=t) / pp(gen, condition='fp', text=t):.2f}" for t in range(3)]
+                + [f"{d} (" for d in domains]
+                + [f"{pp(cells, condition='ternary', domain=d) / pp(cells, condition='fp', domain=d):.2f}x" for d in domains])
     if bet_id in ("37", "46"):
         return [g3(pp(cells, method=m)) for m in ("norm", "full")] if bet_id == "37" else [
             f"{sum(pp(cells, method='norm', seed=s, text=t) < 2 * pp(cells, method='full', seed=s, text=t) for s in range(5) for t in range(3))}/15"]

@@ -22,6 +22,9 @@ CRITERIA = {
     "CATASTROPHIC": {"min_ppl_ratio": 10.0},
 }
 JUDGED_TEXTS = 2
+# Reported beside the verdict (not judged: the hypothesis is about general text): the same ratio on a code and a
+# prose user's eval texts, neither of which took part in choosing the quantize method or its calibration.
+DOMAINS = {"code": "programmer/cpython_asyncio", "prose": "novelist/austen_pride_and_prejudice"}
 
 
 def fp16_bytes(model) -> int:
@@ -39,13 +42,28 @@ def run(ctx) -> list:
     fp_bytes, t_bytes = fp16_bytes(ctx.base.model), path.stat().st_size
     cells = ctx.score_cells(None, GENERAL, condition="fp", bytes=fp_bytes)
     bits = tbase.meta.get("bits_per_weight")
-    cells += ctx.rebased(tbase).score_cells(None, GENERAL, condition="ternary", bytes=t_bytes,
-                                            bits_per_weight=bits, method=tbase.meta.get("method"))
+    tctx = ctx.rebased(tbase)
+    cells += tctx.score_cells(None, GENERAL, condition="ternary", bytes=t_bytes,
+                              bits_per_weight=bits, method=tbase.meta.get("method"))
+    for domain, user in DOMAINS.items():
+        cells += ctx.score_cells(None, user, condition="fp", domain=domain, user=user)
+        cells += tctx.score_cells(None, user, condition="ternary", domain=domain, user=user)
     return cells
 
 
+def general(cells: list) -> list:
+    """The general-text cells (the hypothesis's); the code and prose cells carry a `domain`."""
+    return [c for c in cells if "domain" not in c]
+
+
+def domain_ratios(cells: list) -> dict:
+    """Ternary / fp ppl per domain (code, prose), pooled over its eval texts; empty for results before 2026-11-30."""
+    return {d: ppl(cells, condition="ternary", domain=d) / ppl(cells, condition="fp", domain=d)
+            for d in values(cells, "domain", condition="fp")}
+
+
 def judged(cells: list, criteria: dict) -> list:
-    return [c for c in cells if c.get("text") != criteria["dev_text"]]
+    return [c for c in general(cells) if c.get("text") != criteria["dev_text"]]
 
 
 def ratios(cells: list) -> tuple[float, float]:
@@ -54,6 +72,7 @@ def ratios(cells: list) -> tuple[float, float]:
 
 
 def text_ratios(cells: list) -> dict:
+    cells = general(cells)
     return {t: ppl(cells, condition="ternary", text=t) / ppl(cells, condition="fp", text=t)
             for t in values(cells, "text", condition="fp")}
 
@@ -73,8 +92,9 @@ def summary(cells: list) -> str:
     per = " / ".join(f"{x:.2f}" + (" (dev)" if t == DEV_TEXT else "") for t, x in text_ratios(cells).items())
     return (f"general ppl on the judged texts fp {fmt(ppl(mine, condition='fp'))} -> ternary "
             f"{fmt(ppl(mine, condition='ternary'))} ({r:.2f}x); ternary/fp per eval text {per}; all 3 pooled "
-            f"{ratios(cells)[1]:.2f}x; file {one(cells, 'bytes', condition='ternary'):,} bytes = {size:.3f} of fp16; "
-            f"decoder bits/weight {one(cells, 'bits_per_weight', condition='ternary'):.3f}")
+            f"{ratios(general(cells))[1]:.2f}x; file {one(cells, 'bytes', condition='ternary'):,} bytes = {size:.3f} "
+            f"of fp16; decoder bits/weight {one(cells, 'bits_per_weight', condition='ternary'):.3f}"
+            + "".join(f"; {d} ({DOMAINS[d]}) ternary/fp {x:.2f}x" for d, x in domain_ratios(cells).items()))
 
 
 BET = Bet(id="13", slug="ternary_ptq", version=2, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,
