@@ -5,7 +5,10 @@ does (a private copy of the base), time `--warmup` untimed then `--steps` timed 
 A method whose estimated memory exceeds what the machine has free is skipped and the estimate printed.
 
     PYTHONPATH=src python bench/base_steps.py --base qwen2.5-coder-0.5b [--methods norm,lora,full] [--steps 1]
-        [--threads 1]
+        [--threads 1] [--dtype bf16]
+
+--dtype bf16 runs the steps under the bets' autocast (what `sharedllm bet ... --dtype bf16` trains with). Each row
+also gives the process CPU seconds per step: on a loaded machine (1 thread) that, not wall time, is the work done.
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def one(base_spec: str, method: str, steps: int, warmup: int, threads: int) -> dict:
+def one(base_spec: str, method: str, steps: int, warmup: int, threads: int, dtype: str = "fp32") -> dict:
     import torch
+
+    from sharedllm.bets.common import autocast
 
     if threads:
         torch.set_num_threads(threads)
@@ -49,13 +54,15 @@ def one(base_spec: str, method: str, steps: int, warmup: int, threads: int) -> d
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
-            t = time.perf_counter()
-        loss = next_token_loss(model, batch)
+            t, cpu = time.perf_counter(), time.process_time()
+        with autocast(dtype):
+            loss = next_token_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return {"method": method, "trainable": sum(p.numel() for p in params.values()), "load_s": round(load_s, 1),
             "rss_after_load_gib": round(after_load, 2), "step_s": round((time.perf_counter() - t) / steps, 2),
+            "cpu_s_per_step": round((time.process_time() - cpu) / steps, 2), "dtype": dtype,
             "peak_rss_gib": round(peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
@@ -77,17 +84,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype (bf16: autocast)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one method in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.base, args.one, args.steps, args.warmup, args.threads)))
+        print(json.dumps(one(args.base, args.one, args.steps, args.warmup, args.threads, args.dtype)))
         return
     from sharedllm.registry import resolve
 
     named = resolve(args.base)
-    print(f"base {args.base}; batch 2 x 256; {args.warmup} warm-up + {args.steps} timed step(s); "
+    print(f"base {args.base}; {args.dtype}; batch 2 x 256; {args.warmup} warm-up + {args.steps} timed step(s); "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'method':6s} {'trainable':>12s} {'load s':>7s} {'RSS load':>9s} {'s/step':>7s} {'peak RSS':>9s}")
+    print(f"{'method':6s} {'trainable':>12s} {'load s':>7s} {'RSS load':>9s} {'s/step':>7s} {'CPU s':>6s} {'peak RSS':>9s}")
     for method in args.methods.split(","):
         need = estimate_gib(named.params, method) if named else 0.0
         if need > 0.9 * available_gib():
@@ -95,10 +103,10 @@ def main() -> None:
                   f"{available_gib():.0f} GiB available")
             continue
         cmd = [sys.executable, __file__, "--base", args.base, "--one", method, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--dtype", args.dtype]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         print(f"{method:6s} {r['trainable']:12,d} {r['load_s']:7.1f} {r['rss_after_load_gib']:8.2f}G "
-              f"{r['step_s']:7.2f} {r['peak_rss_gib']:8.2f}G   {json.dumps(r)}")
+              f"{r['step_s']:7.2f} {r['cpu_s_per_step']:6.1f} {r['peak_rss_gib']:8.2f}G   {json.dumps(r)}")
 
 
 if __name__ == "__main__":
