@@ -21,6 +21,8 @@ from sharedllm.bets.cells import beats, best_other_adapter, confusion_outcomes, 
 from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
 from sharedllm.errors import SharedLLMError
 
+from .common import adapter_cells, footprint
+
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
          "novelist/austen_pride_and_prejudice", "novelist/dickens_tale_of_two_cities",
          "novelist/doyle_adventures_of_sherlock_holmes", "scientist/arxiv_astro_ph", "scientist/arxiv_cond_mat",
@@ -84,16 +86,18 @@ def confusion(ctx, users: list, seeds: int, lr: float | None = None) -> list:
 
 
 def confusion_row(ctx, users: list, a: str, seed: int, lr: float | None = None) -> list:
-    """Train user a's norm adapter and score it on every user's eval texts."""
-    path = ctx.adapter(a, "norm", seed=seed, lr=lr)
-    side = ctx.curve(f"{name(a)}/norm/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
+    """Train user a's norm adapter and score it on every user's eval texts; a's own cells carry its footprint."""
     kind = {"kind": "confusion"} if lr is None else {"kind": "tuned_confusion", "lr": lr}
-    cells = []
-    for u in users:
-        own = {"bytes": path.stat().st_size, "train_s": round(side["wall_s"], 1)} if u == a else {}
-        cells += ctx.score_cells(path, u, adapter=name(a), user=name(u), seed=seed, **kind, **own)
-    ctx.release()
-    return cells
+
+    def cell(u: str, path: Path, side: dict) -> dict:
+        own = footprint(path, side) if u == a else {}
+        return {"adapter": name(a), "user": name(u), "seed": seed, **kind, **own}
+
+    return adapter_cells(ctx, a, "norm", curve_key(a, "norm", seed, lr), cell, on=users, seed=seed, lr=lr)
+
+
+def curve_key(u: str, method: str, seed: int, lr: float | None) -> str:
+    return f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}")
 
 
 def rival_methods(ctx, users: list, seeds: int, methods: list, lr: float | None = None) -> list:
@@ -107,13 +111,9 @@ def rival_methods(ctx, users: list, seeds: int, methods: list, lr: float | None 
 
 
 def rival(ctx, u: str, method: str, seed: int, lr: float | None = None) -> list:
-    path = ctx.adapter(u, method, seed=seed, lr=lr)
-    side = ctx.curve(f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
     kind = {"kind": "method"} if lr is None else {"kind": "tuned_method", "lr": lr}
-    cells = ctx.score_cells(path, u, method=method, user=name(u), seed=seed, bytes=path.stat().st_size,
-                            train_s=round(side["wall_s"], 1), **kind)
-    ctx.release()
-    return cells
+    return adapter_cells(ctx, u, method, curve_key(u, method, seed, lr), lambda _, path, side: {
+        "method": method, "user": name(u), "seed": seed, **footprint(path, side), **kind}, seed=seed, lr=lr)
 
 
 def first_of_each_kind(users: list) -> list:
