@@ -13,6 +13,7 @@ from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, select, values
 from sharedllm.bets.harness import Bet, grade, main
 
 from .common import adapter_cells
+from .figures import confusion_plot
 
 USERS = ["chat/sender_549cc1d1", "chat/sender_31267496", "chat/sender_720840be", "chat/sender_0f9fe1f8",
          "chat/sender_afe2b8b4", "chat/sender_a54af4d5", "chat/sender_9c569478", "chat/sender_994e94a5",
@@ -133,6 +134,15 @@ def summary(cells: list) -> str:
 
 def _span(xs: list) -> str:
     return f"{100 * min(xs):.1f} to {100 * max(xs):.1f} %"
+
+
+def plots(results: dict, folder: Path) -> list:
+    """REPORT.md's heat map of the confusion matrix at the tuned norm lr."""
+    r = results.get(BET.id)
+    if r is None:
+        return []
+    cells = matrix_at(r["cells"], tuned_norm_lr(r["cells"]))
+    return [confusion_plot(cells, BET.id, folder / "chat_confusion_matrix.png")]
 
 
 BET = Bet(id="chat_cohort", slug="chat_cohort", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

@@ -22,6 +22,7 @@ from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
 from sharedllm.errors import SharedLLMError
 
 from .common import adapter_cells, footprint
+from .figures import confusion_plot, save
 
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
          "novelist/austen_pride_and_prejudice", "novelist/dickens_tale_of_two_cities",
@@ -297,6 +298,54 @@ def summary(cells: list) -> str:
     return "; ".join(parts)
 
 
+# ---- REPORT.md's plots of this base's result ----
+
+def plots(results: dict, folder: Path) -> list:
+    """The default base's confusion matrix, and each user's conditions relative to the base."""
+    r = results.get(BET.id)
+    if r is None:
+        return []
+    conf = select(r["cells"], kind="confusion")
+    return [confusion_plot(conf, BET.id, folder / "scale_confusion_matrix.png"), scale_plot(r["cells"], folder)]
+
+
+def scale_conditions(cells: list, user: str) -> dict:
+    """Each condition's held-out ppl on `user`'s text as a fraction of the bare base's (ternary: of the ternary
+    base's); absent conditions are left out."""
+    conf, base = select(cells, kind="confusion"), ppl(cells, kind="confusion", adapter="base", user=user)
+    out = {"own norm": ppl(conf, adapter=user, user=user) / base,
+           "best other user's norm": best_other_adapter(conf, user) / base}
+    for m in values(cells, "method", kind="method"):
+        out[f"own {m}"] = ppl(cells, kind="method", method=m, user=user) / base
+    if select(cells, kind="random", user=user):
+        out["norm on random tokens"] = ppl(cells, kind="random", user=user) / base
+    if select(cells, kind="ternary", user=user):
+        out["ternary: own norm / ternary base"] = (ppl(cells, kind="ternary", condition="ternary_norm", user=user)
+                                                   / ppl(cells, kind="ternary", condition="ternary_base", user=user))
+    return out
+
+
+def scale_plot(cells: list, folder: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    users = values(select(cells, kind="confusion"), "user")
+    rows = {u: scale_conditions(cells, u) for u in users}
+    names = list(dict.fromkeys(k for r in rows.values() for k in r))
+    fig, ax = plt.subplots(figsize=(4 + 0.9 * len(users), 4.6))
+    width = 0.8 / len(names)
+    for k, cond in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(users))]
+        ax.bar(xs, [rows[u].get(cond, float("nan")) for u in users], width, label=cond, color=f"C{k}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.95, color="k", lw=0.8, ls="--", label="5 % better than the base")
+    ax.set_xticks(range(len(users)), users, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("held-out ppl / base ppl")
+    ax.set_ylim(min(0.9, min(min(r.values()) for r in rows.values()) - 0.02), 1.05)
+    ax.set_title("Scale protocol: each user's held-out ppl relative to the base (lower is better)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save(fig, folder / "scale_protocol.png")
+
+
 # ---- the scale report: one row per base (and per arm), from each base's result or its checkpoint ----
 
 FLEET = 215_000  # the flagship scenario's users, one adapter each
@@ -472,11 +521,7 @@ def trend_plot(rows: list, folder: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("ppl reduction, % (median, range over users)")
     fig.suptitle("scale_protocol across bases (dashed: the 5 % bar)", fontsize=10)
-    fig.tight_layout()
-    path = Path(folder) / "scale_trend.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, Path(folder) / "scale_trend.png")
 
 
 def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
