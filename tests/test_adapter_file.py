@@ -131,6 +131,46 @@ def test_inspect_of_a_good_file_is_valid(good, tmp_path, capsys):
     assert "INVALID" not in capsys.readouterr().out
 
 
+HEADER_MUTANTS = ["data_offsets 5", "data_offsets 3", "unknown dtype", "metadata bad JSON", "metadata NaN",
+                  "metadata a number", "metadata value int"]
+
+
+def test_the_header_only_reader_reads_what_the_parser_reads(good, tmp_path):
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(good)
+    header, meta = wire.read_file_header(path)
+    assert header == wire.read_header(good, "good") and meta == wire.parse_file(good, "good")[1]
+
+
+@pytest.mark.parametrize("name", HEADER_MUTANTS)
+def test_the_header_only_reader_refuses_bad_headers_with_one_line(good, name, tmp_path):
+    path = tmp_path / "mutant.safetensors"
+    path.write_bytes(mutate(good, MUTANTS[name][0]))
+    with pytest.raises(SharedLLMError, match=MUTANTS[name][1]) as e:
+        wire.read_file_header(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("data, needle", [(b"\x01\x02", "only 2 bytes"),
+                                          (struct.pack("<Q", wire.MAX_HEADER + 1) + b"{}", "header length"),
+                                          (struct.pack("<Q", 1 << 62) + b"{}", "header length"),
+                                          (struct.pack("<Q", 50) + b"{}", "truncated")])
+def test_the_header_only_reader_bounds_the_header(data, needle, tmp_path):
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(SharedLLMError, match=needle):
+        wire.read_file_header(path)
+
+
+def test_the_header_only_reader_refuses_a_truncated_payload(good, tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(good[:-2])
+    with pytest.raises(SharedLLMError, match="truncated or padded"):
+        wire.read_file_header(path)
+    with pytest.raises(SharedLLMError, match="no such file"):
+        wire.read_file_header(tmp_path / "absent.safetensors")
+
+
 def test_int8_scales_must_be_positive_and_finite(good, tiny):
     from sharedllm.quant.compress import encoded
 

@@ -66,3 +66,39 @@ def test_the_checkout_is_the_default(monkeypatch):
     monkeypatch.delenv(catalogue.ENV, raising=False)
     assert catalogue.find().path == (REPO / "experiments" / "bets").resolve()
     assert catalogue.current().default("CORPORA").resolve() == (REPO / "data" / "corpora").resolve()
+
+
+def test_the_package_report_names_no_bet():
+    text = (REPO / "src" / "sharedllm" / "bets" / "report.py").read_text()
+    named = [m for b, m in catalogue.find().bets.items() if m in text or f'"{b}"' in text]
+    assert not named
+
+
+HOOKED = '''from pathlib import Path
+
+from sharedllm.bets.harness import Bet, grade
+
+BET = Bet(id="{name}", slug="{name}", version=1, hypothesis="a toy", criteria={{}}, run=lambda ctx: [],
+          verdict=lambda cells, criteria: grade(True, True, False), summary=lambda cells: "toy")
+
+
+def plots(results, folder):
+    path = Path(folder) / "{name}.png"
+    path.write_bytes(b"png of " + ",".join(sorted(results)).encode())
+    return [path]
+'''
+
+
+def test_the_report_draws_each_bets_plots_hook_in_the_plot_order(tmp_path):
+    from sharedllm.bets.report import make_plots
+
+    (tmp_path / "__init__.py").write_text('BETS = {"a": "a", "b": "b", "c": "c"}\nPLOTS = ["c"]\n')
+    for name in "abc":
+        (tmp_path / f"{name}.py").write_text(HOOKED.format(name=name) if name != "b" else TOY_BET)
+    catalogue.use(tmp_path)
+    try:
+        made = make_plots({"a": {}, "c": {}}, tmp_path / "plots")
+    finally:
+        catalogue.use()
+    assert [Path(p).name for p in made] == ["c.png", "a.png"]
+    assert (tmp_path / "plots" / "a.png").read_bytes() == b"png of a,c"

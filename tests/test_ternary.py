@@ -119,6 +119,14 @@ def test_inspect_reports_base_fields(tfile, capsys):
     assert r["source_fingerprint"] == meta["source_fingerprint"]
 
 
+def test_a_result_records_the_ternary_base_from_its_header(tfile):
+    from sharedllm.bets.context import TERNARY_RECORD, ternary_record
+
+    path, _, meta = tfile
+    assert ternary_record(path) == {k: meta[k] for k in TERNARY_RECORD if k in meta}
+    assert {"method", "fingerprint", "source_fingerprint"} <= set(ternary_record(path))
+
+
 def _header_len(data: bytes) -> int:
     return 8 + struct.unpack("<Q", data[:8])[0]
 

@@ -1,11 +1,14 @@
 """Bet 49: norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning (3 users x 3 methods)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from sharedllm.bets.cells import fmt, one, ppl, select, values
 from sharedllm.bets.common import GENERAL
 from sharedllm.bets.harness import Bet, grade, main, not_run
 
 from .common import USERS
+from .figures import save
 
 METHODS = ("norm", "lora", "full")
 HYPOTHESIS = ("Per-user norm-only adapters Pareto-dominate LoRA-r4 and full fine-tuning at a fixed budget "
@@ -79,6 +82,56 @@ def summary(cells: list) -> str:
         parts.append(f"{u} personal ppl base/norm/lora/full {p}, general norm/lora/full {g}")
     k = len(winners(cells, CRITERIA))
     return f"norm dominates both rivals for {k}/{len(values(cells, 'user', method='norm'))} users; " + "; ".join(parts)
+
+
+# ---- REPORT.md's plots ----
+
+def plots(results: dict, folder: Path) -> list:
+    """Loss curves and size vs quality, from this bet's result, else from 37's (49's programmer column)."""
+    r = results.get(BET.id) or results.get("37")
+    return [loss_plot(r, folder), pareto_plot(r, folder)] if r else []
+
+
+def loss_plot(result: dict, folder: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    curves = result.get("extras", {}).get("loss_curves", {})
+    methods = sorted({k.split("/")[1] for k in curves}, key=["norm", "lora", "full"].index)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        for key, losses in curves.items():
+            if key.split("/")[1] == m:
+                ax.plot(range(1, len(losses) + 1), _smooth(losses), label=key.split("/")[0])
+        ax.set_title(f"Bet {result['bet']}: {m} (5-step moving mean)")
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("training loss (nats/token)")
+    axes[0][0].legend()
+    return save(fig, folder / "loss_curves.png")
+
+
+def pareto_plot(result: dict, folder: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in result["cells"] if c.get("eval", "personal") == "personal"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    marks = {"norm": "o", "lora": "s", "full": "^"}
+    for k, user in enumerate(values(cells, "user", method="norm")):
+        colour = f"C{k}"
+        for m, mark in marks.items():
+            size = select(cells, user=user, method=m)[0]["bytes"]
+            ax.scatter(size, ppl(cells, user=user, method=m), marker=mark, color=colour,
+                       label=f"{user} {m}")
+        ax.axhline(ppl(cells, user=user, method="none"), color=colour, ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter file bytes (fp16, log scale)")
+    ax.set_ylabel("held-out personal ppl")
+    ax.set_title(f"Bet {result['bet']}: size vs quality (dotted: bare base)")
+    ax.legend(fontsize=6, ncol=3)
+    return save(fig, folder / "pareto.png")
+
+
+def _smooth(xs: list, k: int = 5) -> list:
+    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
 BET = Bet(id="49", slug="adapter_shootout", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

@@ -1,10 +1,13 @@
 """Bet 61: the confusion matrix: every user's norm adapter (and the bare base) on every user's held-out text."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, values
 from sharedllm.bets.harness import Bet, grade, main
 
 from .common import USERS
+from .figures import confusion_plot
 
 HYPOTHESIS = ("Norm-only adapters are user-specific: on each user's held-out text their own adapter beats every "
               "other user's adapter and the bare base by >= 5 % ppl.")
@@ -52,6 +55,12 @@ def summary(cells: list) -> str:
     table = "; ".join(f"{a}: " + "/".join(fmt(x) for x in row) for a, row in zip(adapters, rows))
     return (f"own wins by >= 5 % for {sum(w for w, _ in out.values())}/{len(out)} users; ppl rows (adapter) x "
             f"columns ({'/'.join(users)}): {table}")
+
+
+def plots(results: dict, folder: Path) -> list:
+    """REPORT.md's heat map of the matrix."""
+    r = results.get(BET.id)
+    return [confusion_plot(r["cells"], r["bet"], folder / "confusion_matrix.png")] if r else []
 
 
 BET = Bet(id="61", slug="confusion_matrix", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

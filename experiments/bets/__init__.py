@@ -1,6 +1,7 @@
 """The catalogue's bets, loaded by path by the runtime in `sharedllm.bets` (`sharedllm bet`, `--bets-dir`).
 
-BETS lists them in report order; CORPORA, OUT and README are this checkout's defaults (see sharedllm.bets.catalogue).
+BETS lists them in report order, PLOTS the modules whose `plots` hooks come first in REPORT.md's plots; CORPORA, OUT
+and README are this checkout's defaults (see sharedllm.bets.catalogue).
 """
 from pathlib import Path
 
@@ -15,3 +16,4 @@ BETS = {  # bet id -> module in this folder
     "63": "63_noise_robustness", "scale_protocol": "scale_protocol", "lr_sensitivity": "lr_sensitivity",
     "chat_cohort": "chat_cohort",
 }
+PLOTS = ["61_confusion_matrix", "49_adapter_shootout", "scale_protocol", "lr_sensitivity"]  # REPORT.md's plot order

@@ -12,6 +12,9 @@ from pathlib import Path
 from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, select, values
 from sharedllm.bets.harness import Bet, grade, main
 
+from .common import adapter_cells
+from .figures import confusion_plot
+
 USERS = ["chat/sender_549cc1d1", "chat/sender_31267496", "chat/sender_720840be", "chat/sender_0f9fe1f8",
          "chat/sender_afe2b8b4", "chat/sender_a54af4d5", "chat/sender_9c569478", "chat/sender_994e94a5",
          "chat/sender_95677b7a", "chat/sender_e33f6772", "chat/sender_842e34da", "chat/sender_5e5f6bde"]
@@ -61,21 +64,14 @@ def run(ctx) -> list:
 
 
 def confusion_row(ctx, users: list, a: str, lr: float) -> list:
-    path = ctx.adapter(a, "norm", lr=lr)
-    ctx.curve(f"{name(a)}/norm/lr{lr:g}", path)
-    cells = []
-    for u in users:
-        cells += ctx.score_cells(path, u, kind="confusion", adapter=name(a), user=name(u), lr=lr)
-    ctx.release()
-    return cells
+    """User a's norm adapter at `lr` on every user's eval texts."""
+    return adapter_cells(ctx, a, "norm", f"{name(a)}/norm/lr{lr:g}", lambda u, *_: {
+        "kind": "confusion", "adapter": name(a), "user": name(u), "lr": lr}, on=users, lr=lr)
 
 
 def lora_cells(ctx, u: str, lr: float) -> list:
-    path = ctx.adapter(u, "lora", lr=lr)
-    ctx.curve(f"{name(u)}/lora/lr{lr:g}", path)
-    cells = ctx.score_cells(path, u, kind="lora", user=name(u), lr=lr, bytes=path.stat().st_size)
-    ctx.release()
-    return cells
+    return adapter_cells(ctx, u, "lora", f"{name(u)}/lora/lr{lr:g}", lambda _, path, __: {
+        "kind": "lora", "user": name(u), "lr": lr, "bytes": path.stat().st_size}, lr=lr)
 
 
 def norm_lrs(cells: list) -> list:
@@ -138,6 +134,15 @@ def summary(cells: list) -> str:
 
 def _span(xs: list) -> str:
     return f"{100 * min(xs):.1f} to {100 * max(xs):.1f} %"
+
+
+def plots(results: dict, folder: Path) -> list:
+    """REPORT.md's heat map of the confusion matrix at the tuned norm lr."""
+    r = results.get(BET.id)
+    if r is None:
+        return []
+    cells = matrix_at(r["cells"], tuned_norm_lr(r["cells"]))
+    return [confusion_plot(cells, BET.id, folder / "chat_confusion_matrix.png")]
 
 
 BET = Bet(id="chat_cohort", slug="chat_cohort", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

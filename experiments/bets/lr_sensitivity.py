@@ -21,6 +21,7 @@ from sharedllm.bets.harness import Bet, MissingDependency, grade, main
 from sharedllm.personalise import load_adapted
 
 from .common import USERS
+from .figures import save
 
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed results, beside this module
 CATALOGUE_LR = 5e-5
@@ -214,6 +215,43 @@ def summary(cells: list) -> str:
     return (f"tuned lr (dev): norm {tuned['norm']:g}, lora {tuned['lora']:g}, full {tuned['full']:g}; own tuned norm "
             f"wins by >= 5 % for {won}/{len(out)} users; " + "; ".join(parts)
             + f"; mean relative gain move at tuned lr <= {move:.3g}")
+
+
+# ---- REPORT.md's plot ----
+
+def plots(results: dict, folder: Path) -> list:
+    """ppl against lr per method and user, with the dev-chosen lr."""
+    r = results.get(BET.id)
+    return [lr_plot(r["cells"], folder)] if r else []
+
+
+def lr_plot(cells: list, folder: Path) -> Path:
+    """Bet lr_sensitivity: held-out ppl relative to the base against lr, one panel per method; solid: eval texts,
+    dashed: dev slice (where the lr was chosen), dotted black: general text; grey line: the dev-chosen lr."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(GRID), figsize=(4.2 * len(GRID), 3.6), sharey=True)
+    for ax, method in zip(axes, GRID):
+        lrs = sorted(values(cells, "lr", kind="grid", method=method))
+        for k, user in enumerate(values(cells, "user", kind="grid", method=method)):
+            for ev, style in (("personal", "-"), ("dev", "--")):
+                base = ppl(cells, kind="grid", method="none", user=user, eval=ev)
+                ys = [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval=ev) / base for lr in lrs]
+                ax.plot(lrs, ys, style, marker="o", color=f"C{k}", label=f"{user} ({'eval' if ev == 'personal' else ev})")
+            gen = ppl(cells, kind="grid", method="none", eval="general")
+            ax.plot(lrs, [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval="general") / gen for lr in lrs],
+                    ":", color="black", lw=1)
+        ax.axvline(tuned_lr(cells, method), color="grey", lw=3, alpha=0.4)
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
+        ax.set_title(f"{method}: chosen lr {tuned_lr(cells, method):g}", fontsize=10)
+        ax.set_xlabel("learning rate (100 steps, AdamW)")
+    axes[0].set_ylabel("held-out ppl / base ppl")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("lr_sensitivity: solid eval texts, dashed dev slice, dotted general text (all users)", fontsize=10)
+    return save(fig, folder / "lr_sensitivity.png")
 
 
 BET = Bet(id="lr_sensitivity", slug="lr_sensitivity", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

@@ -21,6 +21,9 @@ from sharedllm.bets.cells import beats, best_other_adapter, confusion_outcomes, 
 from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
 from sharedllm.errors import SharedLLMError
 
+from .common import adapter_cells, footprint
+from .figures import confusion_plot, save
+
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
          "novelist/austen_pride_and_prejudice", "novelist/dickens_tale_of_two_cities",
          "novelist/doyle_adventures_of_sherlock_holmes", "scientist/arxiv_astro_ph", "scientist/arxiv_cond_mat",
@@ -84,16 +87,18 @@ def confusion(ctx, users: list, seeds: int, lr: float | None = None) -> list:
 
 
 def confusion_row(ctx, users: list, a: str, seed: int, lr: float | None = None) -> list:
-    """Train user a's norm adapter and score it on every user's eval texts."""
-    path = ctx.adapter(a, "norm", seed=seed, lr=lr)
-    side = ctx.curve(f"{name(a)}/norm/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
+    """Train user a's norm adapter and score it on every user's eval texts; a's own cells carry its footprint."""
     kind = {"kind": "confusion"} if lr is None else {"kind": "tuned_confusion", "lr": lr}
-    cells = []
-    for u in users:
-        own = {"bytes": path.stat().st_size, "train_s": round(side["wall_s"], 1)} if u == a else {}
-        cells += ctx.score_cells(path, u, adapter=name(a), user=name(u), seed=seed, **kind, **own)
-    ctx.release()
-    return cells
+
+    def cell(u: str, path: Path, side: dict) -> dict:
+        own = footprint(path, side) if u == a else {}
+        return {"adapter": name(a), "user": name(u), "seed": seed, **kind, **own}
+
+    return adapter_cells(ctx, a, "norm", curve_key(a, "norm", seed, lr), cell, on=users, seed=seed, lr=lr)
+
+
+def curve_key(u: str, method: str, seed: int, lr: float | None) -> str:
+    return f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}")
 
 
 def rival_methods(ctx, users: list, seeds: int, methods: list, lr: float | None = None) -> list:
@@ -107,13 +112,9 @@ def rival_methods(ctx, users: list, seeds: int, methods: list, lr: float | None 
 
 
 def rival(ctx, u: str, method: str, seed: int, lr: float | None = None) -> list:
-    path = ctx.adapter(u, method, seed=seed, lr=lr)
-    side = ctx.curve(f"{name(u)}/{method}/seed{seed}" + ("" if lr is None else f"/lr{lr:g}"), path)
     kind = {"kind": "method"} if lr is None else {"kind": "tuned_method", "lr": lr}
-    cells = ctx.score_cells(path, u, method=method, user=name(u), seed=seed, bytes=path.stat().st_size,
-                            train_s=round(side["wall_s"], 1), **kind)
-    ctx.release()
-    return cells
+    return adapter_cells(ctx, u, method, curve_key(u, method, seed, lr), lambda _, path, side: {
+        "method": method, "user": name(u), "seed": seed, **footprint(path, side), **kind}, seed=seed, lr=lr)
 
 
 def first_of_each_kind(users: list) -> list:
@@ -306,6 +307,54 @@ def summary(cells: list) -> str:
     return "; ".join(parts)
 
 
+# ---- REPORT.md's plots of this base's result ----
+
+def plots(results: dict, folder: Path) -> list:
+    """The default base's confusion matrix, and each user's conditions relative to the base."""
+    r = results.get(BET.id)
+    if r is None:
+        return []
+    conf = select(r["cells"], kind="confusion")
+    return [confusion_plot(conf, BET.id, folder / "scale_confusion_matrix.png"), scale_plot(r["cells"], folder)]
+
+
+def scale_conditions(cells: list, user: str) -> dict:
+    """Each condition's held-out ppl on `user`'s text as a fraction of the bare base's (ternary: of the ternary
+    base's); absent conditions are left out."""
+    conf, base = select(cells, kind="confusion"), ppl(cells, kind="confusion", adapter="base", user=user)
+    out = {"own norm": ppl(conf, adapter=user, user=user) / base,
+           "best other user's norm": best_other_adapter(conf, user) / base}
+    for m in values(cells, "method", kind="method"):
+        out[f"own {m}"] = ppl(cells, kind="method", method=m, user=user) / base
+    if select(cells, kind="random", user=user):
+        out["norm on random tokens"] = ppl(cells, kind="random", user=user) / base
+    if select(cells, kind="ternary", user=user):
+        out["ternary: own norm / ternary base"] = (ppl(cells, kind="ternary", condition="ternary_norm", user=user)
+                                                   / ppl(cells, kind="ternary", condition="ternary_base", user=user))
+    return out
+
+
+def scale_plot(cells: list, folder: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    users = values(select(cells, kind="confusion"), "user")
+    rows = {u: scale_conditions(cells, u) for u in users}
+    names = list(dict.fromkeys(k for r in rows.values() for k in r))
+    fig, ax = plt.subplots(figsize=(4 + 0.9 * len(users), 4.6))
+    width = 0.8 / len(names)
+    for k, cond in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(users))]
+        ax.bar(xs, [rows[u].get(cond, float("nan")) for u in users], width, label=cond, color=f"C{k}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.95, color="k", lw=0.8, ls="--", label="5 % better than the base")
+    ax.set_xticks(range(len(users)), users, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("held-out ppl / base ppl")
+    ax.set_ylim(min(0.9, min(min(r.values()) for r in rows.values()) - 0.02), 1.05)
+    ax.set_title("Scale protocol: each user's held-out ppl relative to the base (lower is better)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save(fig, folder / "scale_protocol.png")
+
+
 # ---- the scale report: one row per base (and per arm), from each base's result or its checkpoint ----
 
 FLEET = 215_000  # the flagship scenario's users, one adapter each
@@ -481,11 +530,7 @@ def trend_plot(rows: list, folder: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("ppl reduction, % (median, range over users)")
     fig.suptitle("scale_protocol across bases (dashed: the 5 % bar)", fontsize=10)
-    fig.tight_layout()
-    path = Path(folder) / "scale_trend.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, Path(folder) / "scale_trend.png")
 
 
 def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:

@@ -115,13 +115,37 @@ def _check_entry(name: str, v, source: str) -> tuple[int, int]:
 def read_header(data: bytes, source: str) -> dict:
     """Parse and check a safetensors header without touching tensor data: every entry well-formed, offsets
     contiguous and covering exactly the payload, __metadata__ a str -> str map."""
-    if len(data) < 8:
-        raise SharedLLMError(f"{source}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise SharedLLMError(f"{source}: not a safetensors file, or truncated (header length {n}, file {len(data)})")
+    n = _header_length(data[:8], len(data), source)
+    return _checked_header(data[8: 8 + n], len(data), source)
+
+
+def read_file_header(path) -> tuple[dict, dict | None]:
+    """(checked header, sharedllm metadata or None) of the safetensors file at `path`, reading only its first
+    8 + header bytes (at most MAX_HEADER): no tensor is loaded, the same checks as read_header + header_meta."""
+    path = Path(path)
+    if not path.is_file():
+        raise SharedLLMError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = _header_length(f.read(8), size, str(path))
+        header = _checked_header(f.read(n), size, str(path))
+    return header, header_meta(header, str(path))
+
+
+def _header_length(first8: bytes, size: int, source: str) -> int:
+    """The header length a safetensors file of `size` bytes starts with, bounded by MAX_HEADER and the file."""
+    if size < 8:
+        raise SharedLLMError(f"{source}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", first8)
+    if n > MAX_HEADER or 8 + n > size:
+        raise SharedLLMError(f"{source}: not a safetensors file, or truncated (header length {n}, file {size})")
+    return n
+
+
+def _checked_header(raw: bytes, size: int, source: str) -> dict:
+    """The header JSON `raw` of a file of `size` bytes, checked entry by entry against that size."""
     try:
-        header = strict_json(data[8: 8 + n], "header")
+        header = strict_json(raw, "header")
     except SharedLLMError as e:
         raise SharedLLMError(f"{source}: not a safetensors file ({e})") from None
     if not isinstance(header, dict):
@@ -135,7 +159,7 @@ def read_header(data: bytes, source: str) -> dict:
         if begin != at:
             raise SharedLLMError(f"{source}: tensor data overlaps or leaves a gap at byte {at}")
         at = end
-    if 8 + n + at != len(data):
+    if 8 + len(raw) + at != size:
         raise SharedLLMError(f"{source}: truncated or padded safetensors file (data does not match the header)")
     return header
 

@@ -2,7 +2,8 @@
 
 A bets dir is a folder of bet modules (each defines BET) with an `__init__.py` that lists them in report order,
 `BETS = {id: module name}`, and may name its defaults: CORPORA (user corpora), OUT (artefacts), README (a file whose
-generated bets block `sharedllm bets report` refreshes). Its results are in `results/`, its report in REPORT.md.
+generated bets block `sharedllm bets report` refreshes), PLOTS (the modules whose plots the report shows first).
+Its results are in `results/`, its report in REPORT.md.
 
 Found, first match wins: `--bets-dir DIR`, $SHAREDLLM_BETS_DIR, the source checkout's `experiments/bets` (beside
 `src/`), `./experiments/bets`. The bet modules are imported under a private package name, never via sys.path.
@@ -35,6 +36,13 @@ class Catalogue:
     def bets(self) -> dict:
         """bet id -> module name, in report order."""
         return self.package.BETS
+
+    @property
+    def plot_order(self) -> list:
+        """Module names in the order the report shows their plots: those the bets dir's PLOTS lists (if it has
+        one), then the other bets in report order."""
+        first = list(getattr(self.package, "PLOTS", []))
+        return first + [m for m in self.bets.values() if m not in first]
 
     @property
     def results(self) -> Path:

@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import struct
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from sharedllm.atomic import write_text_atomic
 from sharedllm.base import load_base, peek
 from sharedllm.log import say
 from sharedllm.data import eval_windows, load_user
-from sharedllm.errors import SharedLLMError
 from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
@@ -412,9 +410,5 @@ TERNARY_RECORD = ("method", "params", "fingerprint", "source_fingerprint", "sour
 def ternary_record(path: Path) -> dict:
     """What a result records about the ternary base it used: the quantize settings (method and every parameter),
     the ternary file's own fingerprint and its source base's, read from the file's header (not its tensors)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > wire.MAX_HEADER:
-            raise SharedLLMError(f"{path}: header of {n} bytes is not a ternary base's")
-        meta = wire.header_meta(wire.strict_json(f.read(n), f"{path} header"), str(path)) or {}
+    meta = wire.read_file_header(path)[1] or {}
     return {k: meta[k] for k in TERNARY_RECORD if k in meta}

@@ -1,4 +1,7 @@
-"""REPORT.md and plots from the committed result files: one line per bet, verdicts recomputed from cells."""
+"""REPORT.md and plots from the committed result files: one line per bet, verdicts recomputed from cells.
+
+What is particular to a bet comes from hooks its module may define: `plots(results, folder) -> [files written]`
+and `report_section(results_dir, plots_dir, root) -> [markdown lines]`; this module names no bet."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ from sharedllm.atomic import write_text_atomic
 from sharedllm.errors import SharedLLMError
 
 from .catalogue import current
-from .cells import best_other_adapter, ppl, select, values
+from .cells import select
 from .harness import NOT_RUN, get_bet
 
 
@@ -217,14 +220,16 @@ def report_row(module: str, r: dict, results: dict) -> str:
 
 
 def extra_sections(results_dir: Path, plots_dir: Path, root: Path) -> list:
-    """Sections a bet module adds to the report (`report_section(results_dir, plots_dir, root) -> lines`, e.g. the
-    scale protocol's table across bases), in the bets dir's order."""
-    lines = []
-    for module in current().bets.values():
-        section = getattr(current().module(module), "report_section", None)
-        if section is not None:
-            lines += section(Path(results_dir), Path(plots_dir), root)
-    return lines
+    """Sections bet modules add to the report (`report_section(results_dir, plots_dir, root) -> lines`, e.g. a
+    table across bases), in the bets dir's order."""
+    sections = hooks("report_section")
+    return [line for section in sections for line in section(Path(results_dir), Path(plots_dir), root)]
+
+
+def hooks(name: str, modules: list | None = None) -> list:
+    """The function `name` of every bet module that defines one, in the order of `modules` (default: report order)."""
+    found = (getattr(current().module(m), name, None) for m in (modules or current().bets.values()))
+    return [f for f in found if f is not None]
 
 
 # ---- plots (matplotlib, Agg: the `bets` extra) ----
@@ -240,169 +245,8 @@ def _matplotlib():
 
 
 def make_plots(results: dict, folder: Path) -> list:
+    """The plots of every bet module that defines `plots(results, folder) -> [files written]` (results: bet id ->
+    result, all of them), in the bets dir's plot order."""
     _matplotlib()
     folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    shootout = results.get("49") or results.get("37")  # 37 is 49's programmer column
-    for fn, result in ((confusion_plot, results.get("61")), (loss_plot, shootout), (pareto_plot, shootout)):
-        if result is not None:
-            made.append(str(fn(result, folder)))
-    if "scale_protocol" in results:
-        cells = results["scale_protocol"]["cells"]
-        made.append(str(confusion_plot({"cells": select(cells, kind="confusion"), "bet": "scale_protocol"}, folder,
-                                       "scale_confusion_matrix.png")))
-        made.append(str(scale_plot(cells, folder)))
-    if "lr_sensitivity" in results:
-        made.append(str(lr_plot(results["lr_sensitivity"]["cells"], folder)))
-    if "chat_cohort" in results:
-        chat, cells = current().module("chat_cohort"), results["chat_cohort"]["cells"]
-        made.append(str(confusion_plot({"cells": chat.matrix_at(cells, chat.tuned_norm_lr(cells)), "bet": "chat_cohort"},
-                                       folder, "chat_confusion_matrix.png")))
-    return made
-
-
-def lr_plot(cells: list, folder: Path) -> Path:
-    """Bet lr_sensitivity: held-out ppl relative to the base against lr, one panel per method; solid: eval texts,
-    dashed: dev slice (where the lr was chosen), dotted black: general text; grey line: the dev-chosen lr."""
-    import matplotlib.pyplot as plt
-
-    lr_bet = current().module("lr_sensitivity")
-    grid, tuned_lr = lr_bet.GRID, lr_bet.tuned_lr
-    fig, axes = plt.subplots(1, len(grid), figsize=(4.2 * len(grid), 3.6), sharey=True)
-    for ax, method in zip(axes, grid):
-        lrs = sorted(values(cells, "lr", kind="grid", method=method))
-        for k, user in enumerate(values(cells, "user", kind="grid", method=method)):
-            for ev, style in (("personal", "-"), ("dev", "--")):
-                base = ppl(cells, kind="grid", method="none", user=user, eval=ev)
-                ys = [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval=ev) / base for lr in lrs]
-                ax.plot(lrs, ys, style, marker="o", color=f"C{k}", label=f"{user} ({'eval' if ev == 'personal' else ev})")
-            gen = ppl(cells, kind="grid", method="none", eval="general")
-            ax.plot(lrs, [ppl(cells, kind="grid", method=method, user=user, lr=lr, eval="general") / gen for lr in lrs],
-                    ":", color="black", lw=1)
-        ax.axvline(tuned_lr(cells, method), color="grey", lw=3, alpha=0.4)
-        ax.axhline(1.0, color="black", lw=0.5)
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
-        ax.set_title(f"{method}: chosen lr {tuned_lr(cells, method):g}", fontsize=10)
-        ax.set_xlabel("learning rate (100 steps, AdamW)")
-    axes[0].set_ylabel("held-out ppl / base ppl")
-    axes[0].legend(fontsize=6)
-    fig.suptitle("lr_sensitivity: solid eval texts, dashed dev slice, dotted general text (all users)", fontsize=10)
-    return _save(fig, folder / "lr_sensitivity.png")
-
-
-def scale_conditions(cells: list, user: str) -> dict:
-    """Each condition's held-out ppl on `user`'s text as a fraction of the bare base's (ternary: of the ternary
-    base's); absent conditions are left out."""
-    conf, base = select(cells, kind="confusion"), ppl(cells, kind="confusion", adapter="base", user=user)
-    out = {"own norm": ppl(conf, adapter=user, user=user) / base,
-           "best other user's norm": best_other_adapter(conf, user) / base}
-    for m in values(cells, "method", kind="method"):
-        out[f"own {m}"] = ppl(cells, kind="method", method=m, user=user) / base
-    if select(cells, kind="random", user=user):
-        out["norm on random tokens"] = ppl(cells, kind="random", user=user) / base
-    if select(cells, kind="ternary", user=user):
-        out["ternary: own norm / ternary base"] = (ppl(cells, kind="ternary", condition="ternary_norm", user=user)
-                                                   / ppl(cells, kind="ternary", condition="ternary_base", user=user))
-    return out
-
-
-def scale_plot(cells: list, folder: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    users = values(select(cells, kind="confusion"), "user")
-    rows = {u: scale_conditions(cells, u) for u in users}
-    names = list(dict.fromkeys(k for r in rows.values() for k in r))
-    fig, ax = plt.subplots(figsize=(4 + 0.9 * len(users), 4.6))
-    width = 0.8 / len(names)
-    for k, cond in enumerate(names):
-        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(users))]
-        ax.bar(xs, [rows[u].get(cond, float("nan")) for u in users], width, label=cond, color=f"C{k}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(0.95, color="k", lw=0.8, ls="--", label="5 % better than the base")
-    ax.set_xticks(range(len(users)), users, rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("held-out ppl / base ppl")
-    ax.set_ylim(min(0.9, min(min(r.values()) for r in rows.values()) - 0.02), 1.05)
-    ax.set_title("Scale protocol: each user's held-out ppl relative to the base (lower is better)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, folder / "scale_protocol.png")
-
-
-def confusion_plot(result: dict, folder: Path, name: str = "confusion_matrix.png") -> Path:
-    """Rows: adapters (the base first), columns: users' held-out texts; colour: ppl over the base's ppl."""
-    import matplotlib.pyplot as plt
-
-    cells = result["cells"]
-    users = values(cells, "user")
-    adapters = ["base"] + [a for a in values(cells, "adapter") if a != "base"]
-    grid = [[ppl(cells, adapter=a, user=u) / ppl(cells, adapter="base", user=u) for u in users] for a in adapters]
-    small = len(users) > 4
-    fig, ax = plt.subplots(figsize=(4 + (0.75 if small else 1.5) * len(users), 2.4 + 0.4 * len(adapters)))
-    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=min(map(min, grid)), vmax=max(1.0, max(map(max, grid))),
-                   aspect="auto")
-    for i, a in enumerate(adapters):
-        for j, u in enumerate(users):
-            ax.text(j, i, f"{ppl(cells, adapter=a, user=u):.{1 if small else 2}f}", ha="center", va="center",
-                    fontsize=6 if small else 8, fontweight="bold" if a == u else "normal")
-    ax.set_xticks(range(len(users)), users, rotation=40 if small else 15, ha="right" if small else "center")
-    ax.set_yticks(range(len(adapters)), adapters)
-    ax.set_xlabel("held-out text of user")
-    ax.set_ylabel("adapter")
-    ax.set_title(f"Bet {result['bet']}: held-out ppl\n(colour: ratio to the base's ppl; bold: own adapter)",
-                 fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    return _save(fig, folder / name)
-
-
-def loss_plot(result: dict, folder: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    curves = result.get("extras", {}).get("loss_curves", {})
-    methods = sorted({k.split("/")[1] for k in curves}, key=["norm", "lora", "full"].index)
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
-    for ax, m in zip(axes[0], methods):
-        for key, losses in curves.items():
-            if key.split("/")[1] == m:
-                ax.plot(range(1, len(losses) + 1), _smooth(losses), label=key.split("/")[0])
-        ax.set_title(f"Bet {result['bet']}: {m} (5-step moving mean)")
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("training loss (nats/token)")
-    axes[0][0].legend()
-    return _save(fig, folder / "loss_curves.png")
-
-
-def pareto_plot(result: dict, folder: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    cells = [c for c in result["cells"] if c.get("eval", "personal") == "personal"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    marks = {"norm": "o", "lora": "s", "full": "^"}
-    for k, user in enumerate(values(cells, "user", method="norm")):
-        colour = f"C{k}"
-        for m, mark in marks.items():
-            size = select(cells, user=user, method=m)[0]["bytes"]
-            ax.scatter(size, ppl(cells, user=user, method=m), marker=mark, color=colour,
-                       label=f"{user} {m}")
-        ax.axhline(ppl(cells, user=user, method="none"), color=colour, ls=":", lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("adapter file bytes (fp16, log scale)")
-    ax.set_ylabel("held-out personal ppl")
-    ax.set_title(f"Bet {result['bet']}: size vs quality (dotted: bare base)")
-    ax.legend(fontsize=6, ncol=3)
-    return _save(fig, folder / "pareto.png")
-
-
-def _smooth(xs: list, k: int = 5) -> list:
-    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return [str(p) for plots in hooks("plots", current().plot_order) for p in plots(results, folder)]
