@@ -131,6 +131,47 @@ def test_adapt_several_texts_writes_one_adapter_per_user_equal_to_adapting_alone
     assert i["method"] == "norm" and i["base_fingerprint"] == r["base_fingerprint"] and i["params"] == 320
 
 
+def _file_meta(path):
+    from sharedllm import wire
+
+    return wire.read_file(path)[1]  # the strict parser: refuses anything that is not a valid adapter file
+
+
+def test_adapt_dtype_bf16_writes_valid_adapters_marked_bf16(capsys, tmp_path, tiny):
+    import torch
+
+    from sharedllm.personalise import load_adapted
+
+    a, b = _texts(tmp_path, 2)
+    common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", "1e-2", "--window", "64"]
+    code, r = run_json(capsys, "adapt", "--text", str(a), "--text", str(b), "--out-dir", str(tmp_path / "bf16"),
+                       "--dtype", "bf16", *common)
+    assert code == 0 and r["dtype"] == "bf16" and [u["user"] for u in r["users"]] == ["user0", "user1"]
+    code, fp32 = run_json(capsys, "adapt", "--text", str(a), "--text", str(b), "--out-dir", str(tmp_path / "fp32"),
+                          *common)
+    assert code == 0 and fp32["dtype"] == "fp32"
+    for u, f in zip(r["users"], fp32["users"]):
+        meta = _file_meta(u["out"])
+        assert meta["compute_dtype"] == "bf16" and meta["train"]["dtype"] == "bf16" and meta["train"]["steps"] == 6
+        assert u["ppl_after"] < u["ppl_before"]
+        code, i = run_json(capsys, "inspect", u["out"], "--base", "tiny")
+        assert code == 0 and i["ok"] and i["compute_dtype"] == "bf16"
+        assert "compute_dtype" not in _file_meta(f["out"]) and "dtype" not in _file_meta(f["out"])["train"]
+        bf16, plain = load_adapted(tiny, u["out"]), load_adapted(tiny, f["out"])
+        # autocast took effect: other gains (fp16 in the file: 6 steps move them ~1 fp16 ulp apart) and other scores
+        assert any(not torch.equal(bf16.params[n], plain.params[n]) for n in bf16.params)
+        assert u["ppl_before"] != f["ppl_before"]
+        assert all(torch.isfinite(p).all() for p in bf16.params.values())
+    # one text: the same flag, the same record
+    out = tmp_path / "one.safetensors"
+    code, one = run_json(capsys, "adapt", "--text", str(a), "--out", str(out), "--dtype", "bf16", *common)
+    assert code == 0 and one["dtype"] == "bf16" and _file_meta(out)["compute_dtype"] == "bf16"
+    assert one["ppl_after"] == pytest.approx(r["users"][0]["ppl_after"], rel=1e-3)  # alone = in the fleet, in bf16
+    with pytest.raises(SystemExit):
+        main(["adapt", "--text", str(a), "--out", str(out), "--dtype", "fp16", *common])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_adapt_manifest_gives_names_and_per_user_learning_rates(capsys, tmp_path):
     a, b = _texts(tmp_path, 2)
     manifest = tmp_path / "users.json"

@@ -23,9 +23,9 @@ from .data import batch_sampler
 from .errors import SharedLLMError
 from .log import milestone, progress
 from .losses import causal_lm_parts, weighted_linear_cross_entropy
-from .personalise import Adapted, new_adapter
+from .personalise import Adapted, new_adapter, train_meta
 from .serve.rowgains import RowGainModel
-from .train import TrainConfig, TrainResult
+from .train import TrainConfig, TrainResult, autocast
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
 
@@ -102,12 +102,14 @@ def _step(rgm: RowGainModel, opt, members: list[_Member], device) -> None:
 
 
 def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None = None,
-                label: str | None = None) -> dict[str, Adapted]:
+                label: str | None = None, dtype: str = "fp32") -> dict[str, Adapted]:
     """Train one norm adapter per user in one pass; returns {user: Adapted}, as `personalise` would for each.
 
     `cfg` is one TrainConfig for everyone or {user: TrainConfig}. Users of one pass share steps, batch, seq and
     budget_s; lr, betas, weight_decay and seed are per user, so a learning-rate sweep is one pass too: give the
     same tokens under several names, each with its own lr. Batch rows = users x cfg.batch (memory grows with it).
+    `dtype` is the compute dtype, as for `personalise` (bf16: the pass runs under bf16 autocast, gains and AdamW
+    state stay fp32); other than fp32 it is recorded in every user's metadata.
     """
     if not tokens_by_user:
         raise SharedLLMError("train_fleet needs at least one user")
@@ -119,7 +121,8 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     torch.manual_seed(first.seed)
     rgm.model.train()
     start, cpu = time.perf_counter(), time.process_time()
-    with progress(total=first.steps, desc=label or f"train norm, {len(members)} users", unit="step") as bar:
+    with progress(total=first.steps, desc=label or f"train norm, {len(members)} users", unit="step") as bar, \
+            autocast(dtype, base.device):
         for step in range(first.steps):
             if first.budget_s is not None and time.perf_counter() - start >= first.budget_s:
                 break
@@ -127,14 +130,14 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
             bar.update(1)
             milestone(label or "fleet", step + 1, first.steps, members[0].losses[-1])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {m.name: _adapted(base, rgm, m, wall, cpu) for m in members}
+    return {m.name: _adapted(base, rgm, m, wall, cpu, dtype) for m in members}
 
 
-def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float, cpu_s: float) -> Adapted:
+def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float, cpu_s: float, dtype: str) -> Adapted:
     adapted = new_adapter(base, "norm")
     load_state(adapted.params, dict(zip(rgm.names, (g.detach() for g in member.gains))), f"user {member.name}")
     adapted.result = TrainResult(steps=len(member.losses), wall_s=wall_s, losses=member.losses, cpu_s=cpu_s)
-    adapted.meta = {"train": member.cfg.to_json(), "loss": adapted.result.summary()}
+    adapted.meta = train_meta(member.cfg, adapted.result, dtype)
     return adapted
 
 

@@ -11,7 +11,7 @@ from .adapters import adapted_model, adapter_state, config_to_json, get_method, 
 from .arch import Base
 from .data import eval_windows
 from .metrics import evaluate
-from .train import TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, autocast, dtype_meta, train
 
 
 @dataclass
@@ -43,12 +43,22 @@ def new_adapter(base: Base, method: str, seed: int | None = None, config=None) -
 
 
 def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
-                label: str | None = None, method_config=None) -> Adapted:
+                label: str | None = None, method_config=None, dtype: str = "fp32") -> Adapted:
+    """Train one adapter on `train_tokens`. `dtype` is the compute dtype (sharedllm.train.autocast: bf16 = matmuls
+    under bf16 autocast, parameters and optimizer state fp32); other than fp32 it is recorded in the metadata."""
     cfg = cfg or TrainConfig()
     adapted = new_adapter(base, method, seed=cfg.seed, config=method_config)
-    adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
-    adapted.meta = {"train": cfg.to_json(), "loss": adapted.result.summary()}
+    with autocast(dtype, base.device):
+        adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
+    adapted.meta = train_meta(cfg, adapted.result, dtype)
     return adapted
+
+
+def train_meta(cfg: TrainConfig, result: TrainResult, dtype: str = "fp32") -> dict:
+    """The metadata a trained adapter carries: its training config (plus `dtype` when not fp32), the loss summary,
+    and `compute_dtype` when not fp32 (the bets' record; fp32 files are as they always were)."""
+    train_record = {**cfg.to_json(), **({} if dtype == "fp32" else {"dtype": dtype})}
+    return {"train": train_record, "loss": result.summary(), **dtype_meta(dtype)}
 
 
 def save_adapted(adapted: Adapted, path, base: Base, dtype=torch.float16, info: dict | None = None) -> Path:

@@ -1,6 +1,7 @@
 """One trainer for every adapter method: AdamW at a fixed budget of steps (and optionally seconds)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -9,6 +10,27 @@ import torch
 from .data import batch_sampler
 from .log import milestone, progress
 from .losses import next_token_loss
+
+
+DTYPES = ("fp32", "bf16")  # compute dtypes of training and scoring (--dtype)
+
+
+def autocast(dtype: str = "fp32", device="cpu"):
+    """The compute dtype (--dtype): fp32 changes nothing; bf16 runs what it wraps under
+    torch.autocast(device type, bfloat16): matmuls in bf16, parameters (trainable ones and the optimizer's state)
+    stay fp32, and the losses form logits in fp32 and sum NLLs in fp32 (sharedllm.losses). The cast cache is off:
+    a region spanning optimizer steps must not reuse a trainable weight's bf16 copy from before the step."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype != "bf16":
+        raise ValueError(f"compute dtype {dtype!r}: fp32 or bf16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def dtype_meta(dtype: str) -> dict:
+    """What an adapter file's metadata adds for a compute dtype other than fp32 (as the bets record it): fp32 files
+    stay exactly as they were; a reader takes a missing `compute_dtype` for fp32."""
+    return {} if dtype == "fp32" else {"compute_dtype": dtype}
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Shared pieces of the bets: the eval budget, user files, and trained adapters cached under the artefact folder (reused across bets)."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.base import Base
 from sharedllm.personalise import personalise, save_adapted
-from sharedllm.train import TrainConfig
+from sharedllm.train import TrainConfig, autocast  # noqa: F401  (autocast: the bets' --dtype)
 
 GENERAL = "general/wikipedia_squad_paragraphs"  # general text: forgetting checks, calibration of the ternary base
 EVAL_TEXTS, EVAL_LEN = 3, 2048
@@ -18,18 +17,6 @@ EVAL_TEXTS, EVAL_LEN = 3, 2048
 
 def user_file(corpora: Path, rel: str) -> Path:
     return Path(corpora) / f"{rel}.txt"
-
-
-def autocast(dtype: str = "fp32", device: str = "cpu"):
-    """The bets' compute dtype (--dtype): fp32 changes nothing; bf16 runs what it wraps under
-    torch.autocast(device type, bfloat16): matmuls in bf16, parameters (trainable ones and the optimizer's state)
-    stay fp32, and the losses form logits in fp32 and sum NLLs in fp32 (sharedllm.losses). The cast cache is off:
-    a region spanning optimizer steps must not reuse a trainable weight's bf16 copy from before the step."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    if dtype != "bf16":
-        raise ValueError(f"compute dtype {dtype!r}: fp32 or bf16")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def adapter_path(base: Base, user: str, method: str, cfg: TrainConfig, tag: str, root: Path,

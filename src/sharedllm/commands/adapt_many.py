@@ -12,6 +12,7 @@ from ..errors import SharedLLMError
 from ..fleet import train_fleet, with_lr
 from ..log import say
 from ..personalise import evaluate_on, save_adapted
+from ..train import autocast
 from .args import train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
@@ -104,11 +105,13 @@ def run_many(args) -> dict:
 def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
     start = time.perf_counter()
     say(f"training {len(data)} norm adapters in one pass for {args.steps} steps "
-        f"({len(data)} x {args.batch} rows of {args.seq} tokens per step)")
-    adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs)
+        f"({len(data)} x {args.batch} rows of {args.seq} tokens per step, {args.dtype})")
+    adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs, dtype=args.dtype)
     train_s = time.perf_counter() - start
-    rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
-    return {"method": "norm", "base": base.name, "base_fingerprint": base.fingerprint, "out_dir": args.out_dir,
+    with autocast(args.dtype, base.device):  # scoring in the same compute dtype, as for one user
+        rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
+    return {"method": "norm", "dtype": args.dtype, "base": base.name, "base_fingerprint": base.fingerprint,
+            "out_dir": args.out_dir,
             "users": rows, "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
             "users_per_hour_training": round(3600 * len(rows) / train_s, 1)}
 
@@ -129,7 +132,8 @@ def _user_row(args, base, user: str, data, adapted) -> dict:
 
 
 def render_many(r: dict) -> str:
-    lines = [f"{len(r['users'])} norm adapters in one pass on {r['base']}: training {r['train_wall_s']:.1f} s "
+    lines = [f"{len(r['users'])} norm adapters in one pass on {r['base']} ({r['dtype']}): "
+             f"training {r['train_wall_s']:.1f} s "
              f"({r['users_per_hour_training']:.0f} users/hour), {r['wall_s']:.1f} s with evaluation",
              f"{'user':20s} {'lr':>9s} {'steps':>5s} {'loss':>15s} {'held-out ppl':>19s}  adapter"]
     for u in r["users"]:

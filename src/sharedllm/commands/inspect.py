@@ -66,8 +66,8 @@ def _salvage(data: bytes) -> dict:
 
 
 def render(r: dict) -> str:
-    keys = ["kind", "method", "method_config", "scheme", "params", "bytes", "dtype", "bits_per_weight", "fingerprint",
-            "base_fingerprint", "source_fingerprint"]
+    keys = ["kind", "method", "method_config", "scheme", "params", "bytes", "dtype", "compute_dtype", "bits_per_weight",
+            "fingerprint", "base_fingerprint", "source_fingerprint"]
     lines = [f"{k:18s} {r[k]}" for k in keys if k in r and r[k] is not None]
     if not r["ok"]:
         lines.insert(0, f"{'INVALID':18s} {r['invalid']}")
