@@ -2,7 +2,9 @@
 
 Every request is checked in this order: token (from the headers only), body size (Content-Length, then while
 streaming), strict JSON, the request model; only then does it reach the router. Bad input is a 4xx with a JSON
-body; a request whose client disconnects is cancelled (see scheduler).
+body; a request whose client disconnects is cancelled (see scheduler), and the engine also polls the request's
+socket (`hangup`; the outermost middleware puts it in the scope) so that a closed connection frees its row at
+the next decode step.
 
 Auth: `Authorization: Bearer <token>`. The admin token creates users; each user token may upload, replace,
 read the metadata of, use and delete only that user's adapter (the admin may also read or delete any adapter,
