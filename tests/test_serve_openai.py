@@ -1,6 +1,8 @@
 """OpenAI-compatible chat and completions over a real loopback server: the official `openai` client, streaming
 (SSE chunks, [DONE]), stop strings on the byte-tokenizer tiny base, disconnects, and /metrics."""
 import json
+import select
+import socket
 import time
 
 import httpx
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from sharedllm.serve import build
+from sharedllm.serve.hangup import POLLRDHUP, hung_up
 from sharedllm.serve.oai import Message, chat_ids
 from sharedllm.store import ADMIN_ENV
 
@@ -157,3 +160,51 @@ def test_a_disconnected_stream_frees_its_row_and_metrics_count_it(live):
         assert name in text, name
     generated = float(text.split("\nsharedllm_tokens_generated_total ")[1].split()[0])
     assert 0 < generated and router.metrics.tokens_generated._value.get() == generated
+
+
+def _until(cond, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(POLLRDHUP is None or not hasattr(select, "poll"), reason="needs poll + POLLRDHUP")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_its_row_within_one_decode_step(live, stream):
+    """A long completion (plain or streamed) on a raw socket; the client closes it mid-generation. Counted in decode
+    steps, not seconds: once the close has reached the server's socket, the row leaves the batch before the
+    engine starts another step (at most the step already running completes), its future is cancelled, its KV
+    rows are gone, and the drop is counted in /metrics."""
+    srv, c, toks, _, router = live
+    engine = router.engine
+    _until(lambda: router.stats()["active_rows"] == 0 and router.stats()["queued"] == 0)
+    dropped = router.metrics.rows_dropped._value.get()
+    body = json.dumps({"prompt": "the cat", "max_tokens": 1000, "stream": stream, "temperature": 0,
+                       "adapter": "none"}).encode()
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=120)
+    try:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + toks["bob"].encode() + b"\r\nContent-Length: " +
+                  str(len(body)).encode() + b"\r\n\r\n" + body)
+        _until(lambda: len(engine.rows) == 1)
+        job = list(engine.rows)[0].job
+        if stream:  # the first chunk has arrived
+            got = b""
+            while b"data:" not in got:
+                got += s.recv(4096)
+        start = engine.steps
+        _until(lambda: engine.steps >= start + 2)  # decoding
+        assert job.conn is not None  # the app found the request's socket for the engine to poll
+    finally:
+        s.close()
+    _until(lambda: hung_up([job.conn]) == [True])  # the hang-up has been delivered to the server's socket
+    at_close = engine.steps
+    _until(lambda: job.future.done() and job.drop_step is not None)
+    assert job.future.cancelled() and job.drop_step <= at_close + 1
+    assert router.stats()["cancel_lag_steps_max"] <= 1
+    _until(lambda: router.stats()["active_rows"] == 0)
+    assert len(engine.kv) == 0 and engine.kv.cache is None
+    assert router.metrics.rows_dropped._value.get() == dropped + 1
+    m = c.get("/metrics", headers=auth(ADMIN)).text
+    assert float(m.split("\nsharedllm_rows_dropped_total ")[1].split()[0]) == dropped + 1

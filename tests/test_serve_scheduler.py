@@ -1,10 +1,14 @@
 """The continuous-batching engine on the tiny base: rows join and leave between steps and still get exactly
 what each user gets alone; fair admission; cancelled rows leave; one row's failure is only its own."""
+import select
+import socket
 import threading
+import time
 
 import pytest
 import torch
 
+from sharedllm.serve.hangup import POLLRDHUP, hung_up
 from sharedllm.serve.rowgains import Gains, RowGainModel
 from sharedllm.serve.scheduler import Engine, FairQueue, Job
 from sharedllm.serve.textstream import TextTail
@@ -91,6 +95,87 @@ def test_a_cancelled_row_leaves_at_the_next_step(engine, users):
     assert other.future.result(timeout=60).ids == alone(users[1], PROMPTS[1], 12)
     assert doomed.future.cancelled() and engine.stats()["active_rows"] == 0
     assert engine.stats()["decode_steps"] < 100  # the 500-token row did not run on
+
+
+def tcp_pair():
+    """(client, server) ends of a loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        client = socket.create_connection(ls.getsockname())
+        server, _ = ls.accept()
+    return client, server
+
+
+def until(cond, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+needs_rdhup = pytest.mark.skipif(POLLRDHUP is None or not hasattr(select, "poll"), reason="needs poll + POLLRDHUP")
+
+
+@needs_rdhup
+def test_hung_up_tells_a_closed_connection_from_an_open_one():
+    (c1, s1), (c2, s2), (c3, s3) = tcp_pair(), tcp_pair(), tcp_pair()
+    try:
+        c2.sendall(b"more of the request")  # unread data is not a hang-up
+        assert hung_up([s1, None, s2, s3]) == [False, False, False, False]
+        c1.close()
+        c3.shutdown(socket.SHUT_RDWR)
+        s2.close()  # our own end closed: gone too
+        until(lambda: hung_up([s1, s3]) == [True, True])
+        assert hung_up([s1, None, s2, s3]) == [True, False, True, True] and hung_up([]) == []
+    finally:
+        for s in (s1, c2, s3, c3):
+            s.close()
+
+
+@needs_rdhup
+def test_a_row_whose_connection_closes_leaves_at_the_next_step_without_the_http_side(engine, users):
+    """Nobody cancels the future here: the engine sees the closed socket itself and drops the row before its next
+    decode step; the other row (its connection open) runs to the end and matches its user alone."""
+    (c_doomed, s_doomed), (c_other, s_other) = tcp_pair(), tcp_pair()
+    try:
+        doomed = gen(engine, users[0], PROMPTS[0], 1000, "u0", conn=s_doomed)
+        other = gen(engine, users[1], PROMPTS[1], 40, "u1", conn=s_other)
+        with engine._cv:
+            engine.submit(doomed)
+            engine.submit(other)
+        until(lambda: engine.stats()["decode_steps"] >= 2)
+        c_doomed.close()
+        until(lambda: hung_up([s_doomed]) == [True])  # the disconnect has reached the server's socket
+        at_close = engine.steps
+        until(lambda: doomed.drop_step is not None)
+        assert doomed.drop_step <= at_close + 1  # at most the step that was running when the close arrived
+        assert doomed.future.cancelled() and engine.dropped == 1 and engine.stats()["cancel_lag_steps_max"] <= 1
+        assert other.future.result(timeout=120).ids == alone(users[1], PROMPTS[1], 40)
+        assert engine.stats()["active_rows"] == 0 and len(engine.kv) == 0 and engine.kv.cache is None  # no KV left
+    finally:
+        for s in (c_other, s_doomed, s_other):
+            s.close()
+
+
+@needs_rdhup
+def test_a_waiting_job_whose_connection_closed_is_never_started(tiny, users):
+    e = Engine(RowGainModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=1)
+    (c1, s1), (c2, s2) = tcp_pair(), tcp_pair()
+    try:
+        c2.close()  # this client leaves while its request waits behind another
+        until(lambda: hung_up([s2]) == [True])
+        first = gen(e, users[0], PROMPTS[0], 8, "u0", conn=s1)
+        waiting = gen(e, users[1], PROMPTS[1], 1000, "u1", conn=s2)
+        with e._cv:
+            e.submit(first)
+            e.submit(waiting)
+        assert first.future.result(timeout=120).ids == alone(users[0], PROMPTS[0], 8)
+        until(lambda: waiting.future.done())
+        assert waiting.future.cancelled() and e.stats()["cancelled_rows"] == 1 and e.dropped == 0
+        assert e.stats()["queued"] == 0 and e.stats()["active_rows"] == 0
+    finally:
+        e.close()
+        for s in (c1, s1, s2):
+            s.close()
 
 
 def test_one_rows_failure_fails_only_that_request(engine, users, tiny):

@@ -98,8 +98,21 @@ def _run_workers(args) -> dict:
     say(f"admin token: {where} (not printed)")
     say(f"{args.workers} workers on http://{args.host}:{args.port}, one store {store}")
     uvicorn.run("sharedllm.commands.serve:worker_app", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="info")
+                port=args.port, log_level="info", **_healthcheck(uvicorn))
     return {"ok": True, "store": str(store), "base": args.base}
+
+
+WORKER_HEALTHCHECK_S = 300  # a worker imports torch and loads the base before it answers: minutes on a busy machine
+
+
+def _healthcheck(uvicorn) -> dict:
+    """uvicorn's supervisor gives a worker 5 s (its default) to start and to answer each liveness ping, then kills
+    and restarts it: on a loaded machine a worker still importing torch was restarted over and over. uvicorn
+    versions with the setting get WORKER_HEALTHCHECK_S."""
+    import inspect
+
+    has = "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters
+    return {"timeout_worker_healthcheck": WORKER_HEALTHCHECK_S} if has else {}
 
 
 def _plain(v) -> bool:

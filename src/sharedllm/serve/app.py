@@ -2,7 +2,9 @@
 
 Every request is checked in this order: token (from the headers only), body size (Content-Length, then while
 streaming), strict JSON, the request model; only then does it reach the router. Bad input is a 4xx with a JSON
-body; a request whose client disconnects is cancelled (see scheduler).
+body; a request whose client disconnects is cancelled (see scheduler), and the engine also polls the request's
+socket (`hangup`; the outermost middleware puts it in the scope) so that a closed connection frees its row at
+the next decode step.
 
 Auth: `Authorization: Bearer <token>`. The admin token creates users; each user token may upload, replace,
 read the metadata of, use and delete only that user's adapter (the admin may also read or delete any adapter,
@@ -24,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..errors import SharedLLMError
 from .bodies import parse_model, read_body, schema_of
-from .oai import add_openai_routes, wait_for
+from .hangup import conn_socket
+from .oai import CONN, add_openai_routes, conn_of, wait_for
 from .router import Busy, NoAdapter, Router, TooLarge
 
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "ann\n" is not a name
@@ -80,6 +83,17 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         route = request.scope.get("route")
         router.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
+
+    class ConnSocket:  # outermost: it sees the server's own `receive`, before any middleware wraps it
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                scope[CONN] = conn_socket(receive)
+            await self.app(scope, receive, send)
+
+    app.add_middleware(ConnSocket)
 
     def principal(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -167,7 +181,7 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         try:
             ids = router.prompt_ids(body.text, "text")
             gains = await run_in_threadpool(router.gains_for, who, body.adapter)
-            out = await wait_for(router.score(ids, gains, who), request, router)
+            out = await wait_for(router.score(ids, gains, who, conn_of(request)), request, router)
         except SharedLLMError as e:
             raise _http(e) from None
         if out is None:

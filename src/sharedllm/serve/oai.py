@@ -5,7 +5,9 @@ without one (the byte tokenizer of the tiny test base) uses `SIMPLE_TEMPLATE`. S
 in OpenAI's chunk format ending with `data: [DONE]`. Both routes check the token first, then read the body
 through `bodies` (size limit, read timeout, strict JSON) into the strict request models below, like every other
 route of the server. A client that goes away (plain or streamed) has its
-request cancelled; the engine drops the row at its next decode step.
+request cancelled; the engine drops the row at its next decode step. The engine also polls each request's
+socket (`hangup`; the app's middleware puts it in the scope as `CONN`) at every step, so a closed connection
+frees its row at the next step even when the event loop is slow to deliver `http.disconnect`.
 """
 from __future__ import annotations
 
@@ -94,14 +96,22 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+CONN = "sharedllm.conn"  # scope key: the client's socket (or None), for the engine's hang-up poll
+
+
+def conn_of(request: Request):
+    return request.scope.get(CONN)
+
+
 async def wait_for(fut, request: Request, router):
-    """The engine's result, or None if the client disconnects first (the request is then cancelled)."""
+    """The engine's result, or None if the client disconnects first (the request is then cancelled, here or
+    already by the engine, which saw the connection close)."""
     done = asyncio.wrap_future(fut)
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
     if done.done():
         gone.cancel()
-        return done.result()
+        return None if done.cancelled() else done.result()
     fut.cancel()
     router.engine.wake()
     return None
@@ -114,8 +124,9 @@ def _sse(obj) -> str:
 class Call:
     """One completion or chat request on its way through the engine."""
 
-    def __init__(self, router, who: str, body: Sampling, ids: list[int], chat: bool, gains):
+    def __init__(self, router, who: str, body: Sampling, ids: list[int], chat: bool, gains, conn=None):
         self.router, self.who, self.body, self.ids, self.chat, self.gains = router, who, body, ids, chat, gains
+        self.conn = conn
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.model = body.model or router.base.name
@@ -126,7 +137,7 @@ class Call:
         b = self.body
         return self.router.generate(self.ids, self.gains, self.max_tokens,
                                     b.temperature, b.seed, user=self.who, top_p=b.top_p, stop=tuple(b.stop or ()),
-                                    on_text=on_text)
+                                    on_text=on_text, conn=self.conn)
 
     def usage(self, n: int) -> dict:
         return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
@@ -168,6 +179,8 @@ class Call:
                 yield _sse(self.chunk("", first=True))
             while (piece := await q.get()) is not None:
                 yield _sse(self.chunk(piece))
+            if fut.cancelled():  # the engine saw the connection close: nobody reads the rest
+                return
             try:
                 out = fut.result()
             except Exception as e:  # this request failed mid-stream: say so in the stream
@@ -195,7 +208,7 @@ def add_openai_routes(app: FastAPI, router, caller, http_error, body_of) -> None
         try:
             ids = chat_ids(router, body.messages) if chat else router.prompt_ids(body.prompt, "prompt")
             gains = await run_in_threadpool(router.gains_for, who, body.adapter)
-            call = Call(router, who, body, ids, chat, gains)
+            call = Call(router, who, body, ids, chat, gains, conn_of(request))
             if body.stream:
                 return call.stream()
             fut = call.start()

@@ -141,20 +141,21 @@ class Router:
     def context_limit(self) -> int:
         return int(getattr(self.base.model.config, "max_position_embeddings", 2048))
 
-    def score(self, ids: list[int], gains: Gains, user: str = "") -> Future:
+    def score(self, ids: list[int], gains: Gains, user: str = "", conn=None) -> Future:
+        """`conn`: the client's socket, if known (`hangup.conn_socket`): the engine drops the job if it closes."""
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.engine.submit(Job("score", ids, gains, user))
+        return self.engine.submit(Job("score", ids, gains, user, conn=conn))
 
     def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed, *, user: str = "",
-                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None) -> Future:
+                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None, conn=None) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
         return self.engine.submit(Job("generate", ids, gains, user, max_tokens, temperature, seed, top_p,
-                                      tuple(stop), on_text))
+                                      tuple(stop), on_text, conn))
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,

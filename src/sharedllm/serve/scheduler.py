@@ -6,11 +6,15 @@ row's tokens are those it would get alone, and a short request is never held by 
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
 score waits at most one decode step. An idle engine waits `window_s` after the first request for others to share
 its first forward pass (the old batch window, now only at the start of a busy period). A request whose future
-was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step. A
+was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step; the
+engine also polls the active rows' connections at every step, before computing (`hangup`), so a client that
+closes its connection frees its row at the next step even while the event loop lags behind. A
 failure fails only the requests it touched: a prefill or score batch that raises is retried row by row; sampling
 or streaming errors fail only their row. A user may have at most `max_queued_per_user` requests waiting or
 running (`Busy`, HTTP 429 with Retry-After, beyond). `stats()` counts decode steps, generating rows, cancelled
-rows and failed rows (`/health`).
+rows and failed rows (`/health`), and `cancel_lag_steps_max`: the most decode steps any row ran between its
+cancellation (the disconnect noticed here or by the HTTP side) and leaving the batch (at most 1: the step in
+progress).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 from ..errors import SharedLLMError
 from .compute import Generated, decode_step, pick, prefill, score_batch
+from .hangup import hung_up
 from .kv import BatchCache
 from .rowgains import Gains, RowGainModel
 from .textstream import TextTail
@@ -46,8 +51,11 @@ class Job:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     on_text: Callable[[str], None] | None = None  # streaming: called on the engine thread with each final piece
+    conn: object | None = None  # the client's socket, polled by the engine (`hangup`); None: not known
     future: Future = field(default_factory=Future)
     t: float = field(default_factory=time.monotonic)
+    cancel_step: int | None = None  # the engine's decode-step count when the job was cancelled
+    drop_step: int | None = None  # ... when its row left the batch, cancelled
 
 
 @dataclass
@@ -78,8 +86,8 @@ class FairQueue:
         while len(out) < n and self._q:
             for user in list(self._q):
                 q = self._q[user]
-                while q and q[0].future.cancelled():  # the client left while waiting
-                    q.popleft()
+                while q and (q[0].future.cancelled() or _left(q[0])):  # the client left while waiting
+                    q.popleft().future.cancel()
                     self.cancelled += 1
                 if q and len(out) < n:
                     if out and not fits(out, q[0]):
@@ -96,6 +104,10 @@ class FairQueue:
         for user in [u for u, q in self._q.items() if not q]:
             del self._q[user]
         return out
+
+
+def _left(job: Job) -> bool:
+    return job.conn is not None and hung_up([job.conn])[0]
 
 
 class _Quiet:
@@ -127,6 +139,7 @@ class Engine:
         self._stop = False
         self.batches = self.largest = self.steps = self.rows_total = 0
         self.dropped = self.failed_rows = 0  # rows dropped while running (client gone); rows that failed
+        self.cancel_lag_max = 0  # the most decode steps a row ran after its cancellation
         self._thread = threading.Thread(target=self._loop, name="sharedllm-engine", daemon=True)
         self._thread.start()
 
@@ -140,6 +153,7 @@ class Engine:
                            f"retry when some have finished")
             self._load[job.user] = self._load.get(job.user, 0) + 1
             job.future.add_done_callback(lambda _f, user=job.user: self._release(user))
+            job.future.add_done_callback(lambda f, j=job: f.cancelled() and setattr(j, "cancel_step", self.steps))
             (self.scores if job.kind == "score" else self.gens).push(job)
             self._cv.notify()
         return job.future
@@ -171,7 +185,7 @@ class Engine:
                 "decode_steps": self.steps, "active_rows": len(self.rows), "generating_rows": len(self.rows),
                 "queued": len(self.scores) + len(self.gens),
                 "cancelled_rows": self.dropped + self.scores.cancelled + self.gens.cancelled,
-                "failed_rows": self.failed_rows}
+                "failed_rows": self.failed_rows, "cancel_lag_steps_max": self.cancel_lag_max}
 
     # ---- the engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -262,10 +276,16 @@ class Engine:
     def _sample(self) -> None:
         """Pick each row's next token; rows that finished, failed or were abandoned leave the batch."""
         keep = []
+        for row, gone in zip(self.rows, hung_up([r.job.conn for r in self.rows])):
+            if gone:  # the client closed its connection: cancel now, whenever the HTTP side gets to it
+                row.job.future.cancel()
         for b, row in enumerate(self.rows):
             if row.job.future.cancelled():
                 self.metrics.dropped()
                 self.dropped += 1
+                row.job.drop_step = self.steps
+                lag = self.steps - row.job.cancel_step if row.job.cancel_step is not None else 0
+                self.cancel_lag_max = max(self.cancel_lag_max, lag)
                 continue
             try:
                 if not self._advance(row, self.logits[b]):
