@@ -114,9 +114,9 @@ def v61(cells, k):
     return tier(all(won) and len(won) >= 3, sum(won) / 3 >= 2 / 3, sum(best) / 3 <= 1 / 3)
 
 
-def v63(cells, k):
+def v63(cells, k, adapter="own"):
     def m(u, s):
-        return math.log(pp(cells, user=u, adapter="base", sigma_rel=s) / pp(cells, user=u, adapter="own", sigma_rel=s))
+        return math.log(pp(cells, user=u, adapter="base", sigma_rel=s) / pp(cells, user=u, adapter=adapter, sigma_rel=s))
     won = sum(m(u, 0.1) > 0 and m(u, 0.1) >= 0.5 * m(u, 0.0) for u in users(cells))
     gone = sum(m(u, 1e-3) <= 0 for u in users(cells))
     return tier(won >= 3, won >= 2, gone >= 2)
@@ -187,6 +187,10 @@ def test_committed_controls_by_hand():
     assert report.control_verdicts(results["37"], results) == {"bare base": "STRICT_PASS"}
     assert list(report.control_verdicts(results["46"], results).values()) == ["STRICT_PASS"]
     assert set(report.control_verdicts(results["53"], results).values()) == {"STRICT_PASS"}
+    # 63: a random-token adapter and another user's adapter, each in the own adapter's place under the same noise
+    c63 = results["63"]["cells"]
+    assert [v63(c63, {}, a) for a in ("random", "other")] == ["STRICT_PASS", "STRICT_PASS"]
+    assert sorted(report.control_verdicts(results["63"], results).values()) == ["STRICT_PASS", "STRICT_PASS"]
     assert set(results) - set(COMMITTED) == set(), "a new committed result: add it to COMMITTED"
 
 
@@ -256,7 +260,8 @@ def test_report_marks_passes_a_control_meets_too():
         assert row[3].startswith("yes: ") == (controls is not None and any(
             v in ("STRICT_PASS", "LENIENT_PASS") for v in controls.values())), bet_id
     assert report_row("37")[3] == "yes: bare base STRICT_PASS"
-    assert report_row("63")[3].startswith("not run: ")
+    assert report_row("52")[3].startswith("not run: ")  # its random-token control on the ternary base: not run yet
+    assert report_row("63")[3].startswith("yes: ")
     assert "by the catalogue's wording (no CATASTROPHIC tier): FAIL" in report_row("scale_protocol")[2]
 
 
@@ -265,7 +270,7 @@ def test_readme_bets_block_is_what_the_results_say():
     assert report.BEGIN in text and report.END in text
     block = report.BEGIN + text.split(report.BEGIN, 1)[1].split(report.END, 1)[0] + report.END
     assert block == report.readme_block(report.load_results(RESULTS)), "README's bets block drifted: run `sharedllm bets report`"
-    for bet_id in ("37", "46", "53"):
+    for bet_id in ("37", "46", "53", "63"):
         line = next(x for x in block.splitlines() if x.startswith(f"- {BETS[bet_id]}"))
         assert "**not discriminating**" in line
     assert '"1B+" protocol' not in text
