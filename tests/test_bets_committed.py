@@ -51,10 +51,11 @@ def own_vs(cells, k, mine, rival, tie_loses=False):
 
 
 def v13(cells, k):
-    judged = [x for x in cells if x["text"] != k["dev_text"] and "domain" not in x]  # code / prose: not judged
+    general = [x for x in cells if "domain" not in x]  # the code / prose cells are reported, not judged
+    judged = [x for x in general if x["text"] != k["dev_text"]]
     r = pp(judged, condition="ternary") / pp(judged, condition="fp")
-    size = [x["bytes"] for x in cells if x["condition"] == "ternary"][0] / [x["bytes"] for x in cells
-                                                                           if x["condition"] == "fp"][0]
+    size = [x["bytes"] for x in general if x["condition"] == "ternary"][0] / [x["bytes"] for x in general
+                                                                             if x["condition"] == "fp"][0]
     return tier(size <= 1 / 8 and r <= 1.5, r <= 3.0, r > 10.0)
 
 
