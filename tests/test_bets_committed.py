@@ -14,12 +14,15 @@ from sharedllm.bets.harness import get_bet
 
 BETS, RESULTS, README = current().bets, current().results, current().default("README")
 COMMITTED = ["13", "37", "46", "49", "52", "53", "54", "55", "58", "60", "61", "63", "scale_protocol",
-             "lr_sensitivity"]
+             "lr_sensitivity", "chat_cohort"]
+OTHER_DTYPE = {"chat_cohort": "bf16"}  # run only under bf16 autocast (results/other/default-bf16/)
 
 
 def load(bet_id: str) -> dict:
-    path = RESULTS / f"{BETS[bet_id]}.json"
-    assert path.is_file(), f"committed result {path.name} is missing"
+    sub = f"other/default-{OTHER_DTYPE[bet_id]}/" if bet_id in OTHER_DTYPE else ""
+    path = RESULTS / f"{sub}{BETS[bet_id]}.json"
+    assert path.is_file(), f"committed result {sub}{path.name} is missing"
+    assert report.result_file(RESULTS, BETS[bet_id]) == path, "REPORT would read another file"
     return json.loads(path.read_text())
 
 
@@ -149,11 +152,29 @@ def vlr(cells, k):
                 lr == k["catalogue_lr"] or sum(best) <= c["max_users_own_best"] or general > c["above_general_ratio"])
 
 
+def chat_won(cells, lr) -> list:
+    """61's rule among chat senders, every adapter at norm lr `lr`, beside the base row (lr 0)."""
+    won, _ = confusion_won([x for x in cells if x["kind"] == "confusion" and x["lr"] in (lr, 0.0)])
+    return won
+
+
+def chat_tuned_lr(cells) -> float:
+    lrs = {x["lr"] for x in cells if x["kind"] == "confusion"} - {0.0, 5e-5}
+    assert len(lrs) == 1, lrs
+    return lrs.pop()
+
+
+def vchat(cells, k):
+    won = chat_won(cells, chat_tuned_lr(cells))
+    f = sum(won) / len(won)
+    return tier(f >= 0.9, f > 0.5, f <= 0.25)
+
+
 INDEPENDENT = {
     "13": v13, "37": v37, "46": v46, "49": v49, "52": v52, "53": v53,
     "54": lambda c, k: own_vs(c, k, "own", "average"), "55": lambda c, k: own_vs(c, k, "own", "ensemble"),
     "58": v58, "60": lambda c, k: own_vs(c, k, "real", "random", tie_loses=True), "61": v61, "63": v63,
-    "scale_protocol": vscale, "lr_sensitivity": vlr,
+    "scale_protocol": vscale, "lr_sensitivity": vlr, "chat_cohort": vchat,
 }
 
 
@@ -238,6 +259,9 @@ def key_numbers(bet_id: str, cells: list) -> list:
         return [f"{g3(pp(grid, user=u, method='norm', lr=2e-3, eval='personal'))}/" for u in users(grid)] + [
             f"general x{pp(grid, user=u, method='norm', lr=2e-3, eval='general') / pp(grid, method='none', eval='general'):.3f}"
             for u in users(grid)]
+    if bet_id == "chat_cohort":  # users won at each norm lr, and the config's dtype
+        return [f"norm lr {lr:g}: own wins by >= 5 % for {sum(chat_won(cells, lr))}/{len(chat_won(cells, lr))}"
+                for lr in (5e-5, chat_tuned_lr(cells))]
     conf = [x for x in cells if x.get("kind") == "confusion"]
     won, best = confusion_won(conf)
     return [f"{sum(best)}/{len(best)}", f"{len(won)} users", "1 of 3 seeds", "reduced protocol"]
@@ -248,6 +272,7 @@ def test_report_row_quotes_the_cells(bet_id):
     r = load(bet_id)
     row = report_row(bet_id)
     assert row[2].startswith(f"**{r['verdict']}**"), row[2]
+    assert ("bf16 autocast" in row[2]) == (OTHER_DTYPE.get(bet_id) == "bf16"), row[2]
     for n in key_numbers(bet_id, r["cells"]):
         assert n in row[4], f"{BETS[bet_id]}: {n} not in the key numbers {row[4]!r}"
 

@@ -18,14 +18,34 @@ from .cells import select
 from .harness import NOT_RUN, get_bet
 
 
+OTHER_DTYPES = ("other/default-bf16",)  # where a default-base run in another compute dtype lands (Options.result_dir)
+
+
+def result_file(folder: Path, module: str) -> Path | None:
+    """A bet's result on the default base: `folder`/<module>.json (fp32), else, for a bet run only in another compute
+    dtype (run with --dtype bf16 to fit the machine), `folder`/other/default-bf16/<module>.json;
+    REPORT and README then name the dtype in the bet's row."""
+    for sub in ("", *OTHER_DTYPES):
+        path = Path(folder) / sub / f"{module}.json"
+        if path.is_file():
+            return path
+    return None
+
+
 def load_results(folder: Path) -> dict:
-    """bet id -> result dict, for every result file in `folder` that belongs to a registered bet."""
+    """bet id -> result dict, for every result file of a registered bet (see `result_file`)."""
     out = {}
     for bet_id, module in current().bets.items():
-        path = Path(folder) / f"{module}.json"
-        if path.is_file():
+        path = result_file(folder, module)
+        if path is not None:
             out[bet_id] = json.loads(path.read_text())
     return out
+
+
+def dtype_note(r: dict) -> str:
+    """" (bf16 autocast)" for a result computed in another dtype than fp32, else ""."""
+    dtype = r["config"].get("dtype", "fp32")
+    return "" if dtype == "fp32" else f" ({dtype} autocast)"
 
 
 def recomputed(result: dict) -> str:
@@ -129,7 +149,7 @@ def readme_line(bet_id: str, r: dict, results: dict) -> str:
     verdict += f" (control not run yet: {'; '.join(unrun)})" if unrun else ""
     sides = "".join(f"; {k}: {v}" for k, v in side_verdicts(r).items())
     version = f" v{r['version']}" if r["version"] > 1 else ""
-    return f"- {bet.name}{version}: {verdict}{sides}. {bet.summary(r['cells'])}"
+    return f"- {bet.name}{version}{dtype_note(r)}: {verdict}{sides}. {bet.summary(r['cells'])}"
 
 
 def readme_block(results: dict) -> str:
@@ -208,7 +228,7 @@ def report_row(module: str, r: dict, results: dict) -> str:
     sides = side_verdicts(r)
     check += "" if sides == r.get("side_verdicts", sides) else " (side verdicts MISMATCH on recompute)"
     side = "".join(f"; {k}: {v}" for k, v in sides.items())
-    version = f" (version {r['version']})" if r["version"] > 1 else ""
+    version = (f" (version {r['version']})" if r["version"] > 1 else "") + dtype_note(r)
     wall = f"{r['meta']['wall_s'] / 60:.1f} min"
     if r["meta"].get("resumed"):  # a checkpointed run: the last pass, and every unit's time summed
         wall += f" (units: {r['meta']['resumed']['wall_s_all_units'] / 3600:.1f} h)"
