@@ -16,6 +16,8 @@ from .conftest import CORPORA
 USERS = ["programmer/requests", "novelist/austen_pride_and_prejudice"]
 UNITS = {f"{k}/{u}" for u in USERS for k in ("base", "random")} | {
     f"{k}/{u}/seed0" for u in USERS for k in ("confusion", "lora")}
+FLEETS = {f"fleet/{k}/{'+'.join(USERS)}" for k in ("seed0", "random")}  # the two users' norm adapters, per pass
+FIRST = {k for k in UNITS if not k.startswith(("confusion/", "random/"))} | FLEETS  # what waits for no other unit
 
 
 def quick_scale(tmp_path, ray: str | None, **kw) -> Options:
@@ -26,7 +28,7 @@ def quick_scale(tmp_path, ray: str | None, **kw) -> Options:
 # ---- without Ray: the passes a Ray run is made of ----
 
 def test_enumerate_then_compute_one_unit_as_a_worker_would(tmp_path):
-    bet, opts = get_bet("scale_protocol"), quick_scale(tmp_path, None)
+    bet, opts = get_bet("scale_protocol"), quick_scale(tmp_path, None, fleet=1)
     ctx = Context(bet, opts)
     ctx.deferred = []
     assert bet.run(ctx) == [] and set(ctx.deferred) == UNITS  # nothing computed, every unit listed
@@ -36,6 +38,43 @@ def test_enumerate_then_compute_one_unit_as_a_worker_would(tmp_path):
     assert done["users"] == ["programmer/requests"] and done["seeds"] == [0]
     assert list(done["curves"]) == ["programmer/requests/lora/seed0"] and done["wall_s"] >= 0
     assert not ctx.checkpoint.path.exists()  # a worker never writes the checkpoint
+
+
+def test_norm_adapters_are_trained_in_fleet_units_before_the_units_that_score_them(tmp_path):
+    """--fleet 2 (the default): the first pass sends the fleet units (each trains both users' norm adapters in one
+    pass) and no unit that scores a norm adapter; a worker's fleet unit writes both adapters; the next pass sends
+    the scoring units. A fleet unit that failed lets its scoring units run (each then trains alone)."""
+    bet, opts = get_bet("scale_protocol"), quick_scale(tmp_path, None)
+    ctx = Context(bet, opts)
+    ctx.deferred = []
+    bet.run(ctx)
+    assert set(ctx.deferred) == FIRST
+    plain, conf = json.dumps(ray_units._plain(opts)), sorted(FLEETS)[1]  # fleet/seed0/...: the confusion rows'
+    done = ray_units.compute_unit(bet.id, plain, conf)
+    assert done["cells"] == [] and sorted(done["users"]) == sorted(USERS)
+    sides = [json.loads(p.read_text()) for p in (tmp_path / "out" / "adapters").rglob("norm_seed0*.json")]
+    assert len(sides) == 2 and all(s["fleet"]["users"] == 2 for s in sides)
+    ctx.checkpoint.put(conf, done)
+    ctx.checkpoint.fail(sorted(FLEETS)[0], "injected")  # fleet/random/...
+    ctx.deferred = []
+    bet.run(ctx)
+    assert set(ctx.deferred) == (FIRST - FLEETS) | {k for k in UNITS if k.startswith(("confusion/", "random/"))} | {
+        sorted(FLEETS)[0]}  # the failed fleet is tried again beside its scoring units
+
+
+def test_a_quick_scale_run_in_fleets_equals_each_user_trained_alone(tmp_path):
+    bet = get_bet("scale_protocol")
+    alone = run_bet(bet, quick_scale(tmp_path / "alone", None, fleet=1))
+    fleet = run_bet(bet, quick_scale(tmp_path / "fleet", None))
+    key = lambda c: (c["kind"], c.get("adapter"), c.get("method"), c["user"], c["text"])  # noqa: E731
+    by_key = {key(c): c["nll"] for c in alone["cells"]}
+    assert sorted(map(key, fleet["cells"])) == sorted(by_key)
+    assert all(c["nll"] == pytest.approx(by_key[key(c)], rel=1e-5) for c in fleet["cells"])
+    sides = {p: json.loads(p.read_text()) for p in (tmp_path / "fleet" / "out").rglob("norm*.json")}
+    assert len(sides) == 4 and all(s["fleet"]["users"] == 2 for s in sides.values())  # confusion and random rows
+    assert not any("fleet" in json.loads(p.read_text()) for p in (tmp_path / "alone" / "out").rglob("norm*.json"))
+    assert "fleet" in fleet["config"] and "fleet" not in alone["config"]
+    assert fleet["verdict"] == alone["verdict"]
 
 
 def test_a_unit_that_needs_other_units_cells_is_reached_on_a_worker(tmp_path, monkeypatch):
@@ -74,7 +113,7 @@ def test_quantising_is_a_unit_and_the_ternary_units_follow_it(tmp_path):
     ctx.checkpoint.put(quantise[0], done)
     ctx.deferred = []
     bet.run(ctx)
-    assert {k for k in ctx.deferred if k.startswith("ternary/")} and quantise[0] not in ctx.deferred
+    assert {k for k in ctx.deferred if k.startswith("fleet/ternary/")} and quantise[0] not in ctx.deferred
 
 
 def test_a_target_outside_the_bet_is_an_error(tmp_path):
@@ -147,7 +186,7 @@ def test_a_quick_bet_on_ray_matches_the_sequential_run(local_ray, tmp_path):
     bet = get_bet("scale_protocol")
     seq = run_bet(bet, quick_scale(tmp_path / "seq", None))
     par = run_bet(bet, quick_scale(tmp_path / "ray", "local"))
-    assert par["meta"]["ray"]["units_computed"] == len(UNITS) and "resumed" not in par["meta"]
+    assert par["meta"]["ray"]["units_computed"] == len(UNITS | FLEETS) and "resumed" not in par["meta"]
     assert not par.get("incomplete") and not list((tmp_path / "ray" / "res" / "partial").glob("*.json"))
     key = lambda c: (c["kind"], c.get("adapter"), c.get("method"), c["user"], c["text"])  # noqa: E731
     assert sorted(map(key, par["cells"])) == sorted(map(key, seq["cells"]))
@@ -163,7 +202,7 @@ def test_a_worker_killed_mid_unit_is_retried(local_ray, tmp_path, monkeypatch):
     monkeypatch.setenv(ray_units.FAULT_ENV, f"exit-once|{victim}|{marker}")
     result = run_bet(get_bet("scale_protocol"), quick_scale(tmp_path, "local"))
     assert marker.is_file()  # the worker really died (os._exit) once in that unit
-    assert not result.get("incomplete") and result["meta"]["ray"]["units_computed"] == len(UNITS)
+    assert not result.get("incomplete") and result["meta"]["ray"]["units_computed"] == len(UNITS | FLEETS)
     assert any(c["kind"] == "confusion" and c["adapter"] == "programmer/requests" for c in result["cells"])
 
 
@@ -178,7 +217,7 @@ def test_a_failing_unit_is_recorded_and_a_sequential_rerun_does_only_it(local_ra
                    for c in first["cells"])  # listed as missing, never invented
     assert first["verdict"] == bet.verdict(first["cells"], first["criteria"])  # over the completed units
     partial = json.loads((tmp_path / "res" / "partial" / f"{bet.name}.json").read_text())
-    assert set(partial["units"]) == UNITS - {victim} and set(partial["failed"]) == {victim}
+    assert set(partial["units"]) == (UNITS | FLEETS) - {victim} and set(partial["failed"]) == {victim}
 
     monkeypatch.delenv(ray_units.FAULT_ENV)
     trained, real = [], Context.adapter

@@ -12,7 +12,7 @@ from pathlib import Path
 from sharedllm.bets.cells import confusion_outcomes, fmt, ppl, select, values
 from sharedllm.bets.harness import Bet, grade, main
 
-from .common import adapter_cells
+from .common import adapter_cells, in_fleets
 from .figures import confusion_plot
 
 USERS = ["chat/sender_549cc1d1", "chat/sender_31267496", "chat/sender_720840be", "chat/sender_0f9fe1f8",
@@ -55,8 +55,9 @@ def run(ctx) -> list:
         cells += ctx.unit(f"base/{name(u)}", lambda u=u: ctx.score_cells(
             None, u, kind="confusion", adapter="base", user=name(u), lr=0.0))
     for lr in sorted({CATALOGUE_LR, tuned["norm"]}):
-        for a in users:
-            cells += ctx.unit(f"confusion/lr{lr:g}/{name(a)}", lambda a=a, lr=lr: confusion_row(ctx, users, a, lr))
+        key = lambda a, lr=lr: f"confusion/lr{lr:g}/{name(a)}"  # noqa: E731
+        for a in in_fleets(ctx, f"lr{lr:g}", users, key, name, lr=lr):  # norm adapters --fleet users per pass
+            cells += ctx.unit(key(a), lambda a=a, lr=lr: confusion_row(ctx, users, a, lr))
     for lr in sorted({CATALOGUE_LR, tuned["lora"]}):
         for u in users:
             cells += ctx.unit(f"lora/lr{lr:g}/{name(u)}", lambda u=u, lr=lr: lora_cells(ctx, u, lr))

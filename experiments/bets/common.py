@@ -25,3 +25,17 @@ def adapter_cells(ctx, rel: str, method: str, curve: str, cell, on: list | None 
 def footprint(path: Path, side: dict) -> dict:
     """The adapter file's bytes and its training wall seconds (from the sidecar), as cells record them."""
     return {"bytes": Path(path).stat().st_size, "train_s": round(side["wall_s"], 1)}
+
+
+def in_fleets(ctx, label: str, users: list, unit_key, name, **train) -> list:
+    """Train the norm adapters of `users` (--fleet users per pass, in their order) as fleet units before the units
+    that score them (`unit_key(user)`); `train` gives ctx.adapter's arguments (seed, lr, tag, tokens: a value, or a
+    function of the user, called only when that pass runs). Returns the users whose scoring units may run now."""
+    ready, size = [], ctx.opts.fleet
+    for i in range(0, len(users), size):
+        group = users[i:i + size]
+        needed = [ctx.checkpoint.get(unit_key(u)) is None for u in group]
+        key = f"fleet/{label}/" + "+".join(name(u) for u in group)
+        if ctx.train_together(key, [{"rel": u, **train} for u in group], needed):
+            ready += group
+    return ready

@@ -21,7 +21,7 @@ from sharedllm.bets.cells import beats, best_other_adapter, confusion_outcomes, 
 from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
 from sharedllm.errors import SharedLLMError
 
-from .common import adapter_cells, footprint
+from .common import adapter_cells, footprint, in_fleets
 from .figures import confusion_plot, save
 
 USERS = ["programmer/cpython_asyncio", "programmer/requests", "programmer/flask",
@@ -80,9 +80,11 @@ def confusion(ctx, users: list, seeds: int, lr: float | None = None) -> list:
     """Every user's norm adapter (per seed) on every user's eval texts; at `lr` (tuned arm) or the catalogue's."""
     cells, tag = [], "" if lr is None else f"lr{lr:g}/"
     for seed in range(seeds):
-        for a in users:
+        key = lambda a, seed=seed: f"confusion/{tag}{name(a)}/seed{seed}"  # noqa: E731
+        ready = in_fleets(ctx, f"{tag}seed{seed}", users, key, name, seed=seed, lr=lr)
+        for a in ready:
             row = lambda a=a, seed=seed: confusion_row(ctx, users, a, seed, lr)  # noqa: E731
-            cells += ctx.unit(f"confusion/{tag}{name(a)}/seed{seed}", row)
+            cells += ctx.unit(key(a), row)
     return cells
 
 
@@ -152,9 +154,9 @@ def random_control(ctx, users: list) -> list:
     if ctx.opts.random_users is not None:
         users = users[:ctx.opts.random_users]
         ctx.notes["random_control_users"] = [name(u) for u in users]
-    cells = []
-    for u in users:
-        cells += ctx.unit(f"random/{name(u)}", lambda u=u: random_cells(ctx, u))
+    cells, key = [], lambda u: f"random/{name(u)}"  # noqa: E731
+    for u in in_fleets(ctx, "random", users, key, name, tag="_random", tokens=ctx.random_tokens):
+        cells += ctx.unit(key(u), lambda u=u: random_cells(ctx, u))
     return cells
 
 
@@ -177,8 +179,9 @@ def ternary_composition(ctx, users: list) -> list:
         ctx.notes["ternary"] = f"skipped: {e}"
         return []
     tctx, cells = ctx.rebased(tbase), []
-    for u in users:
-        cells += ctx.unit(f"ternary/{tbase.fingerprint[:16]}/{name(u)}", lambda u=u: ternary_cells(tctx, u))
+    key = lambda u: f"ternary/{tbase.fingerprint[:16]}/{name(u)}"  # noqa: E731
+    for u in in_fleets(tctx, f"ternary/{tbase.fingerprint[:16]}", users, key, name):
+        cells += ctx.unit(key(u), lambda u=u: ternary_cells(tctx, u))
     return cells
 
 

@@ -292,6 +292,38 @@ class Context:
             say(f"training {method}{tag} for {rel} (seed {seed}, {cfg.steps} steps{how})")
         return common.ensure_adapter(base, rel, tokens, method, cfg, tag, root=self.opts.out, dtype=dtype)
 
+    def train_together(self, key: str, specs: list, needed: list) -> bool:
+        """Norm adapters of several users (`specs`: dicts of rel, and optionally seed, lr, tag, tokens (a tensor or a
+        function of rel)) trained in one pass, as unit `key`, so that the units that score them find them trained
+        (`ensure_norm_adapters`). `needed`:
+        whether each one's scoring unit is still to run (a pass whose adapters are all used already is skipped).
+        True when those units may run now: the pass is done, or failed (each is then trained alone), or not needed,
+        or fleets are off (--fleet 1); False while a Ray driver has still to send it (its units come in a later pass).
+        Used where several users' norm adapters share a base and a budget (scale_protocol, chat_cohort)."""
+        if self.opts.fleet < 2 or len(specs) < 2:
+            return True
+        self.notes["fleet"] = (f"norm adapters not yet on disk are trained up to {self.opts.fleet} users per pass "
+                               "(sharedllm.fleet; equal to training alone up to float rounding); the sidecar of one "
+                               "trained so records its pass under `fleet`")
+        if not any(needed):
+            return True
+        self.unit(key, lambda: self._train_together(specs))
+        if self.target is not None:  # a Ray worker sent a unit that uses them: the driver decided it may run
+            return True
+        return self.checkpoint.get(key) is not None or key in self.checkpoint.failed()
+
+    def _train_together(self, specs: list) -> list:
+        from .common import AdapterSpec, ensure_norm_adapters
+
+        def tokens(s: dict) -> torch.Tensor:
+            given = s.get("tokens")
+            return self.data(s["rel"]).train if given is None else given(s["rel"]) if callable(given) else given
+
+        items = [AdapterSpec(s["rel"], tokens(s), self.train_config(s.get("seed", 0), s.get("lr")), s.get("tag", ""))
+                 for s in specs]
+        ensure_norm_adapters(self.base, items, self.opts.out, self.opts.dtype)
+        return []  # no cells: the adapter files under --out are what the scoring units need
+
     def curve(self, key: str, path: Path) -> dict:
         side = common.sidecar(path)
         self.extras.setdefault("loss_curves", {})[key] = [round(x, 4) for x in side["losses"]]

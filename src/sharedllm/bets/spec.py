@@ -60,10 +60,11 @@ class Options:
     ray: str | None = None  # run the units as Ray tasks: "local" (a local instance) or a cluster address
     ray_retries: int = 2
     dtype: str = "fp32"  # "bf16": train and score under torch.autocast(bf16); see sharedllm.bets.common.autocast
+    fleet: int = 2  # norm adapters a bet trains together in one pass (Context.train_together); 1: each alone
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("random_users", "eval_len"):
+        for name in ("random_users", "eval_len", "fleet"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SharedLLMError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.dtype not in DTYPES:
