@@ -227,3 +227,63 @@ def test_a_failing_unit_is_recorded_and_a_sequential_rerun_does_only_it(local_ra
     assert not again.get("incomplete") and not (tmp_path / "res" / "partial" / f"{bet.name}.json").exists()
     assert len(again["cells"]) == len(first["cells"]) + again["config"]["eval"]["texts"]
 
+
+
+def test_the_driver_sends_units_in_the_bets_order_as_room_and_dependencies_allow(monkeypatch):
+    """Two slots; unit b waits on a1 but comes before a3 in the bet's order: it is sent as soon as a1 lands, ahead of
+    a3 and a4 (not after the whole first wave). A fake Ray that finishes tasks in the order they were sent."""
+    sent, done = [], {}
+
+    class Ref:
+        def __init__(self, key):
+            self.key = key
+
+    class FakeRay:
+        class exceptions:
+            RayError = RuntimeError
+
+        def remote(self, *args):  # ray.remote(fn) -> the task; task.options(...).remote(bet, opts, key, ...) -> a ref
+            if callable(args[0]):
+                return self
+            sent.append(args[2])
+            return Ref(args[2])
+
+        def options(self, **kw):
+            return self
+
+        def put(self, x):
+            return x
+
+        def cluster_resources(self):
+            return {"CPU": 2}
+
+        def wait(self, refs, num_returns):
+            return refs[:1], refs[1:]
+
+        def get(self, ref):
+            return {"cells": [], "users": [], "seeds": [], "curves": {}, "wall_s": 0.0}
+
+        def shutdown(self):
+            pass
+
+    fake = FakeRay()
+
+    class Book:
+        def put(self, key, value):
+            done[key] = value
+
+        def fail(self, key, error):
+            raise AssertionError(key)
+
+        def units(self):
+            return dict(done)
+
+    def pending():
+        order = ["a1", "a2"] + (["b"] if "a1" in done else []) + ["a3", "a4"]
+        return [k for k in order if k not in done]
+
+    monkeypatch.setattr(ray_units, "ray_module", lambda: fake)
+    monkeypatch.setattr(ray_units, "start", lambda *a, **k: False)
+    opts = Options(quick=True, corpora=CORPORA, ray="local")
+    assert ray_units.dispatch(get_bet("scale_protocol"), opts, pending, Book()) == {}
+    assert sent == ["a1", "a2", "b", "a3", "a4"] and set(done) == set(sent)

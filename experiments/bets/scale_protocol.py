@@ -174,7 +174,7 @@ def ternary_composition(ctx, users: list) -> list:
     if not quantised(ctx):
         return []  # enumerating: the quantise unit runs first, the ternary units come in the next pass
     try:
-        tbase = load_base(str(ctx.ternary_file()), ctx.opts.device)
+        tbase = ternary_base(str(ctx.ternary_file()), ctx.opts.device)
     except MissingDependency as e:
         ctx.notes["ternary"] = f"skipped: {e}"
         return []
@@ -183,6 +183,17 @@ def ternary_composition(ctx, users: list) -> list:
     for u in in_fleets(tctx, f"ternary/{tbase.fingerprint[:16]}", users, key, name):
         cells += ctx.unit(key(u), lambda u=u: ternary_cells(tctx, u))
     return cells
+
+
+_TERNARY: dict = {}  # (file, its mtime, device) -> its Base: a Ray driver enumerates the units as each one lands
+
+
+def ternary_base(path: str, device: str):
+    key = (path, os.stat(path).st_mtime_ns, device)
+    if key not in _TERNARY:
+        _TERNARY.clear()  # hold one
+        _TERNARY[key] = load_base(path, device)
+    return _TERNARY[key]
 
 
 def quantised(ctx) -> bool:

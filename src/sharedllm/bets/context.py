@@ -157,6 +157,7 @@ class Context:
         self.extras, self.notes, self.users_used, self.seeds_used = {}, {}, [], set()
         self._held: tuple = (None, None)
         self._sha: dict = {}
+        self._said: set = set()
         self.deferred: list | None = None  # enumerating for Ray: units not in the checkpoint, left undone
         self.target: str | None = None  # a Ray worker: the one unit to compute (the rest are skipped)
         self.cache = ScoreCache(Path(opts.out) / "scores" / f"{self.fingerprint[:16]}.json")
@@ -214,7 +215,8 @@ class Context:
                 raise UnitDone(key, done)
             self.checkpoint.put(key, done)
         else:
-            if key not in self.checkpoint.computed and self.target is None:
+            if key not in self.checkpoint.computed and self.target is None and key not in self._said:
+                self._said.add(key)  # once: a Ray driver enumerates again as each unit lands
                 say(f"{key}: reused from {self.checkpoint.path}")
             self.users_used.extend(u for u in done["users"] if u not in self.users_used)
             self.seeds_used.update(done["seeds"])

@@ -71,21 +71,22 @@ def run_bet(bet: Bet, opts: Options) -> dict:
 def run_units(bet: Bet, ctx) -> tuple[list, list]:
     """The bet's cells and the units missing from them. Sequential: run() computes each unit in turn (a unit that
     raises stops the run; the checkpoint keeps the others). On Ray: run() enumerates the units the checkpoint
-    lacks, they run as Ray tasks, and a last run() assembles the cells from the checkpoint."""
+    lacks (`pending`), the driver feeds them to Ray in the bet's order and enumerates again as each lands (a unit
+    that waits on others, a tuned lr or a fleet of adapters, starts as soon as they are done), and a last run()
+    assembles the cells from the checkpoint."""
     if ctx.opts.ray is None:
         return bet.run(ctx), []
     from .ray_units import dispatch
 
-    ctx.deferred, tried = [], set()
-    cells = bet.run(ctx)
-    todo = list(dict.fromkeys(ctx.deferred))
-    while todo and not set(todo) <= tried:  # units that depend on others (a tuned lr) appear in a later pass
-        tried |= set(todo)
-        dispatch(bet, ctx.opts, todo, ctx.checkpoint)
+    def pending() -> list:
         ctx.deferred = []
-        cells = bet.run(ctx)
-        todo = list(dict.fromkeys(ctx.deferred))
-    return cells, todo
+        bet.run(ctx)
+        return list(dict.fromkeys(ctx.deferred))
+
+    dispatch(bet, ctx.opts, pending, ctx.checkpoint)
+    ctx.deferred = []
+    cells = bet.run(ctx)  # the cells from the checkpoint; still deferred: units that failed and those waiting on them
+    return cells, list(dict.fromkeys(ctx.deferred))
 
 
 def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> dict:

@@ -93,8 +93,12 @@ def worker_env(device: str) -> dict:
     return env
 
 
-def dispatch(bet, opts, keys: list, checkpoint) -> dict:
-    """Run `keys` as Ray tasks; checkpoint each unit's output as it arrives. Returns {key: error} of failures."""
+def dispatch(bet, opts, pending, checkpoint) -> dict:
+    """Run the bet's pending units as Ray tasks, checkpointing each unit's output as it arrives. `pending()` lists
+    the units not checkpointed yet, in the bet's order; the driver keeps only as many in flight as the cluster has
+    CPUs (GPUs with --device cuda), takes the first ones not yet sent, and asks `pending()` again as each unit lands,
+    so units that wait on others are sent as soon as those are done, ahead of later ones. Each unit is sent once
+    (Ray retries it). Returns {key: error} of the units that failed."""
     ray = ray_module()
     started = start(opts.ray if opts.ray != "local" else None)
     try:
@@ -102,31 +106,67 @@ def dispatch(bet, opts, keys: list, checkpoint) -> dict:
         task = ray.remote(compute_unit)
         common = {"num_gpus": 1 if gpu else 0, "max_retries": opts.ray_retries, "retry_exceptions": True,
                   "runtime_env": {"env_vars": worker_env(opts.device)}}
-        plain, done = json.dumps(_plain(opts)), ray.put(checkpoint.units())
-        wide = min(FULL_FT_CPUS, int(ray.cluster_resources().get("CPU", 1)))
-        refs = {}
-        for key in keys:
-            cpus = wide if key.startswith("full/") and not gpu else 1
-            refs[task.options(num_cpus=cpus, **common).remote(bet.id, plain, key, done, cpus)] = key
-        say(f"bet {bet.name}: {len(refs)} unit(s) sent to Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
-        return _gather(ray, refs, checkpoint)
+        plain = json.dumps(_plain(opts))
+        slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)) or 1
+        say(f"bet {bet.name}: units go to Ray, {slots} at a time ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+        flight = _Flight(slots, gpu)
+
+        def feed():
+            done = None  # what the driver has finished (units that depend on it need it), put once per feed
+            for key in pending():
+                if key in flight.sent:
+                    continue
+                if not flight.fits(key):
+                    break  # keep the bet's order: the next unit waits for room
+                done = done or ray.put(checkpoint.units())
+                flight.send(key, task.options(num_cpus=flight.cpus(key), **common).remote(
+                    bet.id, plain, key, done, flight.cpus(key)))
+
+        feed()
+        return _gather(ray, flight, checkpoint, feed)
     finally:
         if started:
             ray.shutdown()
 
 
-def _gather(ray, refs: dict, checkpoint) -> dict:
-    failed, total = {}, len(refs)
-    while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1)
-        key = refs.pop(ready[0])
+class _Flight:
+    """The units in flight on Ray and the CPUs they hold (a full fine-tune asks for 2: its memory)."""
+
+    def __init__(self, slots: int, gpu: bool):
+        self.slots, self.gpu, self.busy = slots, gpu, 0
+        self.refs: dict = {}  # ref -> key
+        self.sent: set = set()
+
+    def cpus(self, key: str) -> int:
+        return min(FULL_FT_CPUS, self.slots) if key.startswith("full/") and not self.gpu else 1
+
+    def fits(self, key: str) -> bool:
+        return not self.refs or self.busy + self.cpus(key) <= self.slots
+
+    def send(self, key: str, ref) -> None:
+        self.refs[ref], self.busy = key, self.busy + self.cpus(key)
+        self.sent.add(key)
+
+    def land(self, ref) -> str:
+        key = self.refs.pop(ref)
+        self.busy -= self.cpus(key)
+        return key
+
+
+def _gather(ray, flight: _Flight, checkpoint, feed) -> dict:
+    failed, landed = {}, 0
+    while flight.refs:
+        ready, _ = ray.wait(list(flight.refs), num_returns=1)
+        key = flight.land(ready[0])
+        landed += 1
         try:
             checkpoint.put(key, ray.get(ready[0]))
-            say(f"{key}: done ({total - len(refs)}/{total})")
+            say(f"{key}: done ({landed} landed, {len(flight.refs)} in flight)")
         except ray.exceptions.RayError as e:
             failed[key] = one_line(e)
             checkpoint.fail(key, failed[key])
             say(f"{key}: FAILED after retries: {failed[key]}")
+        feed()
     return failed
 
 
