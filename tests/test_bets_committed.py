@@ -286,7 +286,7 @@ def test_report_marks_passes_a_control_meets_too():
         assert row[3].startswith("yes: ") == (controls is not None and any(
             v in ("STRICT_PASS", "LENIENT_PASS") for v in controls.values())), bet_id
     assert report_row("37")[3] == "yes: bare base STRICT_PASS"
-    assert report_row("52")[3].startswith("not run: ")  # its random-token control on the ternary base: not run yet
+    assert report_row("52")[3] == "no: norm adapter of random tokens on the ternary base FAIL"  # run 2026-11-30
     assert report_row("63")[3].startswith("yes: ")
     assert "by the catalogue's wording (no CATASTROPHIC tier): FAIL" in report_row("scale_protocol")[2]
 
