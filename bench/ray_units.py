@@ -20,9 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from experiments.bets import ray_units  # noqa: E402
-from experiments.bets.harness import Options, get_bet, run_bet  # noqa: E402
-from experiments.bets.scale_protocol import USERS  # noqa: E402
+from sharedllm.bets import ray_units  # noqa: E402
+from sharedllm.bets.harness import Options, get_bet, run_bet  # noqa: E402
 
 
 def options(root: Path, users: list, base: str, ray: str | None) -> Options:
@@ -49,7 +48,8 @@ def main() -> None:
     ap.add_argument("--base", default="tiny")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    bet, users = get_bet("scale_protocol"), USERS[: args.users]
+    bet = get_bet("scale_protocol")
+    users = sys.modules[bet.run.__module__].USERS[: args.users]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         ray_units.start(None, num_cpus=args.workers)  # first: if Ray cannot start, nothing else is wasted
