@@ -51,7 +51,8 @@ def _app(args):
                                cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
                                max_queued_per_user=args.max_queued_per_user,
-                               decode=getattr(args, "decode", "lean"), decode_dtype=getattr(args, "decode_dtype", "fp32"))
+                               decode=getattr(args, "decode", "lean"),
+                               decode_dtype=getattr(args, "decode_dtype", "fp32"))
     return app, router, where, store, base
 
 

@@ -112,6 +112,16 @@ def _fuse(parts: list[tuple], dtype) -> list[tuple]:
     return [(w, b)]
 
 
+def _layer(layer: torch.nn.Module, prefix: str, index: dict, dtype, fuse: bool) -> _Layer:
+    a, m = layer.self_attn, layer.mlp
+    qkv = [_wb(a.q_proj, dtype), _wb(a.k_proj, dtype), _wb(a.v_proj, dtype)]
+    mlp_in = [_wb(m.gate_proj, dtype), _wb(m.up_proj, dtype)]
+    if fuse:
+        qkv, mlp_in = _fuse(qkv, dtype), _fuse(mlp_in, dtype)
+    return _Layer(qkv, _wb(a.o_proj, dtype), mlp_in, _wb(m.down_proj, dtype),
+                  index[prefix + "input_layernorm.weight"], index[prefix + "post_attention_layernorm.weight"])
+
+
 def unsupported(model: torch.nn.Module) -> str | None:
     """Why the lean step cannot run `model` (None: it can)."""
     cfg = model.config
@@ -137,15 +147,8 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.eps = model.model.layers[0].input_layernorm.eps
-        self.layers = []
-        for i, layer in enumerate(model.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            qkv = [_wb(a.q_proj, dtype), _wb(a.k_proj, dtype), _wb(a.v_proj, dtype)]
-            mlp_in = [_wb(m.gate_proj, dtype), _wb(m.up_proj, dtype)]
-            p = f"model.layers.{i}."
-            self.layers.append(_Layer(_fuse(qkv, dtype) if fuse else qkv, _wb(a.o_proj, dtype),
-                                      _fuse(mlp_in, dtype) if fuse else mlp_in, _wb(m.down_proj, dtype),
-                                      index[p + "input_layernorm.weight"], index[p + "post_attention_layernorm.weight"]))
+        self.layers = [_layer(layer, f"model.layers.{i}.", index, dtype, fuse)
+                       for i, layer in enumerate(model.model.layers)]
         self.norm_final = index["model.norm.weight"]
         self.embed = model.model.embed_tokens.weight
         self.head = _wb(model.lm_head, dtype)
