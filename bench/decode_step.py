@@ -66,16 +66,49 @@ def run(v: Variant, cache, pads, feed: list[list[int]], stacked) -> tuple[float,
     return (time.process_time() - t) / len(feed), out
 
 
-def profile(v: Variant, cache, pads, feed, stacked, top: int) -> str:
+MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "mv")
+
+
+def head_cpu_s(rgm: RowGainModel, rows: int, n: int) -> float:
+    """CPU seconds of `n` head matmuls ([rows, D] x [V, D]^T) alone: the head's share of the matmul time."""
+    w = rgm.model.lm_head.weight
+    x = torch.randn(rows, w.shape[1])
+    torch.nn.functional.linear(x, w)
+    t = time.process_time()
+    for _ in range(n):
+        torch.nn.functional.linear(x, w)
+    return time.process_time() - t
+
+
+def profile(v: Variant, cache, pads, feed, stacked) -> dict:
+    """Shares of the profiled CPU time of len(feed) steps (cProfile, process-time timer) by component: matmuls
+    (the head's share measured alone), the attention kernel, cache cat/copy, other torch ops (elementwise, views,
+    small tensors: mostly per-op dispatch at these sizes), sampling (argmax per row), Python (time inside Python
+    functions themselves: module calls, HF plumbing); mask building is inclusive (its own ops are also counted in
+    the other rows). cProfile inflates Python and the small ops; the unprofiled total is the variant's cpu row."""
     kv = v.start(cache, pads)
     pr = cProfile.Profile(time.process_time)
     pr.enable()
     for toks in feed:
-        v.step(kv, toks, stacked)
+        [int(row.argmax()) for row in v.step(kv, toks, stacked)]
     pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
-    return s.getvalue()
+    out = dict.fromkeys(["matmuls", "attention kernel", "cache cat/copy", "other torch ops", "sampling (argmax)",
+                         "Python", "mask building (inclusive)"], 0.0)
+    total = 0.0
+    for (file, _line, fn), (_cc, _nc, tt, ct, _callers) in pstats.Stats(pr).stats.items():
+        total += tt
+        key = ("Python" if file != "~" else
+               "matmuls" if any(fn.endswith(f".{m}}}") for m in MATMUL) else
+               "attention kernel" if "scaled_dot_product" in fn else
+               "cache cat/copy" if fn.endswith(".cat}") or "copy_" in fn or "index_put" in fn else
+               "sampling (argmax)" if "argmax" in fn else "other torch ops")
+        out[key] += tt
+        if "create_causal_mask" in fn:
+            out["mask building (inclusive)"] += ct
+    head = min(head_cpu_s(v.rgm, len(feed[0]), len(feed)), out["matmuls"])
+    out["head matmul (of matmuls)"] = head
+    return {"profiled_ms_per_step": round(1000 * total / len(feed), 1)} | {k: round(x / total, 3)
+                                                                            for k, x in out.items()}
 
 
 def main() -> None:
@@ -124,9 +157,8 @@ def main() -> None:
         report["rows"][n] = row
         print(n, json.dumps(row), flush=True)
         if args.profile:
-            for v in variants[:2]:
-                print(f"--- cProfile (process time), {v.name}, {n} rows, {len(feed)} steps")
-                print(profile(v, cache, pads, feed, stacked, 25))
+            row["profile"] = {v.name: profile(v, cache, pads, feed, stacked) for v in variants}
+            print(n, "profile", json.dumps(row["profile"]), flush=True)
     print(json.dumps(report, indent=2))
 
 

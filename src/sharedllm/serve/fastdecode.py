@@ -33,7 +33,7 @@ class LeanCache:
 
     Row b's real positions are columns [pads[b], width) of every layer; columns before are left padding."""
 
-    def __init__(self, chunk: int = 256):
+    def __init__(self, chunk: int = 64):
         self.k = self.v = None  # [L, B, KV, capacity, hd]
         self.width, self.pads, self.chunk = 0, [], chunk
 
