@@ -16,6 +16,7 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import time
 
 import torch
@@ -97,11 +98,12 @@ def profile(v: Variant, cache, pads, feed, stacked) -> dict:
     total = 0.0
     for (file, _line, fn), (_cc, _nc, tt, ct, _callers) in pstats.Stats(pr).stats.items():
         total += tt
+        op = re.sub(r"^<(built-in )?(method|function) '?([\w.]+).*", r"\3", fn).rsplit(".", 1)[-1]
         key = ("Python" if file != "~" else
-               "matmuls" if any(fn.endswith(f".{m}}}") for m in MATMUL) else
-               "attention kernel" if "scaled_dot_product" in fn else
-               "cache cat/copy" if fn.endswith(".cat}") or "copy_" in fn or "index_put" in fn else
-               "sampling (argmax)" if "argmax" in fn else "other torch ops")
+               "matmuls" if op in MATMUL else
+               "attention kernel" if "scaled_dot_product" in op else
+               "cache cat/copy" if op in ("cat", "copy_", "index_put_", "__setitem__") else
+               "sampling (argmax)" if op == "argmax" else "other torch ops")
         out[key] += tt
         if "create_causal_mask" in fn:
             out["mask building (inclusive)"] += ct
