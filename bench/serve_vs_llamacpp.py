@@ -5,8 +5,9 @@ worker and against llama.cpp (llama-cpp-python), all on this machine, side by si
                --gap-ms) through `sharedllm serve` at this commit and at --old-commit (the batch worker)
   mix          --long long generations running, then --scores score requests one after another: p50/p99 score
                latency (new vs old server)
-  single       one stream: time to first token and decode tok/s, sharedllm (HTTP, streamed) vs llama.cpp
-               in-process on the same GGUF (no HTTP: favours llama.cpp)
+  single       one stream: time to first token, decode tok/s and CPU time per decoded token (the server
+               process's, from /proc), sharedllm (HTTP, streamed) vs llama.cpp in-process on the same GGUF (no
+               HTTP: favours llama.cpp); --single-decodes hf,lean-bf16 adds servers with those decode steps
   concurrent   16 requests from 16 users at once through `sharedllm serve` vs llama.cpp: `llama-server -np 16`
                (parallel slots) when --llama-server names the binary, else llama-cpp-python's OpenAI server
                (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots); and
@@ -46,9 +47,18 @@ def old_tree(commit: str, into: Path) -> Path:
     return into / "src"
 
 
-def stream_one(c: httpx.Client, token: str, body: dict) -> tuple[float, float, int]:
-    """(seconds to first text chunk, total seconds, completion tokens) of one streamed completion."""
-    t0, first, n = time.perf_counter(), None, 0
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (from /proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_one(c: httpx.Client, token: str, body: dict, pid: int | None = None) -> tuple[float, float, int, float]:
+    """(seconds to first text chunk, total seconds, completion tokens, server CPU seconds from the first chunk to
+    the end: the decode's CPU, prefill excluded; 0 without `pid`) of one streamed completion."""
+    t0, first, n, cpu0 = time.perf_counter(), None, 0, 0.0
     with c.stream("POST", "/v1/completions", json={**body, "stream": True,
                                                     "stream_options": {"include_usage": True}},
                   headers=auth(token)) as r:
@@ -58,9 +68,10 @@ def stream_one(c: httpx.Client, token: str, body: dict) -> tuple[float, float, i
             obj = json.loads(ln[6:])
             if first is None and obj["choices"] and obj["choices"][0]["text"]:
                 first = time.perf_counter() - t0
+                cpu0 = proc_cpu_s(pid) if pid else 0.0
             if obj.get("usage"):
                 n = obj["usage"]["completion_tokens"]
-    return first or 0.0, time.perf_counter() - t0, n
+    return first or 0.0, time.perf_counter() - t0, n, (proc_cpu_s(pid) - cpu0) if pid else 0.0
 
 
 def staggered(url: str, calls: list[tuple[str, dict, str]], gap_s: float, tokens: list | None = None
@@ -149,26 +160,46 @@ def router_busy(c: httpx.Client):
         return None
 
 
-def single(srv, token: str, prompt: str, args) -> dict:
-    from llama_cpp import Llama
-
+def single_ours(srv, token: str, prompt: str, args) -> dict:
+    """One greedy stream through the server: wall tok/s and the server's CPU seconds per decoded token."""
     with httpx.Client(base_url=srv.url, timeout=900) as c:
         stream_one(c, token, {"prompt": prompt, "max_tokens": 4, "temperature": 0})  # warm
-        ttft, total, n = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long, "temperature": 0})
-    ours = {"ttft_s": ttft, "decode_tok_s": (n - 1) / (total - ttft), "tokens": n}
+        ttft, total, n, cpu = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long, "temperature": 0},
+                                         srv.proc.pid)
+    return {"ttft_s": ttft, "decode_tok_s": (n - 1) / (total - ttft), "tokens": n,
+            "decode_cpu_ms_per_token": 1000 * cpu / max(1, n - 1)}
+
+
+def single_llamacpp(prompt: str, args) -> dict:
+    """The same stream in process on llama.cpp: wall tok/s and this process's CPU seconds per decoded token."""
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(registry.gguf_path(registry.resolve("default"))), n_ctx=2048, n_threads=args.threads, verbose=False)
     llm(prompt, max_tokens=4, temperature=0)
-    t0, first, n = time.perf_counter(), None, 0
+    t0, first, n, cpu0 = time.perf_counter(), None, 0, 0.0
     for chunk in llm(prompt, max_tokens=args.long, temperature=0, stream=True):
         if not chunk["choices"][0]["text"]:
             continue  # the closing chunk (finish_reason only) is not a token
         n += 1
-        first = first or time.perf_counter() - t0
-    total = time.perf_counter() - t0
-    theirs = {"ttft_s": first, "decode_tok_s": (n - 1) / (total - first), "tokens": n}
-    print("single", json.dumps({"sharedllm": ours, "llamacpp": theirs}), flush=True)
-    return {"sharedllm": ours, "llamacpp": theirs, "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
-            "ttft_ratio": ours["ttft_s"] / theirs["ttft_s"]}
+        if first is None:
+            first, cpu0 = time.perf_counter() - t0, time.process_time()
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"ttft_s": first, "decode_tok_s": (n - 1) / (total - first), "tokens": n,
+            "decode_cpu_ms_per_token": 1000 * cpu / max(1, n - 1)}
+
+
+def single(servers: dict, token: str, prompt: str, args) -> dict:
+    """Each server (decode mode) in turn, then llama.cpp: ratios of wall tok/s and of CPU time per token."""
+    out = {name: single_ours(srv, token, prompt, args) for name, srv in servers.items()}
+    theirs = out["llamacpp"] = single_llamacpp(prompt, args)
+    for name in servers:
+        ours = out[name]
+        out[f"{name}/llamacpp"] = {"decode_tok_s_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                                   "cpu_per_token_ratio": theirs["decode_cpu_ms_per_token"]
+                                   / ours["decode_cpu_ms_per_token"],
+                                   "ttft_ratio": ours["ttft_s"] / theirs["ttft_s"]}
+    print("single", json.dumps(out), flush=True)
+    return out
 
 
 def batched_llamacpp(prompts: list[str], max_tokens: int, threads: int) -> dict:
@@ -277,6 +308,21 @@ def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) ->
     return out
 
 
+def single_part(new, work: Path, token: str, prompt: str, args) -> dict:
+    """`single` against the server as started (--decode lean) and one more server per --single-decodes mode."""
+    extra = {"hf": ["--decode", "hf"], "lean-bf16": ["--decode-dtype", "bf16"]}
+    servers, started = {"lean": new}, []
+    try:
+        for i, mode in enumerate(m for m in args.single_decodes.split(",") if m and m != "lean"):
+            srv = ServerProcess("default", work / "store", args.port + 2 + i, "--max-batch", str(N), *extra[mode])
+            servers[mode] = srv.start()
+            started.append(srv)
+        return single(servers, token, prompt, args)
+    finally:
+        for srv in started:
+            srv.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="old-vs-new,mix,single,concurrent")
@@ -289,6 +335,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
+    ap.add_argument("--single-decodes", default="lean",
+                    help="single: also these decode modes of the server, each its own server (hf, lean-bf16)")
     ap.add_argument("--llama-server", default=None, help="a llama.cpp `llama-server` binary (parallel slots)")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -321,7 +369,7 @@ def main() -> None:
         if "old" in servers:
             servers["old"].stop()
         if "single" in parts:
-            report["single"] = single(new, tokens[users[0]], prompts[0], args)
+            report["single"] = single_part(new, work, tokens[users[0]], prompts[0], args)
         if "concurrent" in parts:
             report["concurrent"] = concurrent(new, tokens, users, prompts, args)
     finally:

@@ -28,6 +28,12 @@ def configure(p) -> None:
                    help="longest wait for each chunk of a request body (a stalled upload gets 408)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="upload size limit (default: 4 bytes per gain + 1 MiB)")
+    p.add_argument("--decode", choices=["lean", "hf"], default="lean",
+                   help="decode step: lean (sharedllm.serve.fastdecode: preallocated KV, no HF forward; Llama and "
+                        "Qwen2, other bases fall back to hf) or hf (the transformers forward)")
+    p.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights of the lean decode step's matmuls: fp32 (exact) or a bf16 copy (faster, "
+                        "not exact: logits move by ~0.1-0.4, see docs/BENCHMARKS.md; prefill and scores stay fp32)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes on one port and one store (each loads the base; memory x N)")
 
@@ -44,7 +50,9 @@ def _app(args):
     app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
                                cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
-                               max_queued_per_user=args.max_queued_per_user)
+                               max_queued_per_user=args.max_queued_per_user,
+                               decode=getattr(args, "decode", "lean"),
+                               decode_dtype=getattr(args, "decode_dtype", "fp32"))
     return app, router, where, store, base
 
 

@@ -1,7 +1,8 @@
 """The multi-user server: `rowgains` (per-row norm gains in one forward pass), `compute` (batched scoring,
-prefill and decode steps), `kv` (the running batch's KV cache), `scheduler` (continuous batching, fair
-admission), `textstream` (stop strings on decoded text), `router` (user -> gains, LRU), `oai` (OpenAI-compatible
-completions and chat, streaming), `metrics` (Prometheus), `app` (the FastAPI layer). `build` wires them up."""
+prefill and the HF decode step), `fastdecode` (the lean decode step and its KV buffer, Llama/Qwen2), `kv` (the
+running batch's KV cache on the HF path), `scheduler` (continuous batching, fair admission), `textstream` (stop
+strings on decoded text), `router` (user -> gains, LRU), `oai` (OpenAI-compatible completions and chat,
+streaming), `metrics` (Prometheus), `app` (the FastAPI layer). `build` wires them up."""
 from __future__ import annotations
 
 from ..arch import Base

@@ -4,6 +4,7 @@ Scoring right-pads (a causal model never looks ahead, so padding after a row can
 left-pads with an attention mask and explicit position ids, then decodes with a KV cache, one token per step
 for every row at once. `prefill` and `decode_step` are the two halves the continuous-batching scheduler uses;
 `generate_batch` runs a fixed batch to the end (the reference the scheduler's tests compare with).
+The engine decodes with `fastdecode.LeanDecoder` instead of `decode_step` where the architecture allows.
 """
 from __future__ import annotations
 

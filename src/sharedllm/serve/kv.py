@@ -30,6 +30,13 @@ class BatchCache:
         return self.cache.get_seq_length() if self.cache is not None and self.pads else 0
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held (0 once every row has left)."""
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+    @property
     def lengths(self) -> list[int]:
         return [self.width - p for p in self.pads]
 

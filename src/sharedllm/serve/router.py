@@ -15,11 +15,15 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
+import torch
+
 from .. import wire
 from ..adapters import get_method
 from ..arch import Base
 from ..errors import SharedLLMError
+from ..log import say
 from ..store import AdapterStore
+from .fastdecode import LeanDecoder, unsupported
 from .rowgains import Gains, RowGainModel
 from .scheduler import Busy, Engine, Job  # noqa: F401  (Busy: re-exported for the app)
 
@@ -62,7 +66,8 @@ class LRU:
 class Router:
     def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
                  max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
-                 window_s: float = 0.002, max_queued_per_user: int = 32):
+                 window_s: float = 0.002, max_queued_per_user: int = 32, decode: str = "lean",
+                 decode_dtype: str = "fp32"):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -73,7 +78,8 @@ class Router:
         self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
         self.metrics = metrics
         self.engine = Engine(self.model, base.tokenizer.decode, getattr(base.tokenizer, "eos_id", None), max_batch,
-                             max_batch_tokens, metrics, window_s, max_queued_per_user)
+                             max_batch_tokens, metrics, window_s, max_queued_per_user,
+                             lean_decoder(self.model, decode, decode_dtype))
 
     def close(self) -> None:
         self.engine.close()
@@ -169,3 +175,21 @@ def _max_token_bytes(tok) -> int:
         return 1
     pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
     return max(len(p.encode("utf-8")) for p in pieces if p) + 1
+
+
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def lean_decoder(rgm: RowGainModel, decode: str, dtype: str):
+    """The decode step the engine runs: `lean` (fastdecode, fp32 or a bf16 weight copy) or `hf` (None)."""
+    if decode == "hf":
+        if dtype != "fp32":
+            raise SharedLLMError(f"--decode-dtype {dtype} needs --decode lean (the HF path decodes in fp32)")
+        return None
+    why = unsupported(rgm.model)
+    if why is not None:
+        if dtype != "fp32":
+            raise SharedLLMError(f"--decode-dtype {dtype}: the lean decode step does not support this base ({why})")
+        say(f"lean decode step unsupported ({why}): decoding with the HF forward")
+        return None
+    return LeanDecoder(rgm, DECODE_DTYPES[dtype])

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import SharedLLMError
 from .compute import Generated, decode_step, pick, prefill, score_batch
+from .fastdecode import LeanDecoder
 from .hangup import hung_up
 from .kv import BatchCache
 from .rowgains import Gains, RowGainModel
@@ -124,15 +125,18 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
 
 class Engine:
     def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
-                 max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32):
+                 max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32,
+                 lean: LeanDecoder | None | str = "auto"):
         self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
+        # decode steps: the lean step (fp32) where the architecture allows, else the HF forward (compute.py)
+        self.lean = LeanDecoder.build(rgm) if lean == "auto" else lean
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.max_queued_per_user = max_queued_per_user
         self._load: dict[str, int] = {}  # per user: requests waiting or running (until their future is done)
         self.metrics = metrics or _Quiet()
         self.scores, self.gens = FairQueue(), FairQueue()
         self.rows: list[Row] = []
-        self.kv = BatchCache()
+        self.kv = self.lean.new_cache() if self.lean else BatchCache()
         self.logits: torch.Tensor | None = None  # next-token logits of each active row
         self._stacked = None  # the active rows' gains, stacked per norm (rebuilt when rows change)
         self._cv = threading.Condition()
@@ -185,7 +189,8 @@ class Engine:
                 "decode_steps": self.steps, "active_rows": len(self.rows), "generating_rows": len(self.rows),
                 "queued": len(self.scores) + len(self.gens),
                 "cancelled_rows": self.dropped + self.scores.cancelled + self.gens.cancelled,
-                "failed_rows": self.failed_rows, "cancel_lag_steps_max": self.cancel_lag_max}
+                "failed_rows": self.failed_rows, "cancel_lag_steps_max": self.cancel_lag_max,
+                "decode": self.lean.name if self.lean else "hf"}
 
     # ---- the engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -330,6 +335,10 @@ class Engine:
     def _decode(self) -> None:
         if self._stacked is None:
             self._stacked = self.rgm.stack([r.job.gains for r in self.rows])
-        self.logits = decode_step(self.rgm, self.kv, [r.ids[-1] for r in self.rows], self._stacked)
+        tokens = [r.ids[-1] for r in self.rows]
+        if self.lean:
+            self.logits = self.lean.step(self.kv, tokens, self._stacked)
+        else:
+            self.logits = decode_step(self.rgm, self.kv, tokens, self._stacked)
         self.steps += 1
         self._batch(len(self.rows))

@@ -1,0 +1,227 @@
+"""A lean decode step for Llama and Qwen2 bases: the same math as the HF forward, fewer ops per token.
+
+The HF path (`compute.decode_step`) runs one `LlamaForCausalLM` forward per token: ~80 dispatched ops per layer,
+a fresh 4-D attention mask, and a `DynamicCache` that `torch.cat`s every layer's keys and values each step (the
+whole cache copied per token). `LeanDecoder.step` does one token for every row of the running batch with
+
+  * weight references fetched once (no module calls), q/k/v and gate/up as one matmul each when fused;
+  * a preallocated KV buffer (`LeanCache`: [layers, rows, kv heads, capacity, head dim]) written by index, grown
+    in chunks, so a step copies one column per layer instead of the whole cache;
+  * one additive padding mask and one rotary (cos, sin) per step, shared by all layers (none for a lone row);
+  * grouped-query attention as two batched matmuls on the cache views (no repeat of the KV heads).
+
+Every row still carries its own RMSNorm gains ([B, D] per norm, nothing averaged) and its own positions, so a
+row's logits are those it gets alone (tests: within 1e-4 of the HF path, greedy tokens equal). Prefill stays on
+the HF path; its DynamicCache is copied into the buffer when rows join. `dtype=torch.bfloat16` keeps a bf16 copy
+of the matmul weights (activations cast at each matmul; norms, residuals, attention and the cache stay fp32):
+faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). Unsupported architectures (Gemma's
+(1 + w) gains, sliding-window attention, qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server
+then keeps the HF path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+class LeanCache:
+    """The running batch's keys and values in one preallocated buffer per kind; same interface as kv.BatchCache.
+
+    Row b's real positions are columns [pads[b], width) of every layer; columns before are left padding."""
+
+    def __init__(self, chunk: int = 64):
+        self.k = self.v = None  # [L, B, KV, capacity, hd]
+        self.width, self.pads, self.chunk = 0, [], chunk
+
+    def __len__(self) -> int:
+        return len(self.pads)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held, capacity included (0 once every row has left)."""
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.width - p for p in self.pads]
+
+    def _alloc(self, like: torch.Tensor, rows: int, cap: int) -> torch.Tensor:
+        return like.new_zeros(like.shape[0], rows, like.shape[2], cap, like.shape[4])
+
+    def join(self, cache, pads: list[int]) -> None:
+        """Append rows prefilled together in `cache` (an HF DynamicCache, left pads `pads`) to the running batch."""
+        k = torch.stack([layer.keys for layer in cache.layers])  # [L, b, KV, w_new, hd]
+        v = torch.stack([layer.values for layer in cache.layers])
+        w_new, b_new = k.shape[3], k.shape[1]
+        w = max(self.width, w_new) if self.pads else w_new
+        b_old = len(self.pads)
+        nk, nv = self._alloc(k, b_old + b_new, w + self.chunk), self._alloc(v, b_old + b_new, w + self.chunk)
+        if b_old:
+            nk[:, :b_old, :, w - self.width: w] = self.k[:, :, :, : self.width]
+            nv[:, :b_old, :, w - self.width: w] = self.v[:, :, :, : self.width]
+        nk[:, b_old:, :, w - w_new: w], nv[:, b_old:, :, w - w_new: w] = k, v
+        self.pads = [p + w - self.width for p in self.pads] + [p + w - w_new for p in pads]
+        self.k, self.v, self.width = nk, nv, w
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices into the current batch, in order) and cut all-padding columns."""
+        if len(rows) == len(self.pads):
+            return
+        if not rows:
+            self.k = self.v = None
+            self.width, self.pads = 0, []
+            return
+        pads = [self.pads[i] for i in rows]
+        cut = min(pads)
+        idx = torch.tensor(rows, device=self.k.device)
+        self.k, self.v = self.k[:, idx, :, cut:], self.v[:, idx, :, cut:]  # index select copies the kept rows
+        self.width, self.pads = self.width - cut, [p - cut for p in pads]
+
+    def reserve(self) -> None:
+        """Make room for one more column (grow the buffers by `chunk` columns when full)."""
+        if self.width < self.k.shape[3]:
+            return
+        grow = lambda t: torch.cat([t, self._alloc(t, t.shape[1], self.chunk)], dim=3)  # noqa: E731
+        self.k, self.v = grow(self.k), grow(self.v)
+
+
+@dataclass
+class _Layer:
+    qkv: list  # [(weight, bias)] applied to the normed input: one fused or three separate matmuls
+    o: tuple
+    mlp_in: list  # [(weight, bias)]: fused gate+up, or gate and up
+    down: tuple
+    norm_in: int  # indices of this layer's two norms in RowGainModel.names
+    norm_post: int
+
+
+def _wb(lin: torch.nn.Linear, dtype) -> tuple:
+    cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731  (a reference when dtype matches)
+    return cast(lin.weight), cast(lin.bias)
+
+
+def _fuse(parts: list[tuple], dtype) -> list[tuple]:
+    if len({b is None for _, b in parts}) != 1:
+        return parts
+    w = torch.cat([p[0] for p in parts]).to(dtype)
+    b = None if parts[0][1] is None else torch.cat([p[1] for p in parts]).to(dtype)
+    return [(w, b)]
+
+
+def _layer(layer: torch.nn.Module, prefix: str, index: dict, dtype, fuse: bool) -> _Layer:
+    a, m = layer.self_attn, layer.mlp
+    qkv = [_wb(a.q_proj, dtype), _wb(a.k_proj, dtype), _wb(a.v_proj, dtype)]
+    mlp_in = [_wb(m.gate_proj, dtype), _wb(m.up_proj, dtype)]
+    if fuse:
+        qkv, mlp_in = _fuse(qkv, dtype), _fuse(mlp_in, dtype)
+    return _Layer(qkv, _wb(a.o_proj, dtype), mlp_in, _wb(m.down_proj, dtype),
+                  index[prefix + "input_layernorm.weight"], index[prefix + "post_attention_layernorm.weight"])
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why the lean step cannot run `model` (None: it can)."""
+    cfg = model.config
+    if type(model).__name__ not in SUPPORTED:
+        return f"architecture {type(model).__name__}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        return "sliding-window attention"
+    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in model.model.layers):
+        return "qk-norm"
+    return None
+
+
+class LeanDecoder:
+    """`step(cache, tokens, stacked_gains) -> logits [B, V]` for a RowGainModel of a supported architecture."""
+
+    def __init__(self, rgm, dtype: torch.dtype = torch.float32, fuse: bool | None = None):
+        model, cfg = rgm.model, rgm.model.config
+        fuse = dtype != torch.float32 if fuse is None else fuse  # fp32 fused = a second copy of those weights
+        index = {n: i for i, n in enumerate(rgm.names)}
+        self.dtype, self.heads, self.kv_heads = dtype, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        self.eps = model.model.layers[0].input_layernorm.eps
+        self.layers = [_layer(layer, f"model.layers.{i}.", index, dtype, fuse)
+                       for i, layer in enumerate(model.model.layers)]
+        self.norm_final = index["model.norm.weight"]
+        self.embed = model.model.embed_tokens.weight
+        self.head = _wb(model.lm_head, dtype)
+        self.rotary = model.model.rotary_emb
+
+    @classmethod
+    def build(cls, rgm, dtype: torch.dtype = torch.float32) -> "LeanDecoder | None":
+        """A LeanDecoder for `rgm`, or None when its architecture needs the HF path."""
+        if rgm is None or unsupported(rgm.model) is not None:
+            return None
+        return cls(rgm, dtype)
+
+    @property
+    def name(self) -> str:
+        return f"lean-{str(self.dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}"
+
+    def new_cache(self) -> LeanCache:
+        return LeanCache()
+
+    def _mm(self, x: torch.Tensor, wb: tuple) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return F.linear(x, *wb)
+        if x.shape[0] > 1:  # bf16 GEMM (AMX where the CPU has it)
+            return F.linear(x.to(self.dtype), *wb).float()
+        w, b = wb  # one row: torch.mv's bf16 GEMV reads the weights ~1.7x faster than F.linear's (measured)
+        y = torch.mv(w, x[0].to(self.dtype)).float()[None]
+        return y if b is None else y + b.float()
+
+    def _mms(self, x: torch.Tensor, parts: list) -> torch.Tensor:
+        return self._mm(x, parts[0]) if len(parts) == 1 else torch.cat([self._mm(x, p) for p in parts], dim=-1)
+
+    def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return gain * F.rms_norm(x, x.shape[-1:], eps=self.eps)
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = qk.shape[-1] // 2
+        return qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+
+    def _step_inputs(self, kv: LeanCache, x: torch.Tensor):
+        """(cos, sin [B, 1, hd]; additive mask [B, 1, 1, W+1] or None when no row has left padding)."""
+        pos = torch.tensor(kv.lengths, device=x.device)[:, None]
+        cos, sin = self.rotary(x, pos)
+        if not any(kv.pads):
+            return cos, sin, None
+        cols = torch.arange(kv.width + 1, device=x.device)
+        pads = torch.tensor(kv.pads, device=x.device)[:, None]
+        mask = torch.zeros(len(kv), kv.width + 1, device=x.device).masked_fill_(cols < pads, float("-inf"))
+        return cos, sin, mask[:, None, None, :]
+
+    def _attend(self, kv: LeanCache, li: int, qkv: torch.Tensor, cos, sin, mask) -> torch.Tensor:
+        B, H, KV, hd, w = qkv.shape[0], self.heads, self.kv_heads, self.head_dim, kv.width
+        qkv = qkv.view(B, H + 2 * KV, hd)
+        qk = self._rope(qkv[:, : H + KV], cos, sin)
+        kv.k[li, :, :, w], kv.v[li, :, :, w] = qk[:, H:], qkv[:, H + KV:]
+        keys, values = kv.k[li, :, :, : w + 1], kv.v[li, :, :, : w + 1]  # [B, KV, W+1, hd] views
+        q = qk[:, :H].reshape(B, KV, H // KV, hd)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale)  # [B, KV, group, W+1]
+        if mask is not None:
+            scores.add_(mask)
+        return torch.matmul(scores.softmax(-1), values).reshape(B, H * hd)
+
+    @torch.inference_mode()
+    def step(self, kv: LeanCache, tokens: list[int], stacked: list[torch.Tensor]) -> torch.Tensor:
+        """One token for every row of `kv`; `stacked` holds each norm's per-row gains [B, D]. Logits [B, V]."""
+        kv.reserve()
+        x = F.embedding(torch.tensor(tokens, device=self.embed.device), self.embed)  # [B, D]
+        cos, sin, mask = self._step_inputs(kv, x)
+        for li, layer in enumerate(self.layers):
+            h = self._norm(x, stacked[layer.norm_in])
+            attn = self._attend(kv, li, self._mms(h, layer.qkv), cos, sin, mask)
+            x = x + self._mm(attn, layer.o)
+            h = self._norm(x, stacked[layer.norm_post])
+            gate, up = self._mms(h, layer.mlp_in).chunk(2, dim=-1)
+            x = x + self._mm(F.silu(gate) * up, layer.down)
+        kv.width += 1
+        return self._mm(self._norm(x, stacked[self.norm_final]), self.head)

@@ -1,0 +1,138 @@
+"""The lean decode step (serve.fastdecode) against the HF forward it replaces: same logits per row (fp32 within
+1e-4), same greedy tokens, with mixed users and prompt lengths, rows joining and leaving, and the KV buffer
+growing past its capacity; unsupported architectures fall back to the HF path."""
+import copy
+
+import pytest
+import torch
+
+from sharedllm.arch import Base, fingerprint_model
+from sharedllm.errors import SharedLLMError
+from sharedllm.serve.compute import decode_step, prefill
+from sharedllm.serve.fastdecode import LeanCache, LeanDecoder
+from sharedllm.serve.kv import BatchCache
+from sharedllm.serve.rowgains import RowGainModel
+from sharedllm.serve.router import lean_decoder
+from sharedllm.serve.scheduler import Engine, Job
+
+from .test_serve_rowgains import perturbed, tiny_gemma
+
+FIRST = [[256, *b"the cat sat on the mat"], [256, *b"abc"], [256, *b"a quick brown fox jumped"]]
+LATE = [[256, *b"x"], [256, *b"hello there, general kenobi"]]
+
+
+def tiny_qwen2():
+    """A 2-layer Qwen2 (q/k/v biases) with the byte vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or n.endswith("norm.weight"):
+                p.copy_((1.0 if n.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+    return Base(model, None, fingerprint_model(model), "tiny-qwen2")
+
+
+def lockstep(rgm, dec, users, steps=14, join_at=3, leave_at=7):
+    """Decode the HF path and `dec` side by side on the same tokens (the HF path's greedy ones); rows LATE join
+    at step `join_at`, row 1 leaves at `leave_at`. Yields (HF logits, lean logits) per step."""
+    gains = [rgm.gains_from(u.params) for u in users]
+    old, new = BatchCache(), LeanCache(chunk=4)  # a small chunk: the buffer grows several times
+
+    def join(prompts, g):
+        logits, cache, pads = prefill(rgm, prompts, g)
+        old.join(cache, pads)
+        new.join(copy.deepcopy(cache), pads)
+        return logits.argmax(-1).tolist()
+
+    rows, toks = list(gains[:3]), join(FIRST, gains[:3])
+    for step in range(steps):
+        if step == join_at:
+            rows, toks = rows + gains[3:], toks + join(LATE, gains[3:])
+        if step == leave_at:
+            keep = [i for i in range(len(rows)) if i != 1]
+            old.keep(keep)
+            new.keep(keep)
+            rows, toks = [rows[i] for i in keep], [toks[i] for i in keep]
+        stacked = rgm.stack(rows)
+        a, b = decode_step(rgm, old, toks, stacked), dec.step(new, toks, stacked)
+        assert new.width == old.width and new.pads == old.pads
+        yield a, b
+        toks = a.argmax(-1).tolist()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def any_base(request, tiny):
+    return tiny if request.param == "llama" else tiny_qwen2()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_lean_step_equals_the_hf_forward_per_row(any_base, fuse):
+    users = [perturbed(any_base, s, scale=0.6) for s in range(5)]
+    rgm = RowGainModel(any_base)
+    dec = LeanDecoder(rgm, torch.float32, fuse=fuse)
+    for a, b in lockstep(rgm, dec, users):
+        assert (a - b).abs().max().item() < 1e-4
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+def test_each_row_keeps_its_own_gains(tiny):
+    """The check above can fail: the same tokens under another user's gains give other logits."""
+    users = [perturbed(tiny, s, scale=0.6) for s in range(5)]
+    rgm = RowGainModel(tiny)
+    a, b = next(lockstep(rgm, LeanDecoder(rgm), users))
+    swapped = next(lockstep(rgm, LeanDecoder(rgm), [users[1], users[0], *users[2:]]))[1]
+    assert (b[0] - swapped[0]).abs().max().item() > 1e-2 and (a[0] - b[0]).abs().max().item() < 1e-4
+
+
+def test_a_lone_row_equals_the_hf_forward(tiny):
+    """One row (no padding mask; the bf16 path takes torch.mv), for fp32 exactly and bf16 approximately."""
+    rgm = RowGainModel(tiny)
+    g = [rgm.gains_from(perturbed(tiny, 3, scale=0.6).params)]
+    logits, cache, pads = prefill(rgm, FIRST[:1], g)
+    old, toks = BatchCache(), logits.argmax(-1).tolist()
+    old.join(cache, pads)
+    decs = {dt: (LeanDecoder(rgm, dt), LeanCache(chunk=2)) for dt in (torch.float32, torch.bfloat16)}
+    for dec, kv in decs.values():
+        kv.join(copy.deepcopy(cache), pads)
+    for _ in range(6):
+        a = decode_step(rgm, old, toks, rgm.stack(g))
+        b32, b16 = (dec.step(kv, toks, rgm.stack(g)) for dec, kv in decs.values())
+        assert (a - b32).abs().max().item() < 1e-4 and a.argmax(-1).tolist() == b32.argmax(-1).tolist()
+        assert (a - b16).abs().max().item() < 5e-2  # bf16 weights: close, not exact
+        toks = a.argmax(-1).tolist()
+
+
+def test_bf16_weights_stay_close_in_a_mixed_batch(tiny):
+    users = [perturbed(tiny, s, scale=0.6) for s in range(5)]
+    rgm = RowGainModel(tiny)
+    for a, b in lockstep(rgm, LeanDecoder(rgm, torch.bfloat16), users):
+        assert (a - b).abs().max().item() < 5e-2
+
+
+def test_unsupported_architectures_fall_back_to_the_hf_forward():
+    gemma = tiny_gemma()
+    rgm = RowGainModel(gemma)
+    assert LeanDecoder.build(rgm) is None and lean_decoder(rgm, "lean", "fp32") is None
+    with pytest.raises(SharedLLMError, match="bf16"):
+        lean_decoder(rgm, "lean", "bf16")
+    engine = Engine(rgm, str, eos_id=None, max_batch=4)
+    try:
+        user = perturbed(gemma, 0)
+        job = Job("generate", FIRST[0], rgm.gains_from(user.params), "u0", 5)
+        got = engine.submit(job).result(timeout=120).ids
+        ref = user.model.generate(torch.tensor([FIRST[0]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert got == ref[0, len(FIRST[0]):].tolist() and engine.stats()["decode"] == "hf"
+    finally:
+        engine.close()
+
+
+def test_the_engine_decodes_with_the_lean_step_by_default(tiny):
+    engine = Engine(RowGainModel(tiny), str, eos_id=None)
+    try:
+        assert engine.stats()["decode"] == "lean-fp32" and isinstance(engine.kv, LeanCache)
+    finally:
+        engine.close()
