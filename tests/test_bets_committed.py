@@ -10,19 +10,21 @@ import pytest
 
 from sharedllm.bets import report
 from sharedllm.bets.catalogue import current
-from sharedllm.bets.harness import get_bet
+from sharedllm.bets.harness import Options, get_bet
 
 BETS, RESULTS, README = current().bets, current().results, current().default("README")
 COMMITTED = ["13", "37", "46", "49", "52", "53", "54", "55", "58", "60", "61", "63", "scale_protocol",
              "lr_sensitivity", "chat_cohort"]
-OTHER_DTYPE = {"chat_cohort": "bf16"}  # run only under bf16 autocast (results/other/default-bf16/)
+OTHER_DTYPE = {"chat_cohort": "bf16"}  # run only under bf16 autocast (results/other/smollm2-135m-instruct-bf16/)
 
 
 def load(bet_id: str) -> dict:
-    sub = f"other/default-{OTHER_DTYPE[bet_id]}/" if bet_id in OTHER_DTYPE else ""
+    sub = f"other/smollm2-135m-instruct-{OTHER_DTYPE[bet_id]}/" if bet_id in OTHER_DTYPE else ""
     path = RESULTS / f"{sub}{BETS[bet_id]}.json"
     assert path.is_file(), f"committed result {sub}{path.name} is missing"
     assert report.result_file(RESULTS, BETS[bet_id]) == path, "REPORT would read another file"
+    if bet_id in OTHER_DTYPE:  # where `sharedllm bet <id> --dtype bf16` writes, without --results
+        assert Options(dtype=OTHER_DTYPE[bet_id]).result_dir() == path.parent
     return json.loads(path.read_text())
 
 

@@ -87,8 +87,16 @@ class Checkpoint:
         self.computed: set = set()  # units this run computed (inline or on Ray)
 
     def _file(self) -> dict:
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        return data if data.get("stamp") == self.stamp else {}
+        """The file's contents (parsed again only when it changed: a Ray driver asks for every unit after each
+        one lands), or {} when it is missing or stamped for another configuration."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        seen = (st.st_mtime_ns, st.st_size)
+        if getattr(self, "_seen", None) != seen:
+            self._seen, self._data = seen, json.loads(self.path.read_text())
+        return self._data if self._data.get("stamp") == self.stamp else {}
 
     def _read(self) -> dict:
         return self._file().get("units", {})

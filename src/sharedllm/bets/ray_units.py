@@ -118,7 +118,7 @@ def dispatch(bet, opts, pending, checkpoint) -> dict:
                     continue
                 if not flight.fits(key):
                     break  # keep the bet's order: the next unit waits for room
-                done = done or ray.put(checkpoint.units())
+                done = ray.put(checkpoint.units()) if done is None else done
                 flight.send(key, task.options(num_cpus=flight.cpus(key), **common).remote(
                     bet.id, plain, key, done, flight.cpus(key)))
 

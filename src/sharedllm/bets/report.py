@@ -16,16 +16,14 @@ from sharedllm.errors import SharedLLMError
 from .catalogue import current
 from .cells import select
 from .harness import NOT_RUN, get_bet
-
-
-OTHER_DTYPES = ("other/default-bf16",)  # where a default-base run in another compute dtype lands (Options.result_dir)
+from .spec import default_dtype_folders
 
 
 def result_file(folder: Path, module: str) -> Path | None:
     """A bet's result on the default base: `folder`/<module>.json (fp32), else, for a bet run only in another compute
-    dtype (run with --dtype bf16 to fit the machine), `folder`/other/default-bf16/<module>.json;
+    dtype (run with --dtype bf16 to fit the machine), `folder`/other/<default base>-bf16/<module>.json;
     REPORT and README then name the dtype in the bet's row."""
-    for sub in ("", *OTHER_DTYPES):
+    for sub in ("", *default_dtype_folders()):
         path = Path(folder) / sub / f"{module}.json"
         if path.is_file():
             return path

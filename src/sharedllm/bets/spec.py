@@ -90,8 +90,17 @@ class Options:
         default = named is resolve_base("default")  # `default` or its full name
         if fp32:
             return results if default else results / "other" / Path(self.base_spec).name
-        name = named.name if default else Path(self.base_spec).name
-        return results / "other" / f"{name}-{self.dtype}"
+        return results / dtype_folder(named.name if default else Path(self.base_spec).name, self.dtype)
+
+
+def dtype_folder(base_name: str, dtype: str) -> str:
+    """Where a run in another compute dtype than fp32 lands, under the results folder: other/<base>-<dtype>."""
+    return f"other/{base_name}-{dtype}"
+
+
+def default_dtype_folders() -> list:
+    """The default base's runs in each other dtype (e.g. other/smollm2-135m-instruct-bf16), as result_dir names them."""
+    return [dtype_folder(resolve_base("default").name, d) for d in DTYPES if d != "fp32"]
 
 
 def _default(name: str) -> Path:
