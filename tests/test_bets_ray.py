@@ -231,7 +231,8 @@ def test_a_failing_unit_is_recorded_and_a_sequential_rerun_does_only_it(local_ra
 
 def test_the_driver_sends_units_in_the_bets_order_as_room_and_dependencies_allow(monkeypatch):
     """Two slots; unit b waits on a1 but comes before a3 in the bet's order: it is sent as soon as a1 lands, ahead of
-    a3 and a4 (not after the whole first wave). A fake Ray that finishes tasks in the order they were sent."""
+    a3 and a4 (not after the whole first wave). The quantise unit, last in the bet's order but hours
+    long, is sent first. A fake Ray that finishes tasks in the order they were sent."""
     sent, done = [], {}
 
     class Ref:
@@ -279,11 +280,23 @@ def test_the_driver_sends_units_in_the_bets_order_as_room_and_dependencies_allow
             return dict(done)
 
     def pending():
-        order = ["a1", "a2"] + (["b"] if "a1" in done else []) + ["a3", "a4"]
+        order = ["a1", "a2"] + (["b"] if "a1" in done else []) + ["a3", "a4", "quantize/q"]
         return [k for k in order if k not in done]
 
     monkeypatch.setattr(ray_units, "ray_module", lambda: fake)
     monkeypatch.setattr(ray_units, "start", lambda *a, **k: False)
     opts = Options(quick=True, corpora=CORPORA, ray="local")
     assert ray_units.dispatch(get_bet("scale_protocol"), opts, pending, Book()) == {}
-    assert sent == ["a1", "a2", "b", "a3", "a4"] and set(done) == set(sent)
+    assert sent == ["quantize/q", "a1", "a2", "b", "a3", "a4"] and set(done) == set(sent)
+
+
+def test_the_tuned_lrs_are_read_without_loading_the_base(tmp_path, monkeypatch):
+    """The Ray driver enumerates the tuned arm's units: reading lr_sensitivity's committed lrs must compare
+    fingerprints without loading the weights (it loaded a whole 0.5B base in the driver before)."""
+    from sharedllm.bets.catalogue import current
+
+    ctx = Context(get_bet("scale_protocol"), Options(quick=True, corpora=CORPORA, out=tmp_path, results=tmp_path))
+    ctx._base, ctx._known = None, (ctx.base_name, ctx.fingerprint)  # as a named base converted here, not loaded
+    monkeypatch.setattr("sharedllm.bets.context.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    lrs = current().module("lr_sensitivity").committed_tuned_lrs(ctx, same_base=False)
+    assert set(lrs) == {"norm", "lora"} and "transferred" in ctx.notes["tuned_lr_source"]

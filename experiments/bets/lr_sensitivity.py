@@ -129,7 +129,7 @@ def committed_tuned_lrs(ctx, same_base: bool) -> dict:
     result = json.loads(path.read_text())
     if result.get("incomplete"):
         raise MissingDependency(f"{path} is incomplete; finish `sharedllm bet lr_sensitivity` first")
-    other = result["config"]["base_fingerprint"] != ctx.base.fingerprint
+    other = result["config"]["base_fingerprint"] != ctx.fingerprint
     if other and same_base:
         raise MissingDependency(f"{path} was measured on another base; run lr_sensitivity on this base first")
     ctx.notes["tuned_lr_source"] = (f"{path.name} (git {result['meta']['git_commit'][:10]}, base "

@@ -25,6 +25,8 @@ RETRIES = 2
 FULL_FT_CPUS = 2  # a full fine-tune unit ("full/...") asks for 2 CPUs: its memory (weights, gradients, AdamW moments
 # ~16 bytes/param) is what limits a small machine, and two at once would not fit 24 GiB at 0.5B
 START_TRIES = 3
+LONG_FIRST = ("quantize/",)  # units known to take hours (quantising a 0.5B base: ~2 h on a CPU) are sent ahead of the
+# bet's order, so that they run beside the short ones instead of after them (the ternary units wait on them)
 FAULT_ENV = "SHAREDLLM_UNIT_FAULT"  # fault injection for tests: "exit-once|KEY|MARKER_FILE" or "raise|KEY"
 _WORKER: dict = {}  # in a worker process: (bet, options) -> Context, so the base is loaded once per process
 
@@ -96,7 +98,7 @@ def worker_env(device: str) -> dict:
 def dispatch(bet, opts, pending, checkpoint) -> dict:
     """Run the bet's pending units as Ray tasks, checkpointing each unit's output as it arrives. `pending()` lists
     the units not checkpointed yet, in the bet's order; the driver keeps only as many in flight as the cluster has
-    CPUs (GPUs with --device cuda), takes the first ones not yet sent, and asks `pending()` again as each unit lands,
+    CPUs (GPUs with --device cuda), takes the first ones not yet sent (a quantise unit, hours long, first), and asks `pending()` again as each unit lands,
     so units that wait on others are sent as soon as those are done, ahead of later ones. Each unit is sent once
     (Ray retries it). Returns {key: error} of the units that failed."""
     ray = ray_module()
@@ -113,7 +115,7 @@ def dispatch(bet, opts, pending, checkpoint) -> dict:
 
         def feed():
             done = None  # what the driver has finished (units that depend on it need it), put once per feed
-            for key in pending():
+            for key in long_first(pending()):
                 if key in flight.sent:
                     continue
                 if not flight.fits(key):
@@ -127,6 +129,11 @@ def dispatch(bet, opts, pending, checkpoint) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+def long_first(keys: list) -> list:
+    """`keys` in the bet's order, except that the LONG_FIRST units come first."""
+    return [k for k in keys if k.startswith(LONG_FIRST)] + [k for k in keys if not k.startswith(LONG_FIRST)]
 
 
 class _Flight:
