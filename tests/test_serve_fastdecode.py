@@ -1,20 +1,25 @@
 """The lean decode step (serve.fastdecode) against the HF forward it replaces: same logits per row (fp32 within
 1e-4), same greedy tokens, with mixed users and prompt lengths, rows joining and leaving, and the KV buffer
-growing past its capacity; unsupported architectures fall back to the HF path."""
+growing past its capacity; bf16 and int8 weights close to it; unsupported architectures fall back to the HF path."""
 import copy
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from sharedllm.arch import Base, fingerprint_model
+from sharedllm.cli import build_parser
+from sharedllm.commands.serve import _app
 from sharedllm.errors import SharedLLMError
 from sharedllm.serve.compute import decode_step, prefill
-from sharedllm.serve.fastdecode import LeanCache, LeanDecoder
+from sharedllm.serve.fastdecode import LeanCache, LeanDecoder, quantise_int8
 from sharedllm.serve.kv import BatchCache
 from sharedllm.serve.rowgains import RowGainModel
 from sharedllm.serve.router import lean_decoder
 from sharedllm.serve.scheduler import Engine, Job
+from sharedllm.store import ADMIN_ENV
 
+from .serve_kit import ADMIN
 from .test_serve_rowgains import perturbed, tiny_gemma
 
 FIRST = [[256, *b"the cat sat on the mat"], [256, *b"abc"], [256, *b"a quick brown fox jumped"]]
@@ -117,8 +122,9 @@ def test_unsupported_architectures_fall_back_to_the_hf_forward():
     gemma = tiny_gemma()
     rgm = RowGainModel(gemma)
     assert LeanDecoder.build(rgm) is None and lean_decoder(rgm, "lean", "fp32") is None
-    with pytest.raises(SharedLLMError, match="bf16"):
-        lean_decoder(rgm, "lean", "bf16")
+    for dtype in ("bf16", "int8"):
+        with pytest.raises(SharedLLMError, match=dtype):
+            lean_decoder(rgm, "lean", dtype)
     engine = Engine(rgm, str, eos_id=None, max_batch=4)
     try:
         user = perturbed(gemma, 0)
@@ -144,8 +150,6 @@ INT8_TOL = 3e-2
 
 
 def test_int8_quantisation_is_per_output_channel_and_symmetric():
-    from sharedllm.serve.fastdecode import quantise_int8
-
     w = torch.randn(6, 32) * torch.tensor([1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0])[:, None]
     q, scale = quantise_int8(w)
     assert q.dtype == torch.int8 and scale.shape == (6,) and q.abs().max().item() <= 127
@@ -189,14 +193,6 @@ def test_int8_rows_keep_their_own_gains(tiny):
 
 
 def test_the_serve_command_takes_decode_dtype_int8_and_health_reports_it(tmp_path, monkeypatch):
-    from fastapi.testclient import TestClient
-
-    from sharedllm.cli import build_parser
-    from sharedllm.commands.serve import _app
-    from sharedllm.store import ADMIN_ENV
-
-    from .serve_kit import ADMIN
-
     monkeypatch.setenv(ADMIN_ENV, ADMIN)
     parser, _ = build_parser()
     args = parser.parse_args(["serve", "--base", "tiny", "--store", str(tmp_path / "s"), "--decode-dtype", "int8"])
