@@ -5,9 +5,10 @@ worker and against llama.cpp (llama-cpp-python), all on this machine, side by si
                --gap-ms) through `sharedllm serve` at this commit and at --old-commit (the batch worker)
   mix          --long long generations running, then --scores score requests one after another: p50/p99 score
                latency (new vs old server)
-  single       one stream: time to first token, decode tok/s and CPU time per decoded token (the server
-               process's, from /proc), sharedllm (HTTP, streamed) vs llama.cpp in-process on the same GGUF (no
-               HTTP: favours llama.cpp); --single-decodes hf,lean-bf16 adds servers with those decode steps
+  single       one stream (--single-prompts N: N streams one after another): time to first token, decode tok/s
+               and CPU time per decoded token (the server process's, from /proc), sharedllm (HTTP, streamed) vs
+               llama.cpp in-process on the same GGUF (no HTTP: favours llama.cpp); --single-decodes
+               hf,lean-bf16,lean-int8 adds servers with those decode steps
   concurrent   16 requests from 16 users at once through `sharedllm serve` vs llama.cpp: `llama-server -np 16`
                (parallel slots) when --llama-server names the binary, else llama-cpp-python's OpenAI server
                (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots); and
@@ -160,18 +161,23 @@ def router_busy(c: httpx.Client):
         return None
 
 
-def single_ours(srv, token: str, prompt: str, args) -> dict:
-    """One greedy stream through the server: wall tok/s and the server's CPU seconds per decoded token."""
+def single_ours(srv, token: str, prompts: list[str], args) -> dict:
+    """Greedy streams through the server, one prompt after another: wall tok/s and the server's CPU seconds per
+    decoded token, summed over the prompts (more tokens than one stream that may end early at EOS)."""
+    ttft, decode_s, decoded, cpu = [], 0.0, 0, 0.0
     with httpx.Client(base_url=srv.url, timeout=900) as c:
-        stream_one(c, token, {"prompt": prompt, "max_tokens": 4, "temperature": 0})  # warm
-        ttft, total, n, cpu = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long, "temperature": 0},
-                                         srv.proc.pid)
-    return {"ttft_s": ttft, "decode_tok_s": (n - 1) / (total - ttft), "tokens": n,
-            "decode_cpu_ms_per_token": 1000 * cpu / max(1, n - 1)}
+        stream_one(c, token, {"prompt": prompts[0], "max_tokens": 4, "temperature": 0})  # warm
+        for prompt in prompts:
+            first, total, n, c_s = stream_one(c, token, {"prompt": prompt, "max_tokens": args.long,
+                                                         "temperature": 0}, srv.proc.pid)
+            ttft, decode_s, decoded, cpu = ttft + [first], decode_s + total - first, decoded + n - 1, cpu + c_s
+    return {"ttft_s": ttft[0], "decode_tok_s": decoded / decode_s, "tokens": decoded + len(prompts),
+            "decode_cpu_ms_per_token": 1000 * cpu / max(1, decoded)}
 
 
 def single_llamacpp(prompt: str, args) -> dict:
-    """The same stream in process on llama.cpp: wall tok/s and this process's CPU seconds per decoded token."""
+    """The first prompt's stream in process on llama.cpp: wall tok/s and this process's CPU seconds per decoded
+    token (llama.cpp's streams do not stop early here: the base without an adapter)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(registry.gguf_path(registry.resolve("default"))), n_ctx=2048, n_threads=args.threads, verbose=False)
@@ -188,10 +194,10 @@ def single_llamacpp(prompt: str, args) -> dict:
             "decode_cpu_ms_per_token": 1000 * cpu / max(1, n - 1)}
 
 
-def single(servers: dict, token: str, prompt: str, args) -> dict:
+def single(servers: dict, token: str, prompts: list[str], args) -> dict:
     """Each server (decode mode) in turn, then llama.cpp: ratios of wall tok/s and of CPU time per token."""
-    out = {name: single_ours(srv, token, prompt, args) for name, srv in servers.items()}
-    theirs = out["llamacpp"] = single_llamacpp(prompt, args)
+    out = {name: single_ours(srv, token, prompts, args) for name, srv in servers.items()}
+    theirs = out["llamacpp"] = single_llamacpp(prompts[0], args)
     for name in servers:
         ours = out[name]
         out[f"{name}/llamacpp"] = {"decode_tok_s_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
@@ -308,16 +314,17 @@ def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) ->
     return out
 
 
-def single_part(new, work: Path, token: str, prompt: str, args) -> dict:
+def single_part(new, work: Path, token: str, prompts: list[str], args) -> dict:
     """`single` against the server as started (--decode lean) and one more server per --single-decodes mode."""
-    extra = {"hf": ["--decode", "hf"], "lean-bf16": ["--decode-dtype", "bf16"]}
+    extra = {"hf": ["--decode", "hf"], "lean-bf16": ["--decode-dtype", "bf16"],
+             "lean-int8": ["--decode-dtype", "int8"]}
     servers, started = {"lean": new}, []
     try:
         for i, mode in enumerate(m for m in args.single_decodes.split(",") if m and m != "lean"):
             srv = ServerProcess("default", work / "store", args.port + 2 + i, "--max-batch", str(N), *extra[mode])
             servers[mode] = srv.start()
             started.append(srv)
-        return single(servers, token, prompt, args)
+        return single(servers, token, prompts, args)
     finally:
         for srv in started:
             srv.stop()
@@ -336,7 +343,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
     ap.add_argument("--single-decodes", default="lean",
-                    help="single: also these decode modes of the server, each its own server (hf, lean-bf16)")
+                    help="single: also these decode modes, each its own server (hf, lean-bf16, lean-int8)")
+    ap.add_argument("--single-prompts", type=int, default=1,
+                    help="single: stream this many prompts one after another per server (CPU summed)")
     ap.add_argument("--llama-server", default=None, help="a llama.cpp `llama-server` binary (parallel slots)")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -369,7 +378,7 @@ def main() -> None:
         if "old" in servers:
             servers["old"].stop()
         if "single" in parts:
-            report["single"] = single_part(new, work, tokens[users[0]], prompts[0], args)
+            report["single"] = single_part(new, work, tokens[users[0]], prompts[: args.single_prompts], args)
         if "concurrent" in parts:
             report["concurrent"] = concurrent(new, tokens, users, prompts, args)
     finally:

@@ -1,20 +1,25 @@
 """The lean decode step (serve.fastdecode) against the HF forward it replaces: same logits per row (fp32 within
 1e-4), same greedy tokens, with mixed users and prompt lengths, rows joining and leaving, and the KV buffer
-growing past its capacity; unsupported architectures fall back to the HF path."""
+growing past its capacity; bf16 and int8 weights close to it; unsupported architectures fall back to the HF path."""
 import copy
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from sharedllm.arch import Base, fingerprint_model
+from sharedllm.cli import build_parser
+from sharedllm.commands.serve import _app
 from sharedllm.errors import SharedLLMError
 from sharedllm.serve.compute import decode_step, prefill
-from sharedllm.serve.fastdecode import LeanCache, LeanDecoder
+from sharedllm.serve.fastdecode import LeanCache, LeanDecoder, quantise_int8
 from sharedllm.serve.kv import BatchCache
 from sharedllm.serve.rowgains import RowGainModel
 from sharedllm.serve.router import lean_decoder
 from sharedllm.serve.scheduler import Engine, Job
+from sharedllm.store import ADMIN_ENV
 
+from .serve_kit import ADMIN
 from .test_serve_rowgains import perturbed, tiny_gemma
 
 FIRST = [[256, *b"the cat sat on the mat"], [256, *b"abc"], [256, *b"a quick brown fox jumped"]]
@@ -117,8 +122,9 @@ def test_unsupported_architectures_fall_back_to_the_hf_forward():
     gemma = tiny_gemma()
     rgm = RowGainModel(gemma)
     assert LeanDecoder.build(rgm) is None and lean_decoder(rgm, "lean", "fp32") is None
-    with pytest.raises(SharedLLMError, match="bf16"):
-        lean_decoder(rgm, "lean", "bf16")
+    for dtype in ("bf16", "int8"):
+        with pytest.raises(SharedLLMError, match=dtype):
+            lean_decoder(rgm, "lean", dtype)
     engine = Engine(rgm, str, eos_id=None, max_batch=4)
     try:
         user = perturbed(gemma, 0)
@@ -136,3 +142,67 @@ def test_the_engine_decodes_with_the_lean_step_by_default(tiny):
         assert engine.stats()["decode"] == "lean-fp32" and isinstance(engine.kv, LeanCache)
     finally:
         engine.close()
+
+
+# int8 weights (per output channel, bf16 activations): close to fp32, not exact. On the tiny bases the logits
+# (|logit| < ~1.5) move by ~5e-3; INT8_TOL leaves room for the bf16 activation and output rounding.
+INT8_TOL = 3e-2
+
+
+def test_int8_quantisation_is_per_output_channel_and_symmetric():
+    w = torch.randn(6, 32) * torch.tensor([1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0])[:, None]
+    q, scale = quantise_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,) and q.abs().max().item() <= 127
+    back = q.float() * scale.float()[:, None]
+    assert ((back - w).abs().amax(1) <= 0.6 * scale.float() + 1e-2 * w.abs().amax(1)).all()
+
+
+def test_int8_weights_stay_close_in_a_mixed_batch(any_base):
+    """Mixed users and prompt lengths, rows joining and leaving, the buffer growing: int8 near the HF forward."""
+    users = [perturbed(any_base, s, scale=0.6) for s in range(5)]
+    rgm = RowGainModel(any_base)
+    dec = LeanDecoder(rgm, torch.int8)
+    assert dec.name == "lean-int8" and dec.head.weight.dtype == torch.int8
+    for a, b in lockstep(rgm, dec, users):
+        assert (a - b).abs().max().item() < INT8_TOL
+
+
+def _one_step(rgm, dec, prompts, gains):
+    """(HF logits, lean logits) of the first decode step after prefilling `prompts` together."""
+    logits, cache, pads = prefill(rgm, prompts, gains)
+    old, kv = BatchCache(), LeanCache(chunk=2)
+    old.join(copy.deepcopy(cache), pads)
+    kv.join(cache, pads)
+    toks, stacked = logits.argmax(-1).tolist(), rgm.stack(gains)
+    return decode_step(rgm, old, toks, stacked), dec.step(kv, toks, stacked)
+
+
+def test_int8_lone_row_stays_close(tiny):
+    rgm = RowGainModel(tiny)
+    a, b = _one_step(rgm, LeanDecoder(rgm, torch.int8), FIRST[:1], [rgm.gains_from(perturbed(tiny, 3, 0.6).params)])
+    assert (a - b).abs().max().item() < INT8_TOL
+
+
+def test_int8_rows_keep_their_own_gains(tiny):
+    """The same prompt twice in one batch under two users' gains: two different rows, each near its HF row."""
+    rgm = RowGainModel(tiny)
+    gains = [rgm.gains_from(perturbed(tiny, s, scale=0.6).params) for s in (0, 1)]
+    a, b = _one_step(rgm, LeanDecoder(rgm, torch.int8), [FIRST[0], FIRST[0]], gains)
+    assert (a - b).abs().max().item() < INT8_TOL
+    assert (b[0] - b[1]).abs().max().item() > 10 * INT8_TOL
+
+
+def test_the_serve_command_takes_decode_dtype_int8_and_health_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_ENV, ADMIN)
+    parser, _ = build_parser()
+    args = parser.parse_args(["serve", "--base", "tiny", "--store", str(tmp_path / "s"), "--decode-dtype", "int8"])
+    app, router, *_ = _app(args)
+    try:
+        assert TestClient(app).get("/health").json()["decode"] == "lean-int8"
+    finally:
+        router.close()
+        router.store.close()
+    with pytest.raises(SystemExit):  # argparse names the choices on stderr
+        parser.parse_args(["serve", "--decode-dtype", "int4"])
+    with pytest.raises(SharedLLMError, match="needs --decode lean"):
+        lean_decoder(router.model, "hf", "int8")

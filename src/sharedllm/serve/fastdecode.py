@@ -14,13 +14,17 @@ Every row still carries its own RMSNorm gains ([B, D] per norm, nothing averaged
 row's logits are those it gets alone (tests: within 1e-4 of the HF path, greedy tokens equal). Prefill stays on
 the HF path; its DynamicCache is copied into the buffer when rows join. `dtype=torch.bfloat16` keeps a bf16 copy
 of the matmul weights (activations cast at each matmul; norms, residuals, attention and the cache stay fp32):
-faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). Unsupported architectures (Gemma's
+faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). `dtype=torch.int8` keeps symmetric
+per-output-channel int8 weights with bf16 scales (every decoder linear and the head, quantised once at build) and
+multiplies them by bf16 activations in `aten._weight_int8pack_mm`: a quarter of the fp32 weight bytes, the fastest
+single stream, not exact (same docs). Unsupported architectures (Gemma's
 (1 + w) gains, sliding-window attention, qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server
 then keeps the HF path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,37 +93,66 @@ class LeanCache:
         self.k, self.v = grow(self.k), grow(self.v)
 
 
+class _Lin(NamedTuple):
+    """One matmul's weights as the step holds them; `_matmul` applies it."""
+    weight: torch.Tensor  # [N, K]: fp32 (references), bf16, or int8 (symmetric, per output channel)
+    bias: torch.Tensor | None  # [N] fp32
+    scale: torch.Tensor | None = None  # [N] bf16, int8 weights only: weight ~= int8 * scale
+
+
 @dataclass
 class _Layer:
-    qkv: list  # [(weight, bias)] applied to the normed input: one fused or three separate matmuls
-    o: tuple
-    mlp_in: list  # [(weight, bias)]: fused gate+up, or gate and up
-    down: tuple
+    qkv: list  # [_Lin] applied to the normed input: one fused or three separate matmuls
+    o: _Lin
+    mlp_in: list  # [_Lin]: fused gate+up, or gate and up
+    down: _Lin
     norm_in: int  # indices of this layer's two norms in RowGainModel.names
     norm_post: int
 
 
-def _wb(lin: torch.nn.Linear, dtype) -> tuple:
-    cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731  (a reference when dtype matches)
-    return cast(lin.weight), cast(lin.bias)
+def quantise_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] bf16) with w ~= q * scale, |q| <= 127."""
+    scale = (w.detach().float().abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16)
+    q = (w.detach().float() / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
-def _fuse(parts: list[tuple], dtype) -> list[tuple]:
-    if len({b is None for _, b in parts}) != 1:
-        return parts
-    w = torch.cat([p[0] for p in parts]).to(dtype)
-    b = None if parts[0][1] is None else torch.cat([p[1] for p in parts]).to(dtype)
-    return [(w, b)]
+def _lin(w: torch.Tensor, b: torch.Tensor | None, dtype) -> _Lin:
+    """Weights in the step's dtype (a reference when it matches), bias always fp32."""
+    b = None if b is None else b.detach().float()
+    if dtype == torch.int8:
+        q, scale = quantise_int8(w)
+        return _Lin(q, b, scale)
+    return _Lin(w.detach().to(dtype), b)
+
+
+def _group(linears: list, dtype, fuse: bool) -> list[_Lin]:
+    """Linears applied to the same input: one matmul over their concatenated rows when `fuse`, else one each."""
+    if not fuse or len({lin.bias is None for lin in linears}) != 1:
+        return [_lin(lin.weight, lin.bias, dtype) for lin in linears]
+    bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return [_lin(torch.cat([lin.weight for lin in linears]), bias, dtype)]
 
 
 def _layer(layer: torch.nn.Module, prefix: str, index: dict, dtype, fuse: bool) -> _Layer:
     a, m = layer.self_attn, layer.mlp
-    qkv = [_wb(a.q_proj, dtype), _wb(a.k_proj, dtype), _wb(a.v_proj, dtype)]
-    mlp_in = [_wb(m.gate_proj, dtype), _wb(m.up_proj, dtype)]
-    if fuse:
-        qkv, mlp_in = _fuse(qkv, dtype), _fuse(mlp_in, dtype)
-    return _Layer(qkv, _wb(a.o_proj, dtype), mlp_in, _wb(m.down_proj, dtype),
+    return _Layer(_group([a.q_proj, a.k_proj, a.v_proj], dtype, fuse), _lin(a.o_proj.weight, a.o_proj.bias, dtype),
+                  _group([m.gate_proj, m.up_proj], dtype, fuse), _lin(m.down_proj.weight, m.down_proj.bias, dtype),
                   index[prefix + "input_layernorm.weight"], index[prefix + "post_attention_layernorm.weight"])
+
+
+def _matmul(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
+    """x [B, K] fp32 -> x @ weight.T + bias [B, N] fp32."""
+    w = lin.weight
+    if w.dtype == torch.float32:
+        return F.linear(x, w, lin.bias)
+    if w.dtype == torch.int8:  # bf16 activations: this kernel's fast path (fp32 ones were 4-14x slower, measured)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, lin.scale).float()
+    elif x.shape[0] > 1:  # bf16 GEMM (AMX where the CPU has it)
+        y = F.linear(x.to(w.dtype), w).float()
+    else:  # one row: torch.mv's bf16 GEMV reads the weights ~1.7x faster than F.linear's (measured)
+        y = torch.mv(w, x[0].to(w.dtype)).float()[None]
+    return y if lin.bias is None else y + lin.bias
 
 
 def unsupported(model: torch.nn.Module) -> str | None:
@@ -151,7 +184,7 @@ class LeanDecoder:
                        for i, layer in enumerate(model.model.layers)]
         self.norm_final = index["model.norm.weight"]
         self.embed = model.model.embed_tokens.weight
-        self.head = _wb(model.lm_head, dtype)
+        self.head = _lin(model.lm_head.weight, model.lm_head.bias, dtype)
         self.rotary = model.model.rotary_emb
 
     @classmethod
@@ -168,29 +201,25 @@ class LeanDecoder:
     def new_cache(self) -> LeanCache:
         return LeanCache()
 
-    def _mm(self, x: torch.Tensor, wb: tuple) -> torch.Tensor:
-        if self.dtype == torch.float32:
-            return F.linear(x, *wb)
-        if x.shape[0] > 1:  # bf16 GEMM (AMX where the CPU has it)
-            return F.linear(x.to(self.dtype), *wb).float()
-        w, b = wb  # one row: torch.mv's bf16 GEMV reads the weights ~1.7x faster than F.linear's (measured)
-        y = torch.mv(w, x[0].to(self.dtype)).float()[None]
-        return y if b is None else y + b.float()
-
-    def _mms(self, x: torch.Tensor, parts: list) -> torch.Tensor:
-        return self._mm(x, parts[0]) if len(parts) == 1 else torch.cat([self._mm(x, p) for p in parts], dim=-1)
+    def _mms(self, x: torch.Tensor, parts: list[_Lin]) -> torch.Tensor:
+        return _matmul(x, parts[0]) if len(parts) == 1 else torch.cat([_matmul(x, p) for p in parts], dim=-1)
 
     def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # a lone row's gain is rms_norm's own weight: one op fewer
+            return F.rms_norm(x, x.shape[-1:], gain[0], eps=self.eps)
         return gain * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
-    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = qk.shape[-1] // 2
-        return qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """HF's qk * cos + rotate_half(qk) * sin, with rotate_half(qk) * sin = roll(qk, half) * signed_sin."""
+        return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, -1), signed_sin)
 
     def _step_inputs(self, kv: LeanCache, x: torch.Tensor):
-        """(cos, sin [B, 1, hd]; additive mask [B, 1, 1, W+1] or None when no row has left padding)."""
+        """(cos, signed sin [B, 1, hd] (first half negated, for `_rope`); additive mask [B, 1, 1, W+1] or None when
+        no row has left padding)."""
         pos = torch.tensor(kv.lengths, device=x.device)[:, None]
         cos, sin = self.rotary(x, pos)
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         if not any(kv.pads):
             return cos, sin, None
         cols = torch.arange(kv.width + 1, device=x.device)
@@ -219,9 +248,9 @@ class LeanDecoder:
         for li, layer in enumerate(self.layers):
             h = self._norm(x, stacked[layer.norm_in])
             attn = self._attend(kv, li, self._mms(h, layer.qkv), cos, sin, mask)
-            x = x + self._mm(attn, layer.o)
+            x = x + _matmul(attn, layer.o)
             h = self._norm(x, stacked[layer.norm_post])
             gate, up = self._mms(h, layer.mlp_in).chunk(2, dim=-1)
-            x = x + self._mm(F.silu(gate) * up, layer.down)
+            x = x + _matmul(F.silu(gate) * up, layer.down)
         kv.width += 1
-        return self._mm(self._norm(x, stacked[self.norm_final]), self.head)
+        return _matmul(self._norm(x, stacked[self.norm_final]), self.head)
