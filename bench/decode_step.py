@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=40)
-    ap.add_argument("--variants", default="old,lean,lean-fused,lean-bf16,lean-int8")
+    ap.add_argument("--variants", default="old,lean,lean-fused,lean-bf16,lean-int8,lean-int4")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -127,7 +127,8 @@ def main() -> None:
     rgm = RowGainModel(base)
     make = {"old": lambda: None, "lean": lambda: LeanDecoder(rgm, torch.float32, fuse=False),
             "lean-fused": lambda: LeanDecoder(rgm, torch.float32, fuse=True),
-            "lean-bf16": lambda: LeanDecoder(rgm, torch.bfloat16), "lean-int8": lambda: LeanDecoder(rgm, torch.int8)}
+            "lean-bf16": lambda: LeanDecoder(rgm, torch.bfloat16), "lean-int8": lambda: LeanDecoder(rgm, torch.int8),
+            "lean-int4": lambda: LeanDecoder(rgm, torch.int4)}
     variants = [Variant(n, rgm, make[n]()) for n in args.variants.split(",")]
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe(),
               "threads": torch.get_num_threads(), "base": base.name, "rows": {}}

@@ -17,8 +17,10 @@ of the matmul weights (activations cast at each matmul; norms, residuals, attent
 faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). `dtype=torch.int8` keeps symmetric
 per-output-channel int8 weights with bf16 scales (every decoder linear and the head, quantised once at build) and
 multiplies them by bf16 activations in `aten._weight_int8pack_mm`: a quarter of the fp32 weight bytes, the fastest
-single stream, not exact (same docs). Unsupported architectures (Gemma's
-(1 + w) gains, sliding-window attention, qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server
+single stream, not exact (same docs). `dtype=torch.int4` keeps group-wise (64 inputs, else 32) asymmetric 4-bit
+weights with bf16 scales and zeros in `aten._weight_int4pack_mm_for_cpu`'s packed layout (matrices the kernel
+cannot take, outputs not a multiple of 16 or inputs of 32, stay int8): an eighth of the fp32 bytes, the head
+matvec ~2x int8's speed, less exact. Unsupported architectures (Gemma's (1 + w) gains, sliding-window attention, qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server
 then keeps the HF path.
 """
 from __future__ import annotations
@@ -95,9 +97,10 @@ class LeanCache:
 
 class _Lin(NamedTuple):
     """One matmul's weights as the step holds them; `_matmul` applies it."""
-    weight: torch.Tensor  # [N, K]: fp32 (references), bf16, or int8 (symmetric, per output channel)
+    weight: torch.Tensor  # [N, K]: fp32 (references), bf16, int8 (symmetric, per output channel); int4: packed uint8
     bias: torch.Tensor | None  # [N] fp32
-    scale: torch.Tensor | None = None  # [N] bf16, int8 weights only: weight ~= int8 * scale
+    scale: torch.Tensor | None = None  # int8: [N] bf16, weight ~= int8 * scale; int4: [K / group, N, 2] scales, zeros
+    group: int = 0  # int4 only: inputs per (scale, zero)
 
 
 @dataclass
@@ -117,10 +120,34 @@ def quantise_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit, torchao/gpt-fast layout: (packed for `_weight_int4pack_mm_for_cpu`,
+    scales_and_zeros [K / group, N, 2] bf16, the dequantised [N, K] fp32) with w ~= (q - 8) * scale + zero, 0 <= q <= 15."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    zero = lo + 8 * scale
+    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15)
+    sz = torch.stack([scale, zero], -1).to(torch.bfloat16)  # [N, K / group, 2]
+    back = ((q - 8) * sz[..., 0:1].float() + sz[..., 1:2].float()).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).to(torch.int32), 1)
+    return packed, sz.transpose(0, 1).contiguous(), back
+
+
+def _int4_group(n: int, k: int) -> int:
+    """Inputs per int4 group for an [n, k] weight; 0: the kernel cannot take it (it needs n % 16 == 0)."""
+    return 0 if n % 16 else next((g for g in (64, 32) if k % g == 0), 0)
+
+
 def _lin(w: torch.Tensor, b: torch.Tensor | None, dtype) -> _Lin:
     """Weights in the step's dtype (a reference when it matches), bias always fp32."""
     b = None if b is None else b.detach().float()
-    if dtype == torch.int8:
+    if dtype == torch.int4 and _int4_group(*w.shape):
+        group = _int4_group(*w.shape)
+        packed, sz, _ = quantise_int4(w, group)
+        return _Lin(packed, b, sz, group)
+    if dtype in (torch.int8, torch.int4):
         q, scale = quantise_int8(w)
         return _Lin(q, b, scale)
     return _Lin(w.detach().to(dtype), b)
@@ -146,7 +173,9 @@ def _matmul(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
     w = lin.weight
     if w.dtype == torch.float32:
         return F.linear(x, w, lin.bias)
-    if w.dtype == torch.int8:  # bf16 activations: this kernel's fast path (fp32 ones were 4-14x slower, measured)
+    if lin.group:  # int4: bf16 activations, like int8
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, lin.group, lin.scale).float()
+    elif w.dtype == torch.int8:  # bf16 activations: this kernel's fast path (fp32 ones were 4-14x slower, measured)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, lin.scale).float()
     elif x.shape[0] > 1:  # bf16 GEMM (AMX where the CPU has it)
         y = F.linear(x.to(w.dtype), w).float()

@@ -177,11 +177,11 @@ def _max_token_bytes(tok) -> int:
     return max(len(p.encode("utf-8")) for p in pieces if p) + 1
 
 
-DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.int4}
 
 
 def lean_decoder(rgm: RowGainModel, decode: str, dtype: str):
-    """The decode step the engine runs: `lean` (fastdecode: fp32, or a bf16 / int8 weight copy) or `hf` (None)."""
+    """The decode step the engine runs: `lean` (fastdecode: fp32, or a bf16 / int8 / int4 weight copy) or `hf` (None)."""
     if decode == "hf":
         if dtype != "fp32":
             raise SharedLLMError(f"--decode-dtype {dtype} needs --decode lean (the HF path decodes in fp32)")
