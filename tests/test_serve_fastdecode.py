@@ -192,20 +192,21 @@ def test_int8_rows_keep_their_own_gains(tiny):
     assert (b[0] - b[1]).abs().max().item() > 10 * INT8_TOL
 
 
-def test_the_serve_command_takes_decode_dtype_int8_and_health_reports_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_the_serve_command_takes_a_decode_dtype_and_health_reports_it(tmp_path, monkeypatch, dtype):
     monkeypatch.setenv(ADMIN_ENV, ADMIN)
     parser, _ = build_parser()
-    args = parser.parse_args(["serve", "--base", "tiny", "--store", str(tmp_path / "s"), "--decode-dtype", "int8"])
+    args = parser.parse_args(["serve", "--base", "tiny", "--store", str(tmp_path / "s"), "--decode-dtype", dtype])
     app, router, *_ = _app(args)
     try:
-        assert TestClient(app).get("/health").json()["decode"] == "lean-int8"
+        assert TestClient(app).get("/health").json()["decode"] == f"lean-{dtype}"
     finally:
         router.close()
         router.store.close()
     with pytest.raises(SystemExit):  # argparse names the choices on stderr
         parser.parse_args(["serve", "--decode-dtype", "int3"])
     with pytest.raises(SharedLLMError, match="needs --decode lean"):
-        lean_decoder(router.model, "hf", "int8")
+        lean_decoder(router.model, "hf", dtype)
 
 
 INT4_TOL = 0.1  # tiny base, logits of scale ~1: int4 layers measured 0.03-0.05 from the HF path (int8 head: vocab % 16)
@@ -232,15 +233,3 @@ def test_int4_rows_keep_their_own_gains_and_stay_close(tiny):
     assert (b[0] - b[1]).abs().max().item() > 3 * INT4_TOL
     a, b = _one_step(rgm, dec, FIRST[:1], gains[:1])
     assert (a - b).abs().max().item() < INT4_TOL
-
-
-def test_the_serve_command_takes_decode_dtype_int4_and_health_reports_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(ADMIN_ENV, ADMIN)
-    parser, _ = build_parser()
-    args = parser.parse_args(["serve", "--base", "tiny", "--store", str(tmp_path / "s"), "--decode-dtype", "int4"])
-    app, router, *_ = _app(args)
-    try:
-        assert TestClient(app).get("/health").json()["decode"] == "lean-int4"
-    finally:
-        router.close()
-        router.store.close()

@@ -78,6 +78,7 @@ class Checkpoint:
 
     def __init__(self, path: Path, stamp: dict, fresh: bool = False):
         self.path, self.stamp = Path(path), stamp
+        self._seen, self._data = None, {}  # the file's (mtime, size) when last parsed, and what it held
         if fresh:
             self.path.unlink(missing_ok=True)
         elif self._file() == {} and self.path.is_file():
@@ -94,7 +95,7 @@ class Checkpoint:
         except FileNotFoundError:
             return {}
         seen = (st.st_mtime_ns, st.st_size)
-        if getattr(self, "_seen", None) != seen:
+        if self._seen != seen:
             self._seen, self._data = seen, json.loads(self.path.read_text())
         return self._data if self._data.get("stamp") == self.stamp else {}
 

@@ -98,8 +98,9 @@ def worker_env(device: str) -> dict:
 def dispatch(bet, opts, pending, checkpoint) -> dict:
     """Run the bet's pending units as Ray tasks, checkpointing each unit's output as it arrives. `pending()` lists
     the units not checkpointed yet, in the bet's order; the driver keeps only as many in flight as the cluster has
-    CPUs (GPUs with --device cuda), takes the first ones not yet sent (a quantise unit, hours long, first), and asks `pending()` again as each unit lands,
-    so units that wait on others are sent as soon as those are done, ahead of later ones. Each unit is sent once
+    CPUs (GPUs with --device cuda), takes the first ones not yet sent (a quantise unit, hours long, first), and asks
+    `pending()` again as each unit lands, so units that wait on others are sent as soon as those are done, ahead of
+    later ones. Each unit is sent once
     (Ray retries it). Returns {key: error} of the units that failed."""
     ray = ray_module()
     started = start(opts.ray if opts.ray != "local" else None)

@@ -20,8 +20,8 @@ multiplies them by bf16 activations in `aten._weight_int8pack_mm`: a quarter of 
 single stream, not exact (same docs). `dtype=torch.int4` keeps group-wise (64 inputs, else 32) asymmetric 4-bit
 weights with bf16 scales and zeros in `aten._weight_int4pack_mm_for_cpu`'s packed layout (matrices the kernel
 cannot take, outputs not a multiple of 16 or inputs of 32, stay int8): an eighth of the fp32 bytes, the head
-matvec ~2x int8's speed, less exact. Unsupported architectures (Gemma's (1 + w) gains, sliding-window attention, qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server
-then keeps the HF path.
+matvec ~2x int8's speed, less exact. Unsupported architectures (Gemma's (1 + w) gains, sliding-window attention,
+qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server then keeps the HF path.
 """
 from __future__ import annotations
 
@@ -143,8 +143,8 @@ def _int4_group(n: int, k: int) -> int:
 def _lin(w: torch.Tensor, b: torch.Tensor | None, dtype) -> _Lin:
     """Weights in the step's dtype (a reference when it matches), bias always fp32."""
     b = None if b is None else b.detach().float()
-    if dtype == torch.int4 and _int4_group(*w.shape):
-        group = _int4_group(*w.shape)
+    group = _int4_group(*w.shape) if dtype == torch.int4 else 0
+    if group:
         packed, sz, _ = quantise_int4(w, group)
         return _Lin(packed, b, sz, group)
     if dtype in (torch.int8, torch.int4):
