@@ -118,4 +118,4 @@ def test_scale_table_marks_bf16_runs(tmp_path):
     part = tmp_path / "other" / "qwen2.5-coder-0.5b-bf16" / "partial" / "scale_protocol.json"
     part.parent.mkdir(parents=True)
     part.write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {}}))
-    assert scale.scale_runs(tmp_path) == [("qwen2.5-coder-0.5b", "in progress: 0 units (bf16)", [])]
+    assert scale.scale_runs(tmp_path) == [("qwen2.5-coder-0.5b", "partial: 0 units (bf16)", [])]

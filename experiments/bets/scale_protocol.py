@@ -490,7 +490,7 @@ def scale_runs(results_dir: Path) -> list:
             data = json.loads(part.read_text())
             dtype = _dtype(data.get("stamp", {}))
             base = folder.name.removesuffix(f"-{dtype[2:-1]}") if dtype else folder.name  # other/<base>-bf16/
-            runs.append((base, f"in progress: {len(data.get('units', {}))} units{dtype}", _partial_cells(part)))
+            runs.append((base, f"partial: {len(data.get('units', {}))} units{dtype}", _partial_cells(part)))
     size = {nb.name: nb.params for nb in registry.BASES.values()}
     return sorted(runs, key=lambda run: size.get(run[0], 0))
 
@@ -556,7 +556,8 @@ def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
     return ["", "## Scale: the protocol across bases", "",
             "One row per base and arm (catalogue lr 5e-5; tuned: lr_sensitivity's lrs, transferred). Percentages "
             "are 1 - ppl(own norm adapter) / ppl(comparison) per user (for LoRA: 1 - ppl(LoRA) / ppl(base)), median "
-            "and range over users; a base still running shows its checkpointed units. Fleet storage = bytes per "
+            "and range over users; a run not finished (or stopped, like the fp32 0.5B run continued in bf16) shows "
+            "its checkpointed units ('partial'). Fleet storage = bytes per "
             f"adapter x {FLEET:,} users.", "", trend_table(rows), "",
             f"![scale_trend]({os.path.relpath(plot, root)})"]
 
