@@ -80,6 +80,35 @@ def test_fair_queue_serves_users_in_turn():
     assert len(q.take(3, fits=lambda batch, job: (len(batch) + 1) * 10 <= 20)) == 2  # a token budget
 
 
+@pytest.mark.parametrize("budget", [10_000, 30])
+def test_a_prefill_budget_spreads_a_burst_over_steps_and_changes_no_output(tiny, users, budget):
+    """Four prompts of 4-30 positions queued at once: a budget of 10,000 admits them in one pass (the first token of
+    each comes from that prefill, so 5 tokens take 4 steps); a budget of 30 admits one per step (3 more steps).
+    Either way every row gets exactly what its user gets alone."""
+    e = Engine(RowGainModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8, prefill_budget=budget)
+    try:
+        picked = [0, 1, 2, 4]
+        jobs = [gen(e, users[i], PROMPTS[i], 5, f"u{i}") for i in picked]
+        with e._cv:  # all queued before the engine thread looks
+            for j in jobs:
+                e.submit(j)
+        for j, i in zip(jobs, picked):
+            assert j.future.result(timeout=60).ids == alone(users[i], PROMPTS[i], 5)
+        assert e.stats()["decode_steps"] == (4 if budget > 1000 else 4 + 3)
+    finally:
+        e.close()
+
+
+def test_the_serve_command_refuses_a_prefill_budget_below_one(capsys):
+    from sharedllm.cli import build_parser
+
+    parser, _ = build_parser()
+    assert parser.parse_args(["serve", "--prefill-budget", "512"]).prefill_budget == 512
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--prefill-budget", "0"])
+    assert "--prefill-budget" in capsys.readouterr().err
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(engine, users):
     stop_here = threading.Event()
 

@@ -9,6 +9,14 @@ from ..errors import SharedLLMError
 from ..train import TrainConfig
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into `argument --x: invalid ... value`)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default",
                    help="default (embedded SmolLM2-135M-Instruct) | a named base (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b; "

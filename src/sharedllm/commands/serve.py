@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..base import cache_dir, load_base
 from ..log import say
-from .args import add_base_args
+from .args import add_base_args, positive_int
 
 HELP = "serve many users from one base over HTTP: adapter store, per-user tokens, mixed-user batches"
 
@@ -17,12 +17,15 @@ def configure(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="when the engine is idle, how long a first request waits for others to share its pass")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-batch", type=positive_int, default=16,
                    help="most rows decoding at once (continuous batching) and most scores in one pass")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
+    p.add_argument("--max-batch-tokens", type=positive_int, default=16384,
                    help="most padded positions in one batch (bounds the memory of the logits)")
+    p.add_argument("--prefill-budget", type=positive_int, default=2048,
+                   help="most padded prompt positions admitted between two decode steps: a burst of prompts joins "
+                        "over several steps, so a score or a running stream waits for at most this much prefill")
     p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
-    p.add_argument("--max-queued-per-user", type=int, default=32,
+    p.add_argument("--max-queued-per-user", type=positive_int, default=32,
                    help="requests one user may have queued or running; beyond: HTTP 429 with Retry-After")
     p.add_argument("--read-timeout-s", type=float, default=10.0,
                    help="longest wait for each chunk of a request body (a stalled upload gets 408)")
@@ -54,7 +57,8 @@ def _app(args):
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
                                max_queued_per_user=args.max_queued_per_user,
                                decode=getattr(args, "decode", "lean"),
-                               decode_dtype=getattr(args, "decode_dtype", "fp32"))
+                               decode_dtype=getattr(args, "decode_dtype", "fp32"),
+                               prefill_budget=getattr(args, "prefill_budget", 2048))
     return app, router, where, store, base
 
 

@@ -67,7 +67,7 @@ class Router:
     def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
                  max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
                  window_s: float = 0.002, max_queued_per_user: int = 32, decode: str = "lean",
-                 decode_dtype: str = "fp32"):
+                 decode_dtype: str = "fp32", prefill_budget: int = 2048):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
@@ -79,7 +79,7 @@ class Router:
         self.metrics = metrics
         self.engine = Engine(self.model, base.tokenizer.decode, getattr(base.tokenizer, "eos_id", None), max_batch,
                              max_batch_tokens, metrics, window_s, max_queued_per_user,
-                             lean_decoder(self.model, decode, decode_dtype))
+                             lean_decoder(self.model, decode, decode_dtype), prefill_budget)
 
     def close(self) -> None:
         self.engine.close()

@@ -4,7 +4,8 @@ finished and abandoned rows leave, waiting score requests run, and new generatio
 Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
 row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
-score waits at most one decode step. An idle engine waits `window_s` after the first request for others to share
+score waits at most one decode step and one admission: a burst of prompts joins over several steps, at most
+`prefill_budget` padded prompt positions per admission (a longer single prompt is admitted alone). An idle engine waits `window_s` after the first request for others to share
 its first forward pass (the old batch window, now only at the start of a busy period). A request whose future
 was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step; the
 engine also polls the active rows' connections at every step, before computing (`hangup`), so a client that
@@ -126,8 +127,9 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
 class Engine:
     def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
                  max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32,
-                 lean: LeanDecoder | None | str = "auto"):
+                 lean: LeanDecoder | None | str = "auto", prefill_budget: int = 2048):
         self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
+        self.prefill_budget = prefill_budget  # padded prompt positions admitted between two steps (one prompt: any)
         # decode steps: the lean step (fp32) where the architecture allows, else the HF forward (compute.py)
         self.lean = LeanDecoder.build(rgm) if lean == "auto" else lean
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
@@ -223,9 +225,9 @@ class Engine:
     def _batch(self, n: int) -> None:
         self.batches, self.rows_total, self.largest = self.batches + 1, self.rows_total + n, max(self.largest, n)
 
-    def _tokens_fit(self, width_of: Callable[[Job], int]):
+    def _tokens_fit(self, width_of: Callable[[Job], int], limit: int | None = None):
         def fits(batch: list[Job], job: Job) -> bool:
-            return (len(batch) + 1) * max(width_of(j) for j in batch + [job]) <= self.max_batch_tokens
+            return (len(batch) + 1) * max(width_of(j) for j in batch + [job]) <= (limit or self.max_batch_tokens)
         return fits
 
     def _isolated(self, jobs: list[Job], fn: Callable) -> list[tuple[list[Job], object]]:
@@ -259,7 +261,8 @@ class Engine:
         if room <= 0:
             return
         with self._cv:
-            jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids)))
+            jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids),
+                                                         min(self.max_batch_tokens, self.prefill_budget)))
         if not jobs:
             return
         self._batch(len(jobs))
