@@ -119,3 +119,40 @@ def test_scale_table_marks_bf16_runs(tmp_path):
     part.parent.mkdir(parents=True)
     part.write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {}}))
     assert scale.scale_runs(tmp_path) == [("qwen2.5-coder-0.5b", "partial: 0 units (bf16)", [])]
+
+
+def test_holding_the_matmul_weights_in_bf16_trains_the_same_norm_adapter():
+    """--frozen-bf16: autocast casts each fp32 weight to bf16 at every matmul, so weights held in bf16 give the same
+    norm adapter bit for bit; LoRA only differs by its random A init rounded to bf16; full fine-tuning is refused."""
+    from sharedllm.base import load_base
+    from sharedllm.personalise import personalise
+    from sharedllm.train import hold_frozen_in_bf16
+
+    fp32, held = load_base("tiny"), load_base("tiny")
+    head = held.model.get_output_embeddings().weight
+    assert hold_frozen_in_bf16(held.model) > 0 and head.dtype == torch.float32
+    layer = held.model.model.layers[0]
+    assert layer.mlp.down_proj.weight.dtype == torch.bfloat16 and layer.input_layernorm.weight.dtype == torch.float32
+    tokens = torch.randint(0, 200, (4000,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=4, batch=2, seq=32, lr=1e-2)
+    a, b = (personalise(base, tokens, "norm", cfg, dtype="bf16").params for base in (fp32, held))
+    untrained = dict(fp32.model.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], untrained[k]) for k in a)
+    a, b = (personalise(base, tokens, "lora", cfg, dtype="bf16").params for base in (fp32, held))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.05
+    with pytest.raises(SharedLLMError, match="full would train .* held in torch.bfloat16"):
+        personalise(held, tokens, "full", cfg, dtype="bf16")
+
+
+def test_frozen_bf16_is_refused_without_bf16_or_with_full_ft(tmp_path):
+    from sharedllm.cli import build_parser
+    from sharedllm.commands.bet import options_from
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["bet", "scale_protocol", "--dtype", "bf16", "--frozen-bf16", "--results", str(tmp_path)])
+    from sharedllm.bets.ray_units import _options, _plain
+
+    assert _options(json.dumps(_plain(options_from(args)))).frozen_bf16  # travels to the Ray workers
+    for bad in (["--frozen-bf16"], ["--dtype", "bf16", "--frozen-bf16", "--full-ft"]):
+        with pytest.raises(SharedLLMError, match="--frozen-bf16 needs --dtype bf16"):
+            options_from(parser.parse_args(["bet", "scale_protocol", *bad]))

@@ -27,6 +27,26 @@ def autocast(dtype: str = "fp32", device="cpu"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+def hold_frozen_in_bf16(model: torch.nn.Module) -> int:
+    """Store `model`'s matmul weights (every nn.Linear's weight except the head and any weight tied to an
+    embedding) in bf16, in place; returns the bytes freed. For frozen bases run under `autocast("bf16")` only:
+    autocast casts each fp32 weight to bf16 at every matmul (and, with its cast cache off, keeps one more bf16 copy
+    per matmul for the backward pass), so holding them in bf16 computes the same numbers with half the weight
+    memory and no casts. Embeddings, head, norms and biases stay fp32. A method that would train one of these
+    weights (full fine-tuning) is refused by `adapters.adapted_model`; LoRA's random A init is rounded to bf16
+    (PEFT gives a new adapter its base layer's dtype before upcasting it)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    freed = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, torch.nn.Linear) and m is not head and id(w) not in embeddings
+                and w.dtype == torch.float32):
+            freed += w.numel() * 2
+            w.data = w.data.to(torch.bfloat16)
+    return freed
+
+
 def dtype_meta(dtype: str) -> dict:
     """What an adapter file's metadata adds for a compute dtype other than fp32 (as the bets record it): fp32 files
     stay exactly as they were; a reader takes a missing `compute_dtype` for fp32."""

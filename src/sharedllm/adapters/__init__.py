@@ -124,6 +124,10 @@ def adapted_model(base_model: torch.nn.Module, method) -> tuple[torch.nn.Module,
     """
     model = method.attach(shared_copy(base_model))
     params = method.trainable(model)
+    low = next((n for n, p in params.items() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if low is not None:
+        raise SharedLLMError(f"method {method.name} would train {low}, held in {params[low].dtype} by this base "
+                             "(--frozen-bf16 holds the matmul weights in bf16): train it on a base held in fp32")
     frozen = {id(p) for p in base_model.parameters()}
     fresh = {id(p): torch.nn.Parameter(p.detach().clone()) for p in params.values() if id(p) in frozen}
     _swap_parameters(model, fresh)

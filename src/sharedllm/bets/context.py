@@ -20,7 +20,7 @@ from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
 from sharedllm.quant.ptq import PTQConfig
-from sharedllm.train import TrainConfig
+from sharedllm.train import TrainConfig, hold_frozen_in_bf16
 
 from . import common
 from .cells import scored
@@ -178,6 +178,9 @@ class Context:
         if self._base is None:
             say(f"bet {self.bet.name}: loading base {self.opts.base_spec} on {self.opts.device}")
             self._base = load_base(self.opts.base_spec, self.opts.device)
+            if self.opts.frozen_bf16:
+                freed = hold_frozen_in_bf16(self._base.model)
+                say(f"bet {self.bet.name}: the base's matmul weights held in bf16 ({freed / 2**30:.2f} GiB freed)")
         return self._base
 
     @property
@@ -197,8 +200,10 @@ class Context:
                 **self._dtype_note()}
 
     def _dtype_note(self) -> dict:
-        """{"dtype": ...} when not fp32 (stamp and config): fp32 runs keep the stamp and config they always had."""
-        return {} if self.opts.dtype == "fp32" else {"dtype": self.opts.dtype}
+        """{"dtype": ...} when not fp32 (stamp and config): fp32 runs keep the stamp and config they always had;
+        plus {"frozen_bf16": true} with --frozen-bf16 (LoRA's init differs in rounding: no mixing in a checkpoint)."""
+        note = {} if self.opts.dtype == "fp32" else {"dtype": self.opts.dtype}
+        return {**note, "frozen_bf16": True} if self.opts.frozen_bf16 else note
 
     def autocast(self):
         """The compute dtype (--dtype) for what a bet runs on the models itself (Bet 55's ensemble): training and

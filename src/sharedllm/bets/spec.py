@@ -61,6 +61,7 @@ class Options:
     ray_retries: int = 2
     dtype: str = "fp32"  # "bf16": train and score under torch.autocast(bf16); see sharedllm.bets.common.autocast
     fleet: int = 2  # norm adapters a bet trains together in one pass (Context.train_together); 1: each alone
+    frozen_bf16: bool = False  # with dtype bf16: hold the base's matmul weights in bf16 (sharedllm.train.hold_frozen_in_bf16)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,6 +70,9 @@ class Options:
                 raise SharedLLMError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.dtype not in DTYPES:
             raise SharedLLMError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        if self.frozen_bf16 and (self.dtype != "bf16" or self.full_ft):
+            raise SharedLLMError("--frozen-bf16 needs --dtype bf16 and no --full-ft (full fine-tuning trains the "
+                                 "matmul weights it would hold in bf16)")
         for name in ("corpora", "out"):
             if getattr(self, name) is None:
                 setattr(self, name, _default(name))

@@ -44,6 +44,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of training and scoring: bf16 runs them under torch.autocast (parameters, "
                         "optimizer state and NLL sums stay fp32); recorded in the result and the checkpoint stamp, "
                         "written to its own results folder (<base>-bf16)")
+    p.add_argument("--frozen-bf16", action="store_true",
+                   help="with --dtype bf16: hold the base's matmul weights in bf16 instead of casting fp32 ones at "
+                        "every matmul: the same numbers for norm adapters (LoRA: its random init rounded to bf16), "
+                        "half the weight memory, no casts; not with --full-ft")
     p.add_argument("--fleet", type=int, default=2, metavar="U",
                    help="norm adapters that share a base and a budget are trained U users per pass (sharedllm.fleet: "
                         "each equals training alone up to float rounding; 1.3-1.4x users/hour at U=2 on a CPU); "
@@ -65,7 +69,8 @@ def options_from(args):
                    device=args.device, out=_path(args.out), results=_path(args.results), users=args.users,
                    seeds=args.seeds, full_ft=args.full_ft, ternary=args.ternary,
                    random_users=args.random_users, eval_len=args.eval_len, dtype=getattr(args, "dtype", "fp32"),
-                   fleet=getattr(args, "fleet", 2), ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
+                   fleet=getattr(args, "fleet", 2), frozen_bf16=getattr(args, "frozen_bf16", False),
+                   ray=args.ray_address or ("local" if args.ray else None), ray_retries=args.ray_retries)
 
 
 def run(args) -> dict:
