@@ -9,7 +9,9 @@ A method whose estimated memory exceeds what the machine has free is skipped and
 
 --dtype bf16 runs the steps under the bets' autocast (what `sharedllm bet ... --dtype bf16` trains with);
 bf16-frozen also holds the base's matmul weights in bf16 (`--frozen-bf16`: sharedllm.train.hold_frozen_in_bf16).
-Several dtypes (`--dtype bf16,bf16-frozen`) run side by side and print each one's ratio to the first. Each row
+Several dtypes (`--dtype bf16,bf16-frozen`) run side by side and print each one's ratio to the first.
+`private` = peak RSS minus the resident file-backed pages at the end (~ the process's own peak memory: the mapped
+weights are shared by every process mapping the same file, e.g. two Ray workers). Each row
 also gives the process CPU seconds per step: on a loaded machine (1 thread) that, not wall time, is the work done.
 """
 from __future__ import annotations
@@ -29,6 +31,14 @@ GIB = 1 << 30
 def rss_gib() -> float:
     with open("/proc/self/status") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb * 1024 / GIB
+
+
+def rss_file_gib() -> float:
+    """Resident file-backed pages: the base's weights, which transformers maps from the safetensors file (shared by
+    every process that maps the same file)."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
     return kb * 1024 / GIB
 
 
@@ -68,7 +78,8 @@ def one(base_spec: str, method: str, steps: int, warmup: int, threads: int, dtyp
     return {"method": method, "trainable": sum(p.numel() for p in params.values()), "load_s": round(load_s, 1),
             "rss_after_load_gib": round(after_load, 2), "step_s": round((time.perf_counter() - t) / steps, 2),
             "cpu_s_per_step": round((time.process_time() - cpu) / steps, 2), "dtype": dtype,
-            "peak_rss_gib": round(peak_gib(), 2), "threads": torch.get_num_threads()}
+            "peak_rss_gib": round(peak_gib(), 2), "peak_private_gib": round(peak_gib() - rss_file_gib(), 2),
+            "threads": torch.get_num_threads()}
 
 
 def estimate_gib(params: int, method: str) -> float:
@@ -103,7 +114,7 @@ def main() -> None:
     print(f"base {args.base}; {args.dtype}; batch 2 x 256; {args.warmup} warm-up + {args.steps} timed step(s); "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'method':6s} {'dtype':11s} {'trainable':>12s} {'load s':>7s} {'RSS load':>9s} {'s/step':>7s} {'CPU s':>6s} "
-          f"{'peak RSS':>9s}")
+          f"{'peak RSS':>9s} {'private':>8s}")
     dtypes = args.dtype.split(",")
     for method in args.methods.split(","):
         need = estimate_gib(named.params, method) if named else 0.0
@@ -114,7 +125,8 @@ def main() -> None:
         rows = [run_one(args, method, dtype) for dtype in dtypes]
         for r in rows[1:]:
             print(f"{method:6s} {r['dtype']} / {dtypes[0]}: CPU s per step {r['cpu_s_per_step'] / rows[0]['cpu_s_per_step']:.2f}x, "
-                  f"peak RSS {r['peak_rss_gib'] / rows[0]['peak_rss_gib']:.2f}x")
+                  f"peak RSS {r['peak_rss_gib'] / rows[0]['peak_rss_gib']:.2f}x, "
+                  f"peak private {r['peak_private_gib'] / rows[0]['peak_private_gib']:.2f}x")
 
 
 def run_one(args, method: str, dtype: str) -> dict:
@@ -124,7 +136,8 @@ def run_one(args, method: str, dtype: str) -> dict:
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--dtype", dtype]
     r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     print(f"{method:6s} {dtype:11s} {r['trainable']:12,d} {r['load_s']:7.1f} {r['rss_after_load_gib']:8.2f}G "
-          f"{r['step_s']:7.2f} {r['cpu_s_per_step']:6.1f} {r['peak_rss_gib']:8.2f}G   {json.dumps(r)}", flush=True)
+          f"{r['step_s']:7.2f} {r['cpu_s_per_step']:6.1f} {r['peak_rss_gib']:8.2f}G {r['peak_private_gib']:7.2f}G   "
+          f"{json.dumps(r)}", flush=True)
     return r
 
 if __name__ == "__main__":
