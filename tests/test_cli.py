@@ -137,10 +137,15 @@ def _file_meta(path):
     return wire.read_file(path)[1]  # the strict parser: refuses anything that is not a valid adapter file
 
 
-def test_adapt_dtype_bf16_writes_valid_adapters_marked_bf16(capsys, tmp_path, tiny):
+def test_adapt_dtype_bf16_writes_valid_adapters_marked_bf16(capsys, tmp_path, tiny, monkeypatch):
     import torch
 
+    from sharedllm import train
+    from sharedllm.commands import adapt
     from sharedllm.personalise import load_adapted
+
+    held = []  # bytes freed by each call the command makes
+    monkeypatch.setattr(adapt, "hold_frozen_in_bf16", lambda model: held.append(train.hold_frozen_in_bf16(model)))
 
     a, b = _texts(tmp_path, 2)
     common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", "1e-2", "--window", "64"]
@@ -167,6 +172,17 @@ def test_adapt_dtype_bf16_writes_valid_adapters_marked_bf16(capsys, tmp_path, ti
     code, one = run_json(capsys, "adapt", "--text", str(a), "--out", str(out), "--dtype", "bf16", *common)
     assert code == 0 and one["dtype"] == "bf16" and _file_meta(out)["compute_dtype"] == "bf16"
     assert one["ppl_after"] == pytest.approx(r["users"][0]["ppl_after"], rel=1e-3)  # alone = in the fleet, in bf16
+    # the command held the tiny base's matmul weights in bf16: the same gains as autocast over fp32 weights
+    from sharedllm.data import load_user
+    from sharedllm.personalise import personalise
+    from sharedllm.train import TrainConfig
+
+    ref = personalise(tiny, load_user(str(a), tiny.tokenizer).train, "norm",
+                      TrainConfig(steps=6, seq=64, lr=1e-2), dtype="bf16")
+    got = load_adapted(tiny, out).params
+    assert all(torch.equal(got[n], ref.params[n].detach().half().float()) for n in got)
+    assert tiny.model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the fixture's base untouched
+    assert len(held) == 2 and all(freed > 0 for freed in held)  # the fleet run and the one-text run; not fp32
     with pytest.raises(SystemExit):
         main(["adapt", "--text", str(a), "--out", str(out), "--dtype", "fp16", *common])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err

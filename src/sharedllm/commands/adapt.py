@@ -8,7 +8,7 @@ from ..data import load_user
 from ..errors import SharedLLMError
 from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
-from ..train import DTYPES, autocast
+from ..train import DTYPES, autocast, hold_frozen_in_bf16
 from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, method_config,
                    train_config)
 
@@ -42,11 +42,21 @@ def run(args) -> dict:
     return run_one(args)
 
 
+def load_for_training(args):
+    """The base, its matmul weights held in bf16 when a norm adapter trains under bf16 autocast: the same numbers
+    (sharedllm.train.hold_frozen_in_bf16), less CPU and memory. LoRA keeps fp32 weights (PEFT would round its
+    random init to bf16), and so does fp32."""
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    if args.dtype == "bf16" and args.method == "norm":
+        hold_frozen_in_bf16(base.model)
+    return base
+
+
 def run_one(args) -> dict:
     args.text = args.text[0]
     cfg, config = train_config(args), method_config(args)
-    say(f"loading base {args.base}")
-    base = load_base(args.base, args.device)
+    base = load_for_training(args)
     user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
     cap = args.eval_tokens or None
     say(f"{user.source}: {len(user.train)} training tokens, {len(user.heldout)} held-out tokens")

@@ -6,13 +6,13 @@ import re
 import time
 from pathlib import Path
 
-from ..base import load_base
 from ..data import load_user
 from ..errors import SharedLLMError
 from ..fleet import train_fleet, with_lr
 from ..log import say
 from ..personalise import evaluate_on, save_adapted
 from ..train import autocast
+from .adapt import load_for_training
 from .args import train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
@@ -95,8 +95,7 @@ def run_many(args) -> dict:
             raise SharedLLMError(f"user {user!r} is both in the manifest and given with --text")
         entries[user] = e
     cfg = train_config(args)
-    say(f"loading base {args.base}")
-    base = load_base(args.base, args.device)
+    base = load_for_training(args)
     data = {u: load_user(e["text"], base.tokenizer).check(cfg.seq, args.window) for u, e in entries.items()}
     cfgs = {u: with_lr(cfg, e.get("lr", cfg.lr)) for u, e in entries.items()}
     return _train_and_report(args, base, data, cfgs)
