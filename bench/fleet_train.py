@@ -6,8 +6,9 @@ Every contender runs in its own subprocess (so peak RSS is its own), on the same
 default): users / (setup + extrapolate x seconds per step). --steps is small because this machine is slow and
 shared: the extrapolation assumes later steps cost what the measured ones did (the first step is included).
 The largest fleet also trains --check of its users alone and reports the largest gain difference (exactness).
---dtype fp32,bf16 runs every contender in each compute dtype (bf16: torch.autocast, as `sharedllm adapt --dtype`;
-the check then trains alone in the same dtype); "vs alone" is against one user at a time in the first dtype given.
+--dtype fp32,bf16 runs every contender in each compute dtype (bf16: torch.autocast; bf16-frozen: autocast with the
+matmul weights held in bf16, as `sharedllm adapt --dtype bf16` trains norm adapters; the check then trains alone in
+the same dtype); "vs alone" is against one user at a time in the first dtype given.
 
     PYTHONPATH=src python bench/fleet_train.py [--base default] [--users 1,2,4,8,16] [--steps 3] [--rounds 1]
                                                [--dtype fp32,bf16] [--no-peft]
@@ -110,14 +111,19 @@ def child(args) -> None:
     from sharedllm.train import TrainConfig
 
     base = load_base(args.base)
+    dtype = args.child_dtype
+    if dtype == "bf16-frozen":  # what `sharedllm adapt --dtype bf16` does for norm adapters
+        from sharedllm.train import hold_frozen_in_bf16
+
+        hold_frozen_in_bf16(base.model)
+        dtype = "bf16"
     users = user_tokens(base, args.child_users)
     cfg = TrainConfig(steps=args.steps, batch=2, seq=256)
     before = rss_mb()
     if args.child == "fleet":
-        r = run_fleet(base, users, cfg, args.check if args.child_users == max(args.user_counts) else 0,
-                      args.child_dtype)
+        r = run_fleet(base, users, cfg, args.check if args.child_users == max(args.user_counts) else 0, dtype)
     else:
-        r = (run_alone if args.child == "alone" else run_peft)(base, users, cfg, args.child_dtype)
+        r = (run_alone if args.child == "alone" else run_peft)(base, users, cfg, dtype)
     r.update(dtype=args.child_dtype, rss_base_mb=before, rss_peak_mb=rss_mb(), load=load_average())
     print("RESULT " + json.dumps(r), flush=True)
 
@@ -165,7 +171,9 @@ def main() -> None:
     ap.add_argument("--extrapolate", type=int, default=100, help="steps per user in the users/hour figure")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over all contenders, interleaved; median kept")
     ap.add_argument("--check", type=int, default=2, help="users of the largest fleet also trained alone")
-    ap.add_argument("--dtype", default="fp32", help="compute dtypes, comma-separated (fp32, bf16); the first is the "
+    ap.add_argument("--dtype", default="fp32", help="compute dtypes, comma-separated (fp32, bf16, bf16-frozen: bf16 "
+                                                     "with the matmul weights held in bf16, as `sharedllm adapt "
+                                                     "--dtype bf16` trains norm adapters); the first is the "
                                                      "reference of 'vs alone'")
     ap.add_argument("--no-peft", action="store_true", help="leave PEFT LN tuning out (saves time on a slow machine)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -174,8 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     args.user_counts = [int(u) for u in args.users.split(",")]
     args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    if set(args.dtypes) - {"fp32", "bf16"} or not args.dtypes:
-        ap.error(f"--dtype {args.dtype!r}: fp32, bf16 or both (comma-separated)")
+    if set(args.dtypes) - {"fp32", "bf16", "bf16-frozen"} or not args.dtypes:
+        ap.error(f"--dtype {args.dtype!r}: fp32, bf16, bf16-frozen (comma-separated)")
     if args.child:
         return child(args)
     # alone in every dtype first (the references), then the fleets, smallest first (each dtype in turn)
