@@ -113,22 +113,30 @@ def profile(v: Variant, cache, pads, feed, stacked) -> dict:
                                                                             for k, x in out.items()}
 
 
+def decoders(rgm: RowGainModel) -> dict:
+    """Variant name -> a function building its decoder (None: the old HF step)."""
+    return {"old": lambda: None, "lean": lambda: LeanDecoder(rgm, torch.float32, fuse=False),
+            "lean-fused": lambda: LeanDecoder(rgm, torch.float32, fuse=True),
+            "lean-bf16": lambda: LeanDecoder(rgm, torch.bfloat16), "lean-int8": lambda: LeanDecoder(rgm, torch.int8),
+            "lean-int4": lambda: LeanDecoder(rgm, torch.int4),
+            "lean-int8-head4": lambda: LeanDecoder(rgm, torch.int8, head_dtype=torch.int4),
+            "lean-int4-head8": lambda: LeanDecoder(rgm, torch.int4, head_dtype=torch.int8)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,16")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=40)
-    ap.add_argument("--variants", default="old,lean,lean-fused,lean-bf16,lean-int8,lean-int4")
+    ap.add_argument("--variants",
+                    default="old,lean,lean-fused,lean-bf16,lean-int8,lean-int4,lean-int8-head4,lean-int4-head8")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = load_base("default")
     rgm = RowGainModel(base)
-    make = {"old": lambda: None, "lean": lambda: LeanDecoder(rgm, torch.float32, fuse=False),
-            "lean-fused": lambda: LeanDecoder(rgm, torch.float32, fuse=True),
-            "lean-bf16": lambda: LeanDecoder(rgm, torch.bfloat16), "lean-int8": lambda: LeanDecoder(rgm, torch.int8),
-            "lean-int4": lambda: LeanDecoder(rgm, torch.int4)}
+    make = decoders(rgm)
     variants = [Variant(n, rgm, make[n]()) for n in args.variants.split(",")]
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe(),
               "threads": torch.get_num_threads(), "base": base.name, "rows": {}}

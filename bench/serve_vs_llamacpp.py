@@ -8,7 +8,7 @@ worker and against llama.cpp (llama-cpp-python), all on this machine, side by si
   single       one stream (--single-prompts N: N streams one after another): time to first token, decode tok/s
                and CPU time per decoded token (the server process's, from /proc), sharedllm (HTTP, streamed) vs
                llama.cpp in-process on the same GGUF (no HTTP: favours llama.cpp); --single-decodes
-               hf,lean-bf16,lean-int8 adds servers with those decode steps
+               hf,lean-bf16,lean-int8,lean-int4,lean-int8-head4,lean-int4-head8 adds servers with those decode steps
   concurrent   16 requests from 16 users at once through `sharedllm serve` vs llama.cpp: `llama-server -np 16`
                (parallel slots) when --llama-server names the binary, else llama-cpp-python's OpenAI server
                (`python -m llama_cpp.server`, which runs one request at a time: it has no parallel slots); and
@@ -316,8 +316,8 @@ def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) ->
 
 def single_part(new, work: Path, token: str, prompts: list[str], args) -> dict:
     """`single` against the server as started (--decode lean) and one more server per --single-decodes mode."""
-    extra = {"hf": ["--decode", "hf"], "lean-bf16": ["--decode-dtype", "bf16"],
-             "lean-int8": ["--decode-dtype", "int8"]}
+    dtypes = ("bf16", "int8", "int4", "int8-head4", "int4-head8")
+    extra = {"hf": ["--decode", "hf"]} | {f"lean-{d}": ["--decode-dtype", d] for d in dtypes}
     servers, started = {"lean": new}, []
     try:
         for i, mode in enumerate(m for m in args.single_decodes.split(",") if m and m != "lean"):
@@ -343,7 +343,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
     ap.add_argument("--single-decodes", default="lean",
-                    help="single: also these decode modes, each its own server (hf, lean-bf16, lean-int8)")
+                    help="single: also these decode modes, each its own server (hf, lean-bf16, lean-int8, lean-int4, "
+                         "lean-int8-head4, lean-int4-head8)")
     ap.add_argument("--single-prompts", type=int, default=1,
                     help="single: stream this many prompts one after another per server (CPU summed)")
     ap.add_argument("--llama-server", default=None, help="a llama.cpp `llama-server` binary (parallel slots)")

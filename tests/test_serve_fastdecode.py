@@ -1,6 +1,7 @@
 """The lean decode step (serve.fastdecode) against the HF forward it replaces: same logits per row (fp32 within
 1e-4), same greedy tokens, with mixed users and prompt lengths, rows joining and leaving, and the KV buffer
-growing past its capacity; bf16 and int8 weights close to it; unsupported architectures fall back to the HF path."""
+growing past its capacity; bf16, int8, int4 and int8-with-int4-head weights close to it; unsupported
+architectures fall back to the HF path."""
 import copy
 
 import pytest
@@ -12,10 +13,10 @@ from sharedllm.cli import build_parser
 from sharedllm.commands.serve import _app
 from sharedllm.errors import SharedLLMError
 from sharedllm.serve.compute import decode_step, prefill
-from sharedllm.serve.fastdecode import LeanCache, LeanDecoder, quantise_int4, quantise_int8
+from sharedllm.serve.fastdecode import INT4_GROUP, LeanCache, LeanDecoder, quantise_int4, quantise_int8
 from sharedllm.serve.kv import BatchCache
 from sharedllm.serve.rowgains import RowGainModel
-from sharedllm.serve.router import lean_decoder
+from sharedllm.serve.router import DECODE_DTYPES, lean_decoder
 from sharedllm.serve.scheduler import Engine, Job
 from sharedllm.store import ADMIN_ENV
 
@@ -26,12 +27,12 @@ FIRST = [[256, *b"the cat sat on the mat"], [256, *b"abc"], [256, *b"a quick bro
 LATE = [[256, *b"x"], [256, *b"hello there, general kenobi"]]
 
 
-def tiny_qwen2():
-    """A 2-layer Qwen2 (q/k/v biases) with the byte vocabulary."""
+def tiny_qwen2(vocab: int = 258):
+    """A 2-layer Qwen2 (q/k/v biases) with the byte vocabulary (`vocab` > 258: unused tokens after it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = Qwen2ForCausalLM(cfg).float().eval()
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_unsupported_architectures_fall_back_to_the_hf_forward():
     gemma = tiny_gemma()
     rgm = RowGainModel(gemma)
     assert LeanDecoder.build(rgm) is None and lean_decoder(rgm, "lean", "fp32") is None
-    for dtype in ("bf16", "int8"):
+    for dtype in ("bf16", "int8", "int8-head4"):
         with pytest.raises(SharedLLMError, match=dtype):
             lean_decoder(rgm, "lean", dtype)
     engine = Engine(rgm, str, eos_id=None, max_batch=4)
@@ -192,7 +193,7 @@ def test_int8_rows_keep_their_own_gains(tiny):
     assert (b[0] - b[1]).abs().max().item() > 10 * INT8_TOL
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int8-head4", "int4-head8"])
 def test_the_serve_command_takes_a_decode_dtype_and_health_reports_it(tmp_path, monkeypatch, dtype):
     monkeypatch.setenv(ADMIN_ENV, ADMIN)
     parser, _ = build_parser()
@@ -209,7 +210,17 @@ def test_the_serve_command_takes_a_decode_dtype_and_health_reports_it(tmp_path, 
         lean_decoder(router.model, "hf", dtype)
 
 
-INT4_TOL = 0.1  # tiny base, logits of scale ~1: int4 layers measured 0.03-0.05 from the HF path (int8 head: vocab % 16)
+# tiny bases (random weights), logits of scale ~1, measured from the HF path: int4 layers 0.03-0.04 (Llama, its head
+# int8); Qwen2 with vocab 272: int4 everywhere 0.06, int8 layers + int4 head 0.04, int4 layers + int8 head 0.03;
+# int8 0.005
+INT4_TOL = 0.1
+
+
+@pytest.fixture(params=["llama-258", "qwen2-272"])
+def int4_base(request, tiny):
+    """The tiny Llama (vocab 258: the int4 kernel needs outputs % 16 == 0, so its head stays int8) and a tiny
+    Qwen2 whose head can be int4 (vocab 272)."""
+    return tiny if request.param == "llama-258" else tiny_qwen2(vocab=272)
 
 
 def test_int4_quantisation_is_groupwise_and_asymmetric():
@@ -222,14 +233,25 @@ def test_int4_quantisation_is_groupwise_and_asymmetric():
     assert torch.allclose(y.t(), back, rtol=1e-2, atol=1e-2 * w.abs().amax().item())
 
 
-def test_int4_rows_keep_their_own_gains_and_stay_close(tiny):
-    """Two users' gains on the same prompt: two different rows, each within INT4_TOL of its HF row; a lone row too."""
-    rgm = RowGainModel(tiny)
-    dec = LeanDecoder(rgm, torch.int4)
-    assert dec.name == "lean-int4" and dec.layers[0].down.group == 64 and dec.layers[0].down.weight.dtype == torch.uint8
-    gains = [rgm.gains_from(perturbed(tiny, s, scale=0.6).params) for s in (0, 1)]
+@pytest.mark.parametrize("dtype", ["int4", "int8-head4", "int4-head8"])
+def test_int4_rows_keep_their_own_gains_and_stay_close(int4_base, dtype):
+    """int4 everywhere, or int4 only in the layers or only in the head (--decode-dtype int4-head8, int8-head4):
+    each matrix packed as asked (an int4 head as int8 where the kernel cannot take it). Two users' gains on the same
+    prompt: two different rows, each within INT4_TOL of its HF row; a lone row too."""
+    rgm = RowGainModel(int4_base)
+    dec = lean_decoder(rgm, "lean", dtype)
+    packable = rgm.model.config.vocab_size % 16 == 0
+    layers, head = (d == torch.int4 for d in DECODE_DTYPES[dtype])
+    head = head and packable
+    assert dec.name == f"lean-{dtype}" and dec.layers[0].down.group == (INT4_GROUP if layers else 0)
+    assert dec.layers[0].down.weight.dtype == (torch.uint8 if layers else torch.int8)
+    assert dec.head.group == (INT4_GROUP if head else 0) and dec.head.weight.dtype == (torch.uint8 if head else torch.int8)
+    gains = [rgm.gains_from(perturbed(int4_base, s, scale=0.6).params) for s in (0, 1)]
     a, b = _one_step(rgm, dec, [FIRST[0], FIRST[0]], gains)
     assert (a - b).abs().max().item() < INT4_TOL
     assert (b[0] - b[1]).abs().max().item() > 3 * INT4_TOL
     a, b = _one_step(rgm, dec, FIRST[:1], gains[:1])
     assert (a - b).abs().max().item() < INT4_TOL
+    if "-head" in dtype:  # only the head differs from the same layers' dtype alone: the logits move iff one is int4
+        same = _one_step(rgm, lean_decoder(rgm, "lean", dtype.split("-")[0]), FIRST[:1], gains[:1])[1]
+        assert ((b - same).abs().max().item() > 1e-3) == packable

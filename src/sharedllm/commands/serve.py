@@ -34,11 +34,13 @@ def configure(p) -> None:
     p.add_argument("--decode", choices=["lean", "hf"], default="lean",
                    help="decode step: lean (sharedllm.serve.fastdecode: preallocated KV, no HF forward; Llama and "
                         "Qwen2, other bases fall back to hf) or hf (the transformers forward)")
-    p.add_argument("--decode-dtype", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+    p.add_argument("--decode-dtype", choices=["fp32", "bf16", "int8", "int4", "int8-head4", "int4-head8"],
+                   default="fp32",
                    help="weights of the lean decode step's matmuls: fp32 (exact), a bf16 copy, int8 per output "
-                        "channel, or int4 per group of 64 inputs (fastest for one stream, least exact); bf16, int8 "
-                        "and int4 are not exact (logits move, see "
-                        "docs/BENCHMARKS.md); norms, per-user gains, prefill and scores stay fp32")
+                        "channel, int4 per group of 32 inputs (fastest for one stream, least exact), or a mix: "
+                        "int4-head8 (int4 layers, int8 head: llama.cpp Q4_1's own mix; near int4's speed, logits "
+                        "near int8's) or int8-head4 (int8 layers, int4 head); all but fp32 are not exact (logits "
+                        "move, see docs/BENCHMARKS.md); norms, per-user gains, prefill and scores stay fp32")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes on one port and one store (each loads the base; memory x N)")
 

@@ -16,11 +16,14 @@ the HF path; its DynamicCache is copied into the buffer when rows join. `dtype=t
 of the matmul weights (activations cast at each matmul; norms, residuals, attention and the cache stay fp32):
 faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). `dtype=torch.int8` keeps symmetric
 per-output-channel int8 weights with bf16 scales (every decoder linear and the head, quantised once at build) and
-multiplies them by bf16 activations in `aten._weight_int8pack_mm`: a quarter of the fp32 weight bytes, the fastest
-single stream, not exact (same docs). `dtype=torch.int4` keeps group-wise (64 inputs, else 32) asymmetric 4-bit
-weights with bf16 scales and zeros in `aten._weight_int4pack_mm_for_cpu`'s packed layout (matrices the kernel
-cannot take, outputs not a multiple of 16 or inputs of 32, stay int8): an eighth of the fp32 bytes, the head
-matvec ~2x int8's speed, less exact. Unsupported architectures (Gemma's (1 + w) gains, sliding-window attention,
+multiplies them by bf16 activations in `aten._weight_int8pack_mm`: a quarter of the fp32 weight bytes, not exact
+(same docs). `dtype=torch.int4` keeps group-wise asymmetric 4-bit weights (groups of INT4_GROUP = 32 inputs, as
+llama.cpp's Q4_1) with bf16 scales and zeros in `aten._weight_int4pack_mm_for_cpu`'s packed layout (matrices the
+kernel cannot take, outputs not a multiple of 16 or inputs of 32, stay int8): ~1/6 of the fp32 bytes, the fastest
+single stream, the least exact (mostly the head's error). `head_dtype` (default: `dtype`) gives the head its own
+weights: int4 layers with an int8 head (llama.cpp Q4_1's own mix) moved the default base's logits no more than
+int8 at ~1.5x int8's step speed; int8 layers with an int4 head gained only ~1.1-1.3x and lost nearly as much as
+int4 (docs/BENCHMARKS.md, session 9). Unsupported architectures (Gemma's (1 + w) gains, sliding-window attention,
 qk-norm, non-SiLU MLPs) get None from `LeanDecoder.build`: the server then keeps the HF path.
 """
 from __future__ import annotations
@@ -135,9 +138,15 @@ def quantise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return packed, sz.transpose(0, 1).contiguous(), back
 
 
+# Inputs per int4 (scale, zero): llama.cpp's Q4_1 (and Q4_K's sub-block) size. The named bases are dequantised from
+# such GGUF blocks, so aligned groups of 32 land back on their grid (default base's layers: relative error 0.002,
+# int8 per channel 0.01, groups of 64 0.08-0.09; docs/BENCHMARKS.md, session 9). Not a claim about fp16 weights.
+INT4_GROUP = 32
+
+
 def _int4_group(n: int, k: int) -> int:
     """Inputs per int4 group for an [n, k] weight; 0: the kernel cannot take it (it needs n % 16 == 0)."""
-    return 0 if n % 16 else next((g for g in (64, 32) if k % g == 0), 0)
+    return INT4_GROUP if n % 16 == 0 and k % INT4_GROUP == 0 else 0
 
 
 def _lin(w: torch.Tensor, b: torch.Tensor | None, dtype) -> _Lin:
@@ -184,6 +193,10 @@ def _matmul(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
     return y if lin.bias is None else y + lin.bias
 
 
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype) or str(dtype).removeprefix("torch.")
+
+
 def unsupported(model: torch.nn.Module) -> str | None:
     """Why the lean step cannot run `model` (None: it can)."""
     cfg = model.config
@@ -201,11 +214,13 @@ def unsupported(model: torch.nn.Module) -> str | None:
 class LeanDecoder:
     """`step(cache, tokens, stacked_gains) -> logits [B, V]` for a RowGainModel of a supported architecture."""
 
-    def __init__(self, rgm, dtype: torch.dtype = torch.float32, fuse: bool | None = None):
+    def __init__(self, rgm, dtype: torch.dtype = torch.float32, fuse: bool | None = None,
+                 head_dtype: torch.dtype | None = None):
         model, cfg = rgm.model, rgm.model.config
         fuse = dtype != torch.float32 if fuse is None else fuse  # fp32 fused = a second copy of those weights
         index = {n: i for i, n in enumerate(rgm.names)}
-        self.dtype, self.heads, self.kv_heads = dtype, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.dtype, self.head_dtype = dtype, dtype if head_dtype is None else head_dtype
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.eps = model.model.layers[0].input_layernorm.eps
@@ -213,7 +228,7 @@ class LeanDecoder:
                        for i, layer in enumerate(model.model.layers)]
         self.norm_final = index["model.norm.weight"]
         self.embed = model.model.embed_tokens.weight
-        self.head = _lin(model.lm_head.weight, model.lm_head.bias, dtype)
+        self.head = _lin(model.lm_head.weight, model.lm_head.bias, self.head_dtype)
         self.rotary = model.model.rotary_emb
 
     @classmethod
@@ -225,7 +240,9 @@ class LeanDecoder:
 
     @property
     def name(self) -> str:
-        return f"lean-{str(self.dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}"
+        """lean-fp32, lean-bf16, lean-int8, lean-int4; a head of another dtype adds it: lean-int8-head4."""
+        head = "" if self.head_dtype == self.dtype else "-head" + _short(self.head_dtype).removeprefix("int")
+        return f"lean-{_short(self.dtype)}{head}"
 
     def new_cache(self) -> LeanCache:
         return LeanCache()

@@ -177,11 +177,15 @@ def _max_token_bytes(tok) -> int:
     return max(len(p.encode("utf-8")) for p in pieces if p) + 1
 
 
-DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.int4}
+# --decode-dtype: (decoder layers' weights, head's weights)
+DECODE_DTYPES = {"fp32": (torch.float32,) * 2, "bf16": (torch.bfloat16,) * 2, "int8": (torch.int8,) * 2,
+                 "int4": (torch.int4,) * 2, "int4-head8": (torch.int4, torch.int8),
+                 "int8-head4": (torch.int8, torch.int4)}
 
 
 def lean_decoder(rgm: RowGainModel, decode: str, dtype: str):
-    """The decode step the engine runs: `lean` (fastdecode: fp32, or a bf16 / int8 / int4 weight copy) or `hf` (None)."""
+    """The decode step the engine runs: `lean` (fastdecode: fp32, or a bf16 / int8 / int4 weight copy, or
+    int8 layers with an int4 head, or the reverse) or `hf` (None)."""
     if decode == "hf":
         if dtype != "fp32":
             raise SharedLLMError(f"--decode-dtype {dtype} needs --decode lean (the HF path decodes in fp32)")
@@ -192,4 +196,5 @@ def lean_decoder(rgm: RowGainModel, decode: str, dtype: str):
             raise SharedLLMError(f"--decode-dtype {dtype}: the lean decode step does not support this base ({why})")
         say(f"lean decode step unsupported ({why}): decoding with the HF forward")
         return None
-    return LeanDecoder(rgm, DECODE_DTYPES[dtype])
+    layers, head = DECODE_DTYPES[dtype]
+    return LeanDecoder(rgm, layers, head_dtype=head)
