@@ -4,7 +4,7 @@ worker and against llama.cpp (llama-cpp-python), all on this machine, side by si
   old-vs-new   the same 16 requests from 16 users (max_tokens alternating short/long, one arriving every
                --gap-ms) through `sharedllm serve` at this commit and at --old-commit (the batch worker)
   mix          --long long generations running, then --scores score requests one after another: p50/p99 score
-               latency (new vs old server)
+               latency (new vs old server, and one server per --prefill-budgets value)
   single       one stream (--single-prompts N: N streams one after another): time to first token, decode tok/s
                and CPU time per decoded token (the server process's, from /proc), sharedllm (HTTP, streamed) vs
                llama.cpp in-process on the same GGUF (no HTTP: favours llama.cpp); --single-decodes
@@ -342,6 +342,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
+    ap.add_argument("--prefill-budgets", default="",
+                    help="mix: also a server per `--prefill-budget` value given here, comma-separated (e.g. 16384,128)")
     ap.add_argument("--single-decodes", default="lean",
                     help="single: also these decode modes, each its own server (hf, lean-bf16, lean-int8, lean-int4, "
                          "lean-int8-head4, lean-int4-head8)")
@@ -361,14 +363,19 @@ def main() -> None:
         old = ServerProcess("default", work / "store", args.port + 1, "--max-batch", str(N))
         old.cmd = ["env", f"PYTHONPATH={old_tree(args.old_commit, work / 'old')}", *old.cmd]
         servers["old"] = old
+    if "mix" in parts:
+        for i, b in enumerate(x for x in args.prefill_budgets.split(",") if x):
+            servers[f"budget-{b}"] = ServerProcess("default", work / "store", args.port + 20 + i, "--max-batch", str(N),
+                                                   "--prefill-budget", b)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": MACHINE, "base": base.name, "args": vars(args)}
     try:
         new.start()
         tokens = create_users(new.url, users)
         for u, d in zip(users, files):
             upload(new.url, u, tokens[u], d)
-        if "old" in servers:
-            servers["old"].start()
+        for name, srv in servers.items():
+            if name != "new":
+                srv.start()
         for name, srv in servers.items():  # warm every code path once
             staggered(srv.url, [("/v1/completions", {"prompt": "hi", "max_tokens": 2}, tokens[users[0]]),
                                 ("/v1/score", {"text": texts[0]}, tokens[users[1]])], 0.0)
@@ -376,8 +383,9 @@ def main() -> None:
             report["old_vs_new"] = old_vs_new(servers, tokens, users, prompts, args)
         if "mix" in parts:
             report["mix"] = mix(servers, tokens, users, prompts, texts, args)
-        if "old" in servers:
-            servers["old"].stop()
+        for name, srv in servers.items():
+            if name != "new":
+                srv.stop()
         if "single" in parts:
             report["single"] = single_part(new, work, tokens[users[0]], prompts[: args.single_prompts], args)
         if "concurrent" in parts:

@@ -21,7 +21,7 @@ def configure(p) -> None:
                    help="most rows decoding at once (continuous batching) and most scores in one pass")
     p.add_argument("--max-batch-tokens", type=positive_int, default=16384,
                    help="most padded positions in one batch (bounds the memory of the logits)")
-    p.add_argument("--prefill-budget", type=positive_int, default=2048,
+    p.add_argument("--prefill-budget", type=positive_int, default=512,
                    help="most padded prompt positions admitted between two decode steps: a burst of prompts joins "
                         "over several steps, so a score or a running stream waits for at most this much prefill")
     p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
@@ -60,7 +60,7 @@ def _app(args):
                                max_queued_per_user=args.max_queued_per_user,
                                decode=getattr(args, "decode", "lean"),
                                decode_dtype=getattr(args, "decode_dtype", "fp32"),
-                               prefill_budget=getattr(args, "prefill_budget", 2048))
+                               prefill_budget=getattr(args, "prefill_budget", 512))
     return app, router, where, store, base
 
 

@@ -67,7 +67,7 @@ class Router:
     def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
                  max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
                  window_s: float = 0.002, max_queued_per_user: int = 32, decode: str = "lean",
-                 decode_dtype: str = "fp32", prefill_budget: int = 2048):
+                 decode_dtype: str = "fp32", prefill_budget: int = 512):
         self.base, self.store = base, store
         self.model = RowGainModel(base)
         self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))

@@ -5,8 +5,9 @@ Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padde
 row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
 score waits at most one decode step and one admission: a burst of prompts joins over several steps, at most
-`prefill_budget` padded prompt positions per admission (a longer single prompt is admitted alone). An idle engine waits `window_s` after the first request for others to share
-its first forward pass (the old batch window, now only at the start of a busy period). A request whose future
+`prefill_budget` padded prompt positions per admission (a longer single prompt is admitted alone). An idle
+engine waits `window_s` after the first request for others to share its first forward pass (the old batch window,
+now only at the start of a busy period). A request whose future
 was cancelled (its client went away) is skipped while waiting and dropped from the batch at the next step; the
 engine also polls the active rows' connections at every step, before computing (`hangup`), so a client that
 closes its connection frees its row at the next step even while the event loop lags behind. A
@@ -127,7 +128,7 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
 class Engine:
     def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
                  max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32,
-                 lean: LeanDecoder | None | str = "auto", prefill_budget: int = 2048):
+                 lean: LeanDecoder | None | str = "auto", prefill_budget: int = 512):
         self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
         self.prefill_budget = prefill_budget  # padded prompt positions admitted between two steps (one prompt: any)
         # decode steps: the lean step (fp32) where the architecture allows, else the HF forward (compute.py)
