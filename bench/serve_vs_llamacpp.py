@@ -317,10 +317,12 @@ def concurrent(srv, tokens: dict, users: list[str], prompts: list[str], args) ->
 def single_part(new, work: Path, token: str, prompts: list[str], args) -> dict:
     """`single` against the server as started (--decode lean) and one more server per --single-decodes mode."""
     dtypes = ("bf16", "int8", "int4", "int8-head4", "int4-head8")
-    extra = {"hf": ["--decode", "hf"]} | {f"lean-{d}": ["--decode-dtype", d] for d in dtypes}
-    servers, started = {"lean": new}, []
+    extra = {"hf": ["--decode", "hf"], "lean": ["--decode-dtype", "fp32"]} | {f"lean-{d}": ["--decode-dtype", d]
+                                                                             for d in dtypes}
+    first = "lean" if args.decode_dtype == "fp32" else f"lean-{args.decode_dtype}"  # the server as started
+    servers, started = {first: new}, []
     try:
-        for i, mode in enumerate(m for m in args.single_decodes.split(",") if m and m != "lean"):
+        for i, mode in enumerate(m for m in args.single_decodes.split(",") if m and m != first):
             srv = ServerProcess("default", work / "store", args.port + 2 + i, "--max-batch", str(N), *extra[mode])
             servers[mode] = srv.start()
             started.append(srv)
@@ -342,6 +344,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--no-old", action="store_true", help="mix: the new server only (no old-commit server)")
+    ap.add_argument("--decode-dtype", default="fp32",
+                    help="the new server's --decode-dtype (mix, concurrent, and single's `lean` row)")
     ap.add_argument("--prefill-budgets", default="",
                     help="mix: also a server per `--prefill-budget` value given here, comma-separated (e.g. 16384,128)")
     ap.add_argument("--single-decodes", default="lean",
@@ -357,7 +361,7 @@ def main() -> None:
     files = adapter_files(base, N, work / "adapters")
     users = [f"user{i}" for i in range(N)]
     prompts, texts = snippets(N, 120, seed=1), snippets(N, 400, seed=2)
-    new = ServerProcess("default", work / "store", args.port, "--max-batch", str(N))
+    new = ServerProcess("default", work / "store", args.port, "--max-batch", str(N), "--decode-dtype", args.decode_dtype)
     servers = {"new": new}
     if "old-vs-new" in parts or ("mix" in parts and not args.no_old):
         old = ServerProcess("default", work / "store", args.port + 1, "--max-batch", str(N))
