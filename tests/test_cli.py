@@ -141,11 +141,11 @@ def test_adapt_dtype_bf16_writes_valid_adapters_marked_bf16(capsys, tmp_path, ti
     import torch
 
     from sharedllm import train
-    from sharedllm.commands import adapt
+    from sharedllm.commands import args as cli_args
     from sharedllm.personalise import load_adapted
 
     held = []  # bytes freed by each call the command makes
-    monkeypatch.setattr(adapt, "hold_frozen_in_bf16", lambda model: held.append(train.hold_frozen_in_bf16(model)))
+    monkeypatch.setattr(cli_args, "hold_frozen_in_bf16", lambda model: held.append(train.hold_frozen_in_bf16(model)))
 
     a, b = _texts(tmp_path, 2)
     common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", "1e-2", "--window", "64"]

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..base import load_base
 from ..data import load_user
 from ..errors import SharedLLMError
 from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
-from ..train import DTYPES, autocast, hold_frozen_in_bf16
-from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, method_config,
-                   train_config)
+from ..train import DTYPES, autocast
+from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, load_for_training,
+                   method_config, train_config)
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -40,17 +39,6 @@ def run(args) -> dict:
         raise SharedLLMError("give --text PATH --out FILE for one user, or several --text (or --manifest) "
                              "with --out-dir DIR")
     return run_one(args)
-
-
-def load_for_training(args):
-    """The base, its matmul weights held in bf16 when a norm adapter trains under bf16 autocast: the same numbers
-    (sharedllm.train.hold_frozen_in_bf16), less CPU and memory. LoRA keeps fp32 weights (PEFT would round its
-    random init to bf16), and so does fp32."""
-    say(f"loading base {args.base}")
-    base = load_base(args.base, args.device)
-    if args.dtype == "bf16" and args.method == "norm":
-        hold_frozen_in_bf16(base.model)
-    return base
 
 
 def run_one(args) -> dict:

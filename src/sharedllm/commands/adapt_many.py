@@ -12,8 +12,7 @@ from ..fleet import train_fleet, with_lr
 from ..log import say
 from ..personalise import evaluate_on, save_adapted
 from ..train import autocast
-from .adapt import load_for_training
-from .args import train_config
+from .args import load_for_training, train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 

@@ -6,7 +6,9 @@ import dataclasses
 
 from ..adapters import METHODS, get_method
 from ..errors import SharedLLMError
-from ..train import TrainConfig
+from ..base import load_base
+from ..log import say
+from ..train import TrainConfig, hold_frozen_in_bf16
 
 
 def positive_int(text: str) -> int:
@@ -76,3 +78,14 @@ def method_config(args):
         raise SharedLLMError(f"{', '.join(other)} do not apply to --method {args.method}")
     default = get_method(args.method).config
     return dataclasses.replace(default, **{f: v for (_, f), v in given.items()})
+
+
+def load_for_training(args):
+    """The base, its matmul weights held in bf16 when a norm adapter trains under bf16 autocast: the same numbers
+    (sharedllm.train.hold_frozen_in_bf16), less CPU and memory. LoRA keeps fp32 weights (PEFT would round its
+    random init to bf16), and so does fp32."""
+    say(f"loading base {args.base}")
+    base = load_base(args.base, args.device)
+    if args.dtype == "bf16" and args.method == "norm":
+        hold_frozen_in_bf16(base.model)
+    return base
