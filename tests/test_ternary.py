@@ -110,6 +110,23 @@ def test_file_round_trip_is_exact(tfile, tiny):
     assert base.tokenizer.encode("hé") == tiny.tokenizer.encode("hé")
 
 
+def test_a_base_with_biases_round_trips(tiny, calib, tmp_path):
+    """Qwen2's q/k/v biases are stored beside their quantised matrices and must load back (the 0.5B base's file
+    was refused before: the loader dropped every tensor of a quantised module, biases included)."""
+    from .test_serve_fastdecode import tiny_qwen2
+
+    qwen = tiny_qwen2().model
+    model, q = quantize_model(qwen, "absmean", calib, CFG)
+    path = tmp_path / "qwen_ternary.safetensors"
+    save_ternary_base(path, model, tiny.tokenizer, q, {"method": "absmean", "params": CFG.used("absmean"),
+                                                        "source_fingerprint": "x" * 64})
+    back = load_base(str(path)).model
+    bias = "model.layers.1.self_attn.k_proj.bias"
+    assert torch.equal(back.get_parameter(bias), qwen.get_parameter(bias)) and qwen.get_parameter(bias).abs().sum() > 0
+    lin = decoder_linears(back)
+    assert all(torch.equal(lin[n].weight, t.dequant()) for n, t in q.items())
+
+
 def test_inspect_reports_base_fields(tfile, capsys):
     path, _, meta = tfile
     assert main(["inspect", str(path), "--json"]) == 0

@@ -115,6 +115,9 @@ class Int8Tensor:
         return 8 * self.q.numel() + 16 * self.scale.numel()
 
 
+QUANTISED_PARTS = ("codes", "alpha", "mu", "q8", "scale")  # what `to_file` writes for a quantised matrix
+
+
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear except the LM head (and anything sharing the input embedding's weight)."""
     emb = model.get_input_embeddings().weight
@@ -267,7 +270,7 @@ def dequantised_model(tensors: dict, meta: dict, source: str):
     model = _model_from_config(meta["config"], source)
     kinds = meta.get("kinds", {})
     state = {n: t.float() for n, t in tensors.items() if not n.startswith(TOKENIZER_PREFIX)
-             and n.rsplit(".", 1)[0] not in kinds}
+             and not (n.rsplit(".", 1)[0] in kinds and n.rsplit(".", 1)[1] in QUANTISED_PARTS)}  # biases stay
     for mod, kind in kinds.items():
         shape = tuple(model.get_submodule(mod).weight.shape)
         state[f"{mod}.weight"] = _quantised(tensors, mod, kind, shape, source).dequant()
