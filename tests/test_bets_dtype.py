@@ -63,7 +63,8 @@ def test_stamp_has_dtype_only_when_not_fp32(runs):
     for partial in current().results.rglob("partial/*.json"):  # committed checkpoints: the same stamp keys,
         stamp = json.loads(partial.read_text())["stamp"]  # plus dtype in a bf16 run's folder
         bf16 = partial.parent.parent.name.endswith("-bf16")
-        assert set(stamp) == STAMP_KEYS | ({"dtype"} if bf16 else set()), partial
+        frozen = {"frozen_bf16"} if stamp.get("frozen_bf16") is True and bf16 else set()  # --frozen-bf16 runs
+        assert set(stamp) == STAMP_KEYS | ({"dtype"} if bf16 else set()) | frozen, partial
         assert stamp.get("dtype") == ("bf16" if bf16 else None), partial
 
 

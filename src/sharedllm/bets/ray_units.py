@@ -25,7 +25,7 @@ RETRIES = 2
 FULL_FT_CPUS = 2  # a full fine-tune unit ("full/...") asks for 2 CPUs: its memory (weights, gradients, AdamW moments
 # ~16 bytes/param) is what limits a small machine, and two at once would not fit 24 GiB at 0.5B
 START_TRIES = 3
-LONG_FIRST = ("quantize/",)  # units known to take hours (quantising a 0.5B base: ~2 h on a CPU) are sent ahead of the
+LONG_FIRST = ("quantize/",)  # units known to take hours (quantising a 0.5B base: 1-2 h on a CPU) are sent ahead of the
 # bet's order, so that they run beside the short ones instead of after them (the ternary units wait on them)
 FAULT_ENV = "SHAREDLLM_UNIT_FAULT"  # fault injection for tests: "exit-once|KEY|MARKER_FILE" or "raise|KEY"
 _WORKER: dict = {}  # in a worker process: (bet, options) -> Context, so the base is loaded once per process
@@ -100,8 +100,7 @@ def dispatch(bet, opts, pending, checkpoint) -> dict:
     the units not checkpointed yet, in the bet's order; the driver keeps only as many in flight as the cluster has
     CPUs (GPUs with --device cuda), takes the first ones not yet sent (a quantise unit, hours long, first), and asks
     `pending()` again as each unit lands, so units that wait on others are sent as soon as those are done, ahead of
-    later ones. Each unit is sent once
-    (Ray retries it). Returns {key: error} of the units that failed."""
+    later ones. Each unit is sent once (Ray retries it). Returns {key: error} of the units that failed."""
     ray = ray_module()
     started = start(opts.ray if opts.ray != "local" else None)
     try:

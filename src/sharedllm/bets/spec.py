@@ -61,7 +61,7 @@ class Options:
     ray_retries: int = 2
     dtype: str = "fp32"  # "bf16": train and score under torch.autocast(bf16); see sharedllm.bets.common.autocast
     fleet: int = 2  # norm adapters a bet trains together in one pass (Context.train_together); 1: each alone
-    frozen_bf16: bool = False  # with dtype bf16: hold the base's matmul weights in bf16 (sharedllm.train.hold_frozen_in_bf16)
+    frozen_bf16: bool = False  # with dtype bf16: matmul weights held in bf16 (sharedllm.train.hold_frozen_in_bf16)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

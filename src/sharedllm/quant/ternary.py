@@ -118,6 +118,11 @@ class Int8Tensor:
 QUANTISED_PARTS = ("codes", "alpha", "mu", "q8", "scale")  # what `to_file` writes for a quantised matrix
 
 
+def _quantised_part(name: str, kinds: dict) -> bool:
+    module, part = name.rsplit(".", 1)
+    return module in kinds and part in QUANTISED_PARTS
+
+
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear except the LM head (and anything sharing the input embedding's weight)."""
     emb = model.get_input_embeddings().weight
@@ -270,7 +275,7 @@ def dequantised_model(tensors: dict, meta: dict, source: str):
     model = _model_from_config(meta["config"], source)
     kinds = meta.get("kinds", {})
     state = {n: t.float() for n, t in tensors.items() if not n.startswith(TOKENIZER_PREFIX)
-             and not (n.rsplit(".", 1)[0] in kinds and n.rsplit(".", 1)[1] in QUANTISED_PARTS)}  # biases stay
+             and not _quantised_part(n, kinds)}  # a quantised module's bias stays
     for mod, kind in kinds.items():
         shape = tuple(model.get_submodule(mod).weight.shape)
         state[f"{mod}.weight"] = _quantised(tensors, mod, kind, shape, source).dequant()
