@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .data import batch_sampler
 from .log import milestone, progress
@@ -13,6 +15,7 @@ from .losses import next_token_loss
 
 
 DTYPES = ("fp32", "bf16")  # compute dtypes of training and scoring (--dtype)
+aten = torch.ops.aten
 
 
 def autocast(dtype: str = "fp32", device="cpu"):
@@ -24,7 +27,57 @@ def autocast(dtype: str = "fp32", device="cpu"):
         return contextlib.nullcontext()
     if dtype != "bf16":
         raise ValueError(f"compute dtype {dtype!r}: fp32 or bf16")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    region = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    if bf16_matmuls(device) == "native":
+        return region
+    stack = contextlib.ExitStack()
+    stack.enter_context(region)
+    stack.enter_context(Bf16MatmulsInFp32())
+    return stack
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags under which torch's CPU bf16 matmuls are fast
+
+
+def bf16_matmuls(device="cpu") -> str:
+    """How bf16 matmuls run here: "native", or "emulated" on an x86 CPU without avx512_bf16 / amx_bf16, where
+    torch's own bf16 GEMM is ~8x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
+    the same bf16 operands multiplied by fp32 kernels, the result rounded to bf16: the numbers of a native bf16 GEMM
+    (fp32 accumulation) up to summation order. $SHAREDLLM_BF16_MATMULS=native|emulated overrides."""
+    forced = os.environ.get("SHAREDLLM_BF16_MATMULS", "")
+    if forced in ("native", "emulated"):
+        return forced
+    if torch.device(device).type != "cpu":
+        return "native"
+    flags = cpu_flags()
+    return "emulated" if flags and "avx2" in flags and not set(BF16_CPU_FLAGS) & flags else "native"
+
+
+def cpu_flags() -> set:
+    """The CPU's ISA flags from /proc/cpuinfo (Linux x86); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+class Bf16MatmulsInFp32(TorchDispatchMode):
+    """Under bf16 autocast, run every GEMM whose operands are bf16 (mm, addmm, bmm, baddbmm, forward and backward)
+    as an fp32 GEMM of those exact values, rounded back to bf16. Everything else runs untouched."""
+
+    GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.GEMMS and any(_is_bf16(a) for a in args):
+            return func(*(a.float() if _is_bf16(a) else a for a in args), **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def _is_bf16(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
 
 
 def hold_frozen_in_bf16(model: torch.nn.Module) -> int:
