@@ -1,6 +1,8 @@
 """bf16 on CPUs without native bf16 GEMMs: the same bf16 operands through fp32 kernels (sharedllm.train)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -65,3 +67,18 @@ def test_autocast_enters_the_emulation_only_where_bf16_is_not_native(monkeypatch
     monkeypatch.setenv("SHAREDLLM_BF16_MATMULS", "native")
     with autocast("bf16", "cpu"):
         assert not torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+
+
+def test_emulated_attention_matches_native_bf16_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    grads = []
+    for mode in (contextlib.nullcontext(), Bf16MatmulsInFp32()):
+        with mode:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.float().square().sum().backward()
+        assert y.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+        grads.append((y.detach().float(), *(t.grad.float() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    assert all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(*grads))

@@ -64,16 +64,28 @@ def cpu_flags() -> set:
 
 
 class Bf16MatmulsInFp32(TorchDispatchMode):
-    """Under bf16 autocast, run every GEMM whose operands are bf16 (mm, addmm, bmm, baddbmm, forward and backward)
-    as an fp32 GEMM of those exact values, rounded back to bf16. Everything else runs untouched."""
+    """Under bf16 autocast, run every GEMM whose operands are bf16 (mm, addmm, bmm, baddbmm) and CPU flash
+    attention (forward and backward) as fp32 kernels on those exact values, rounding what would have been bf16
+    back to bf16 (attention's logsumexp is fp32 either way). Everything else runs untouched."""
 
     GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+    ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu.default
+    ATTENTION_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.GEMMS and any(_is_bf16(a) for a in args):
-            return func(*(a.float() if _is_bf16(a) else a for a in args), **kwargs).to(torch.bfloat16)
-        return func(*args, **kwargs)
+        if func not in (*self.GEMMS, self.ATTENTION, self.ATTENTION_BACKWARD) or not any(map(_is_bf16, args)):
+            return func(*args, **kwargs)
+        out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
+        if func is self.ATTENTION:
+            return out[0].to(torch.bfloat16), out[1]
+        if func is self.ATTENTION_BACKWARD:
+            return tuple(t.to(torch.bfloat16) for t in out)
+        return out.to(torch.bfloat16)
+
+
+def _up(x):
+    return x.float() if _is_bf16(x) else x
 
 
 def _is_bf16(x) -> bool:

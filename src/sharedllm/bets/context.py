@@ -20,7 +20,7 @@ from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
 from sharedllm.quant.ptq import PTQConfig
-from sharedllm.train import TrainConfig, hold_frozen_in_bf16
+from sharedllm.train import TrainConfig, bf16_matmuls, hold_frozen_in_bf16
 
 from . import common
 from .cells import scored
@@ -181,6 +181,8 @@ class Context:
             if self.opts.frozen_bf16:
                 freed = hold_frozen_in_bf16(self._base.model)
                 say(f"bet {self.bet.name}: the base's matmul weights held in bf16 ({freed / 2**30:.2f} GiB freed)")
+            if self.opts.dtype == "bf16":
+                say(f"bet {self.bet.name}: bf16 matmuls {bf16_matmuls(self.opts.device)} on this machine")
         return self._base
 
     @property
