@@ -82,3 +82,14 @@ def test_emulated_attention_matches_native_bf16_attention():
         for t in (q, k, v):
             t.grad = None
     assert all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(*grads))
+
+
+def test_adapt_says_when_bf16_is_emulated(monkeypatch, tmp_path, capsys):
+    from sharedllm.cli import main
+
+    text = tmp_path / "u.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    monkeypatch.setenv("SHAREDLLM_BF16_MATMULS", "emulated")
+    assert main(["adapt", "--base", "tiny", "--text", str(text), "--out", str(tmp_path / "a.safetensors"), "--steps",
+                 "2", "--seq", "32", "--window", "32", "--dtype", "bf16"]) == 0
+    assert "no native bf16 matmuls" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from ..adapters import METHODS, get_method
 from ..errors import SharedLLMError
 from ..base import load_base
 from ..log import say
-from ..train import TrainConfig, hold_frozen_in_bf16
+from ..train import TrainConfig, bf16_matmuls, hold_frozen_in_bf16
 
 
 def positive_int(text: str) -> int:
@@ -88,4 +88,7 @@ def load_for_training(args):
     base = load_base(args.base, args.device)
     if args.dtype == "bf16" and args.method == "norm":
         hold_frozen_in_bf16(base.model)
+    if args.dtype == "bf16" and bf16_matmuls(args.device) == "emulated":
+        say("this CPU has no native bf16 matmuls (no AVX512_BF16 / AMX): bf16 runs as fp32 GEMMs on bf16 values, "
+            "the same numbers but slower than --dtype fp32 here")
     return base
