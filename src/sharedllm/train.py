@@ -22,7 +22,8 @@ def autocast(dtype: str = "fp32", device="cpu"):
     """The compute dtype (--dtype): fp32 changes nothing; bf16 runs what it wraps under
     torch.autocast(device type, bfloat16): matmuls in bf16, parameters (trainable ones and the optimizer's state)
     stay fp32, and the losses form logits in fp32 and sum NLLs in fp32 (sharedllm.losses). The cast cache is off:
-    a region spanning optimizer steps must not reuse a trainable weight's bf16 copy from before the step."""
+    a region spanning optimizer steps must not reuse a trainable weight's bf16 copy from before the step. Where
+    bf16 matmuls are not native (`bf16_matmuls`), the region also runs them as fp32 kernels (`Bf16MatmulsInFp32`)."""
     if dtype == "fp32":
         return contextlib.nullcontext()
     if dtype != "bf16":
@@ -41,7 +42,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags under which torch's CP
 
 def bf16_matmuls(device="cpu") -> str:
     """How bf16 matmuls run here: "native", or "emulated" on an x86 CPU without avx512_bf16 / amx_bf16, where
-    torch's own bf16 GEMM is ~8x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
+    torch's own bf16 GEMM is 8-80x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
     the same bf16 operands multiplied by fp32 kernels, the result rounded to bf16: the numbers of a native bf16 GEMM
     (fp32 accumulation) up to summation order. $SHAREDLLM_BF16_MATMULS=native|emulated overrides."""
     forced = os.environ.get("SHAREDLLM_BF16_MATMULS", "")
