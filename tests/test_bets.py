@@ -105,6 +105,7 @@ def test_cli_bet_and_bets(out_dir, tmp_path, capsys):
 def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Long bets checkpoint each finished unit under results/partial/; a resumed run does only what is left."""
     from sharedllm.bets.context import Context
+    from sharedllm.train import cpu_model
 
     bet, calls = get_bet("46"), []
     opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=2)
@@ -120,13 +121,18 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_bet(bet, opts)
     partial = tmp_path / "res" / "partial" / f"{bet.name}.json"
-    assert set(json.loads(partial.read_text())["units"]) == {"base", "norm/seed0", "full/seed0", "norm/seed1"}
+    saved = json.loads(partial.read_text())
+    assert set(saved["units"]) == {"base", "norm/seed0", "full/seed0", "norm/seed1"}
+    assert {u["machine"] for u in saved["units"].values()} == {cpu_model()}  # where each unit ran
+    del saved["units"]["base"]["machine"]  # a unit from before units recorded it
+    partial.write_text(json.dumps(saved))
     monkeypatch.setattr(Context, "adapter", real)
     resumed = []
     monkeypatch.setattr(Context, "adapter", lambda self, *a, **k: resumed.append(a) or real(self, *a, **k))
     result = run_bet(bet, opts)
     assert len(resumed) == 1 and resumed[0][1] == "full"  # only the unit that was cut off is trained
     assert result["meta"]["resumed"]["units_reused"] == 4 and not partial.exists()
+    assert result["meta"]["unit_machines"] == {cpu_model(): 4, "not recorded": 1}
     assert sorted(result["config"]["seeds"]) == [0, 1] and len(result["cells"]) == 5 * 3  # base + 2 x (norm, full)
     assert set(result["extras"]["loss_curves"]) == {f"programmer/{m}/seed{s}" for m in ("norm", "full") for s in (0, 1)}
 

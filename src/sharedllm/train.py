@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -56,12 +57,21 @@ def bf16_matmuls(device="cpu") -> str:
 
 def cpu_flags() -> set:
     """The CPU's ISA flags from /proc/cpuinfo (Linux x86); empty where there is none."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpuinfo(field: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
+            line = next((ln for ln in f if ln.split(":")[0].strip() == field), "")
     except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
+        return ""
+    return line.partition(":")[2].strip()
 
 
 class Bf16MatmulsInFp32(TorchDispatchMode):

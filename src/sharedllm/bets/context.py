@@ -20,7 +20,7 @@ from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
 from sharedllm.quant.ptq import PTQConfig
-from sharedllm.train import TrainConfig, bf16_matmuls, hold_frozen_in_bf16
+from sharedllm.train import TrainConfig, bf16_matmuls, cpu_model, hold_frozen_in_bf16
 
 from . import common
 from .cells import scored
@@ -246,7 +246,16 @@ class Context:
         cells = compute()
         curves = {k: v for k, v in self.extras.get("loss_curves", {}).items() if k not in before}
         return {"cells": cells, "curves": curves, "users": self.users_used[users:],
-                "seeds": sorted(self.seeds_used - seeds), "wall_s": round(time.time() - start, 1)}
+                "seeds": sorted(self.seeds_used - seeds), "wall_s": round(time.time() - start, 1),
+                "machine": self.machine()}
+
+    def machine(self) -> str:
+        """Where a unit ran (the units of one run may land on different machines): the CPU or GPU and, for bf16,
+        whether its matmuls ran native or emulated (sharedllm.train.bf16_matmuls)."""
+        device = self.opts.device
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        where = torch.cuda.get_device_name(0) if cuda else cpu_model()
+        return where + (f", bf16 matmuls {bf16_matmuls(device)}" if self.opts.dtype == "bf16" else "")
 
     # ---- configuration recorded in the result ----
     def train_config(self, seed: int = 0, lr: float | None = None) -> TrainConfig:

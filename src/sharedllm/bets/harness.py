@@ -11,6 +11,7 @@ import json
 import platform
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -98,6 +99,9 @@ def assemble(bet: Bet, ctx, cells: list, wall_s: float, missing: list = ()) -> d
         failed = ctx.checkpoint.failed()
         result["incomplete"] = {"missing": missing, "failed": {k: failed[k] for k in missing if k in failed},
                                 "units_done": len(ctx.checkpoint.reused) + len(ctx.checkpoint.computed)}
+    machines = Counter(u.get("machine", "not recorded") for u in ctx.checkpoint.units().values())
+    if machines:  # where the units ran: a run resumed elsewhere has more than one
+        result["meta"]["unit_machines"] = dict(machines)
     if ctx.checkpoint.reused:  # a resumed run: say how much of it came from the checkpoint of earlier runs
         result["meta"]["resumed"] = {"units_reused": len(ctx.checkpoint.reused),
                                      "wall_s_all_units": round(ctx.checkpoint.wall_s(), 1)}
