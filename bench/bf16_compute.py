@@ -28,11 +28,17 @@ from sharedllm.train import Bf16MatmulsInFp32, TrainConfig, bf16_matmuls  # noqa
 
 def train_step_cpu_s(base, tokens, dtype: str, matmuls: str, steps: int) -> float:
     """CPU seconds per norm training step (2 x 256) in `dtype`, bf16 GEMMs `matmuls` (native or emulated)."""
+    before = os.environ.get("SHAREDLLM_BF16_MATMULS")
     os.environ["SHAREDLLM_BF16_MATMULS"] = matmuls
     cfg = TrainConfig(steps=steps, batch=2, seq=256, lr=1e-3)
-    t = time.process_time()
-    personalise(base, tokens, "norm", cfg, dtype=dtype)
-    return (time.process_time() - t) / steps
+    try:
+        t = time.process_time()
+        personalise(base, tokens, "norm", cfg, dtype=dtype)
+        return (time.process_time() - t) / steps
+    finally:
+        os.environ.pop("SHAREDLLM_BF16_MATMULS")
+        if before is not None:
+            os.environ["SHAREDLLM_BF16_MATMULS"] = before
 
 
 def matmul_gflops(dtype, m=512, k=896, n=4864, reps=20) -> float:

@@ -57,7 +57,9 @@ def test_emulated_bf16_trains_the_adapter_native_bf16_trains(monkeypatch):
 
     def gap(a, b):
         return max((gains[a][k] - gains[b][k]).abs().max().item() for k in gains[a])
-    assert gap("native", "emulated") < 1e-3 < gap("native", "fp32")
+    # here 8e-4 vs 1.9e-2; the margin leaves room for another CPU's summation order (under AdamW a gain whose tiny
+    # gradient flips sign moves by up to ~lr)
+    assert gap("native", "emulated") < 0.5 * gap("native", "fp32")
 
 
 def test_autocast_enters_the_emulation_only_where_bf16_is_not_native(monkeypatch):
@@ -93,3 +95,14 @@ def test_adapt_says_when_bf16_is_emulated(monkeypatch, tmp_path, capsys):
     assert main(["adapt", "--base", "tiny", "--text", str(text), "--out", str(tmp_path / "a.safetensors"), "--steps",
                  "2", "--seq", "32", "--window", "32", "--dtype", "bf16"]) == 0
     assert "no native bf16 matmuls" in capsys.readouterr().err
+
+
+def test_a_mixed_dtype_gemm_is_left_to_torch():
+    """Only all-bf16 GEMMs are emulated: an fp32 x bf16 product fails as it does without the mode."""
+    a, b = torch.randn(4, 8), torch.randn(8, 3).bfloat16()
+    with pytest.raises(RuntimeError):
+        torch.mm(a, b)
+    with Bf16MatmulsInFp32(), pytest.raises(RuntimeError):
+        torch.mm(a, b)
+    with Bf16MatmulsInFp32():
+        assert torch.mv(b.T, b[:, 0]).dtype == torch.bfloat16  # mv: emulated, result bf16

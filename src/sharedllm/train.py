@@ -29,13 +29,16 @@ def autocast(dtype: str = "fp32", device="cpu"):
         return contextlib.nullcontext()
     if dtype != "bf16":
         raise ValueError(f"compute dtype {dtype!r}: fp32 or bf16")
-    region = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    device_type = torch.device(device).type
     if bf16_matmuls(device) == "native":
-        return region
-    stack = contextlib.ExitStack()
-    stack.enter_context(region)
-    stack.enter_context(Bf16MatmulsInFp32())
-    return stack
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+    return _emulated_bf16(device_type)
+
+
+@contextlib.contextmanager
+def _emulated_bf16(device_type: str):
+    with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False), Bf16MatmulsInFp32():
+        yield
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags under which torch's CPU bf16 matmuls are fast
@@ -46,11 +49,11 @@ def bf16_matmuls(device="cpu") -> str:
     torch's own bf16 GEMM is 8-80x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
     the same bf16 operands multiplied by fp32 kernels, the result rounded to bf16: the numbers of a native bf16 GEMM
     (fp32 accumulation) up to summation order. $SHAREDLLM_BF16_MATMULS=native|emulated overrides."""
+    if torch.device(device).type != "cpu":
+        return "native"
     forced = os.environ.get("SHAREDLLM_BF16_MATMULS", "")
     if forced in ("native", "emulated"):
         return forced
-    if torch.device(device).type != "cpu":
-        return "native"
     flags = cpu_flags()
     return "emulated" if flags and "avx2" in flags and not set(BF16_CPU_FLAGS) & flags else "native"
 
@@ -75,24 +78,27 @@ def _cpuinfo(field: str) -> str:
 
 
 class Bf16MatmulsInFp32(TorchDispatchMode):
-    """Under bf16 autocast, run every GEMM whose operands are bf16 (mm, addmm, bmm, baddbmm) and CPU flash
-    attention (forward and backward) as fp32 kernels on those exact values, rounding what would have been bf16
-    back to bf16 (attention's logsumexp is fp32 either way). Everything else runs untouched."""
+    """Under bf16 autocast, run every GEMM whose floating operands are all bf16 (mm, addmm, bmm, baddbmm, addbmm,
+    mv, addmv, dot) and CPU flash attention on bf16 q/k/v (forward and backward) as fp32 kernels on those exact
+    values, rounding what would have been bf16 back to bf16 (attention's logsumexp is fp32 either way). Everything
+    else, mixed-dtype calls included, runs untouched (and fails where torch's would)."""
 
-    GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+    GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addbmm.default,
+             aten.mv.default, aten.addmv.default, aten.dot.default)
     ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu.default
     ATTENTION_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in (*self.GEMMS, self.ATTENTION, self.ATTENTION_BACKWARD) or not any(map(_is_bf16, args)):
-            return func(*args, **kwargs)
-        out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
-        if func is self.ATTENTION:
-            return out[0].to(torch.bfloat16), out[1]
-        if func is self.ATTENTION_BACKWARD:
+        floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        if func in self.GEMMS and floats and all(map(_is_bf16, floats)):
+            return func(*map(_up, args), **kwargs).to(torch.bfloat16)
+        if func in (self.ATTENTION, self.ATTENTION_BACKWARD) and _is_bf16(args[0]):
+            out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
+            if func is self.ATTENTION:
+                return out[0].to(torch.bfloat16), out[1]
             return tuple(t.to(torch.bfloat16) for t in out)
-        return out.to(torch.bfloat16)
+        return func(*args, **kwargs)
 
 
 def _up(x):

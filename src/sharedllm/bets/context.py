@@ -254,7 +254,7 @@ class Context:
         whether its matmuls ran native or emulated (sharedllm.train.bf16_matmuls)."""
         device = self.opts.device
         cuda = device.startswith("cuda") and torch.cuda.is_available()
-        where = torch.cuda.get_device_name(0) if cuda else cpu_model()
+        where = torch.cuda.get_device_name(torch.device(device)) if cuda else cpu_model()
         return where + (f", bf16 matmuls {bf16_matmuls(device)}" if self.opts.dtype == "bf16" else "")
 
     # ---- configuration recorded in the result ----

@@ -150,7 +150,7 @@ def meta(wall_s: float, opts: Options) -> dict:
 
     device = opts.device
     if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(0)})"
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", ".", ":/src")),
             "packages": {"sharedllm": sharedllm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__,
