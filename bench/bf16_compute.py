@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import math
+import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -28,17 +29,11 @@ from sharedllm.train import Bf16MatmulsInFp32, TrainConfig, bf16_matmuls  # noqa
 
 def train_step_cpu_s(base, tokens, dtype: str, matmuls: str, steps: int) -> float:
     """CPU seconds per norm training step (2 x 256) in `dtype`, bf16 GEMMs `matmuls` (native or emulated)."""
-    before = os.environ.get("SHAREDLLM_BF16_MATMULS")
-    os.environ["SHAREDLLM_BF16_MATMULS"] = matmuls
     cfg = TrainConfig(steps=steps, batch=2, seq=256, lr=1e-3)
-    try:
+    with mock.patch.dict(os.environ, {"SHAREDLLM_BF16_MATMULS": matmuls}):
         t = time.process_time()
         personalise(base, tokens, "norm", cfg, dtype=dtype)
         return (time.process_time() - t) / steps
-    finally:
-        os.environ.pop("SHAREDLLM_BF16_MATMULS")
-        if before is not None:
-            os.environ["SHAREDLLM_BF16_MATMULS"] = before
 
 
 def matmul_gflops(dtype, m=512, k=896, n=4864, reps=20) -> float:
@@ -88,7 +83,7 @@ def main() -> None:
 
 
 def train_rows(args, text: str) -> None:
-    base = load_base(args.base)
+    base = load_base(args.base)  # a fresh copy: the forward rows left theirs in bf16
     tokens = torch.tensor(base.tokenizer.encode(text[: len(text) // 2]))
     print(f"\nthis machine's default for --dtype bf16: {bf16_matmuls()} bf16 matmuls")
     ref = train_step_cpu_s(base, tokens, "fp32", "native", args.train_steps)

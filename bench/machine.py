@@ -3,18 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sharedllm.machine import cpu_flags, cpu_model
+
 ISA = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "sve")
 
 
 def cpu_info() -> dict:
-    """CPU model and ISA flags (from /proc/cpuinfo)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"model": "unknown", "isa": []}
-    get = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
-    flags = set(get("flags").split() or get("Features").split())
-    return {"model": get("model name") or "unknown", "isa": [f for f in ISA if f in flags]}
+    """CPU model and the ISA flags above (sharedllm.machine reads /proc/cpuinfo)."""
+    flags = cpu_flags()
+    return {"model": cpu_model(), "isa": [f for f in ISA if f in flags]}
 
 
 def load_average() -> str:

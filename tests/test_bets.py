@@ -105,7 +105,7 @@ def test_cli_bet_and_bets(out_dir, tmp_path, capsys):
 def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Long bets checkpoint each finished unit under results/partial/; a resumed run does only what is left."""
     from sharedllm.bets.context import Context
-    from sharedllm.train import cpu_model
+    from sharedllm.machine import cpu_model
 
     bet, calls = get_bet("46"), []
     opts = Options(quick=True, corpora=CORPORA, out=tmp_path / "out", results=tmp_path / "res", seeds=2)

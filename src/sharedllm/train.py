@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .data import batch_sampler
 from .log import milestone, progress
+from .machine import cpu_flags
 from .losses import next_token_loss
 
 
@@ -58,42 +58,24 @@ def bf16_matmuls(device="cpu") -> str:
     return "emulated" if flags and "avx2" in flags and not set(BF16_CPU_FLAGS) & flags else "native"
 
 
-def cpu_flags() -> set:
-    """The CPU's ISA flags from /proc/cpuinfo (Linux x86); empty where there is none."""
-    return set(_cpuinfo("flags").split())
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def _cpuinfo(field: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.split(":")[0].strip() == field), "")
-    except OSError:
-        return ""
-    return line.partition(":")[2].strip()
-
-
 class Bf16MatmulsInFp32(TorchDispatchMode):
     """Under bf16 autocast, run every GEMM whose floating operands are all bf16 (mm, addmm, bmm, baddbmm, addbmm,
     mv, addmv, dot) and CPU flash attention on bf16 q/k/v (forward and backward) as fp32 kernels on those exact
     values, rounding what would have been bf16 back to bf16 (attention's logsumexp is fp32 either way). Everything
     else, mixed-dtype calls included, runs untouched (and fails where torch's would)."""
 
-    GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addbmm.default,
-             aten.mv.default, aten.addmv.default, aten.dot.default)
+    GEMMS = frozenset((aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+                       aten.addbmm.default, aten.mv.default, aten.addmv.default, aten.dot.default))
     ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu.default
-    ATTENTION_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    ATTENTIONS = frozenset((ATTENTION, aten._scaled_dot_product_flash_attention_for_cpu_backward.default))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        if func in self.GEMMS and floats and all(map(_is_bf16, floats)):
-            return func(*map(_up, args), **kwargs).to(torch.bfloat16)
-        if func in (self.ATTENTION, self.ATTENTION_BACKWARD) and _is_bf16(args[0]):
+        if func in self.GEMMS:
+            floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            if floats and all(map(_is_bf16, floats)):
+                return func(*map(_up, args), **kwargs).to(torch.bfloat16)
+        elif func in self.ATTENTIONS and _is_bf16(args[0]):
             out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
             if func is self.ATTENTION:
                 return out[0].to(torch.bfloat16), out[1]

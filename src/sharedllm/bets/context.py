@@ -20,7 +20,8 @@ from sharedllm.metrics import score_windows
 from sharedllm.personalise import load_adapted
 from sharedllm.quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
 from sharedllm.quant.ptq import PTQConfig
-from sharedllm.train import TrainConfig, bf16_matmuls, cpu_model, hold_frozen_in_bf16
+from sharedllm.machine import cpu_model
+from sharedllm.train import TrainConfig, bf16_matmuls, hold_frozen_in_bf16
 
 from . import common
 from .cells import scored
