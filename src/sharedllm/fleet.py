@@ -11,6 +11,7 @@ Norm adapters only: the row-gain design has no per-row LoRA or full fine-tuning.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,7 @@ from .log import milestone, progress
 from .losses import causal_lm_parts, weighted_linear_cross_entropy
 from .personalise import Adapted, new_adapter, train_meta
 from .serve.rowgains import RowGainModel
+from .snapshot import Resumed
 from .train import TrainConfig, TrainResult, autocast
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
@@ -102,14 +104,15 @@ def _step(rgm: RowGainModel, opt, members: list[_Member], device) -> None:
 
 
 def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None = None,
-                label: str | None = None, dtype: str = "fp32") -> dict[str, Adapted]:
+                label: str | None = None, dtype: str = "fp32", snapshot=None) -> dict[str, Adapted]:
     """Train one norm adapter per user in one pass; returns {user: Adapted}, as `personalise` would for each.
 
     `cfg` is one TrainConfig for everyone or {user: TrainConfig}. Users of one pass share steps, batch, seq and
     budget_s; lr, betas, weight_decay and seed are per user, so a learning-rate sweep is one pass too: give the
     same tokens under several names, each with its own lr. Batch rows = users x cfg.batch (memory grows with it).
     `dtype` is the compute dtype, as for `personalise` (bf16: the pass runs under bf16 autocast, gains and AdamW
-    state stay fp32); other than fp32 it is recorded in every user's metadata.
+    state stay fp32); other than fp32 it is recorded in every user's metadata. `snapshot`: as for
+    `sharedllm.train.train` (resume the pass from it, keep it up to date; the caller deletes it).
     """
     if not tokens_by_user:
         raise SharedLLMError("train_fleet needs at least one user")
@@ -119,16 +122,23 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     members = _members(rgm, tokens_by_user, cfgs)
     opt = _optimizer(members)
     torch.manual_seed(first.seed)
+    gains = [g for m in members for g in m.gains]
+    done = snapshot.restore(gains, opt, [m.batches for m in members], first.steps) if snapshot else Resumed()
+    for m, losses in zip(members, done.losses):
+        m.losses = losses
     rgm.model.train()
-    start, cpu = time.perf_counter(), time.process_time()
-    with progress(total=first.steps, desc=label or f"train norm, {len(members)} users", unit="step") as bar, \
-            autocast(dtype, base.device):
-        for step in range(first.steps):
+    start, cpu = time.perf_counter() - done.wall_s, time.process_time() - done.cpu_s
+    with progress(total=first.steps, initial=done.step, desc=label or f"train norm, {len(members)} users",
+                  unit="step") as bar, autocast(dtype, base.device), snapshot or contextlib.nullcontext():
+        for step in range(done.step, first.steps):
             if first.budget_s is not None and time.perf_counter() - start >= first.budget_s:
                 break
             _step(rgm, opt, members, base.device)
             bar.update(1)
             milestone(label or "fleet", step + 1, first.steps, members[0].losses[-1])
+            if snapshot:
+                snapshot.after_step(step + 1, gains, opt, [m.losses for m in members], time.perf_counter() - start,
+                                    time.process_time() - cpu)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {m.name: _adapted(base, rgm, m, wall, cpu, dtype) for m in members}
 

@@ -43,13 +43,15 @@ def new_adapter(base: Base, method: str, seed: int | None = None, config=None) -
 
 
 def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
-                label: str | None = None, method_config=None, dtype: str = "fp32") -> Adapted:
+                label: str | None = None, method_config=None, dtype: str = "fp32", snapshot=None) -> Adapted:
     """Train one adapter on `train_tokens`. `dtype` is the compute dtype (sharedllm.train.autocast: bf16 = matmuls
-    under bf16 autocast, parameters and optimizer state fp32); other than fp32 it is recorded in the metadata."""
+    under bf16 autocast, parameters and optimizer state fp32); other than fp32 it is recorded in the metadata.
+    `snapshot`: a sharedllm.snapshot.Snapshot to resume from and keep up to date (see `sharedllm.train.train`)."""
     cfg = cfg or TrainConfig()
     adapted = new_adapter(base, method, seed=cfg.seed, config=method_config)
     with autocast(dtype, base.device):
-        adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}")
+        adapted.result = train(adapted.model, adapted.params, train_tokens, cfg, label=label or f"train {method}",
+                                snapshot=snapshot)
     adapted.meta = train_meta(cfg, adapted.result, dtype)
     return adapted
 

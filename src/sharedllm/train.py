@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .data import batch_sampler
 from .log import milestone, progress
 from .machine import cpu_flags
+from .snapshot import Resumed
 from .losses import next_token_loss
 
 
@@ -145,22 +146,32 @@ class TrainResult:
                 "loss_first": sum(head) / max(len(head), 1), "loss_last": sum(tail) / max(len(tail), 1)}
 
 
-def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train") -> TrainResult:
-    """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen."""
+def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train",
+          snapshot=None) -> TrainResult:
+    """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen.
+    `snapshot` (a sharedllm.snapshot.Snapshot): resume from it if it holds this run, and keep it up to date (the
+    caller deletes it once the trained adapter is saved)."""
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    tensors = list(params.values())
+    opt = torch.optim.AdamW(tensors, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     batches = batch_sampler(tokens, cfg.batch, cfg.seq, cfg.seed)
-    device = next(iter(params.values())).device
+    device = tensors[0].device
+    done = snapshot.restore(tensors, opt, [batches], cfg.steps) if snapshot else Resumed()
+    losses = done.losses[0] if done.losses else []
     model.train()
-    losses, start, cpu = [], time.perf_counter(), time.process_time()
-    with progress(total=cfg.steps, desc=label, unit="step") as bar:
-        for _ in range(cfg.steps):
+    start, cpu = time.perf_counter() - done.wall_s, time.process_time() - done.cpu_s
+    with progress(total=cfg.steps, initial=done.step, desc=label, unit="step") as bar, \
+            snapshot or contextlib.nullcontext():
+        for _ in range(done.step, cfg.steps):
             if cfg.budget_s is not None and time.perf_counter() - start >= cfg.budget_s:
                 break
             losses.append(_step(model, opt, next(batches).to(device)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             milestone(label, len(losses), cfg.steps, losses[-1])
+            if snapshot:
+                snapshot.after_step(len(losses), tensors, opt, [losses], time.perf_counter() - start,
+                                    time.process_time() - cpu)
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses,
                        cpu_s=time.process_time() - cpu)

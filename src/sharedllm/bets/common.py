@@ -1,6 +1,7 @@
 """Shared pieces of the bets: the eval budget, user files, and trained adapters cached under the artefact folder (reused across bets)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.base import Base
 from sharedllm.personalise import personalise, save_adapted
+from sharedllm.snapshot import Snapshot
 from sharedllm.train import TrainConfig, autocast  # noqa: F401  (autocast: the bets' --dtype)
 
 GENERAL = "general/wikipedia_squad_paragraphs"  # general text: forgetting checks, calibration of the ternary base
@@ -60,10 +62,22 @@ def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: st
     path = adapter_path(base, user, method, cfg, tag, root, dtype)
     if _trained(path, dtype) and not force:
         return path
+    spec = AdapterSpec(user, train_tokens, cfg, tag)
+    snapshot = Snapshot(path.with_suffix(".snapshot.safetensors"), snapshot_key(base, [spec], method, dtype))
     with autocast(dtype, str(base.device)):
-        adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}")
-    _save(adapted, path, base, AdapterSpec(user, train_tokens, cfg, tag), method, dtype)
+        adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}",
+                              snapshot=snapshot)
+    _save(adapted, path, base, spec, method, dtype)
+    snapshot.clear()
     return path
+
+
+def snapshot_key(base: Base, specs: list, method: str, dtype: str) -> dict:
+    """What a training snapshot must match to be resumed: the base, the method and dtype, and per adapter its user,
+    tag, config and a digest of its training tokens."""
+    return {"base": base.fingerprint, "method": method, "dtype": dtype,
+            "adapters": [{"user": s.user, "tag": s.tag, "train": s.cfg.to_json(),
+                          "tokens": hashlib.sha256(s.tokens.cpu().numpy().tobytes()).hexdigest()} for s in specs]}
 
 
 def ensure_norm_adapters(base: Base, specs: list, root: Path, dtype: str = "fp32") -> list:
@@ -79,13 +93,18 @@ def ensure_norm_adapters(base: Base, specs: list, root: Path, dtype: str = "fp32
     if not todo:
         return paths
     names = ", ".join(f"{s.user}{s.tag}" for s in todo.values())
+    key = snapshot_key(base, list(todo.values()), "norm", dtype)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    snapshot = Snapshot(paths[int(next(iter(todo)))].parent / f"fleet-{digest}.snapshot.safetensors", key)
     adapted = train_fleet(base, {k: s.tokens.to(base.device) for k, s in todo.items()},
-                          {k: s.cfg for k, s in todo.items()}, label=f"norm x{len(todo)} ({names})", dtype=dtype)
+                          {k: s.cfg for k, s in todo.items()}, label=f"norm x{len(todo)} ({names})", dtype=dtype,
+                          snapshot=snapshot)
     for k, s in todo.items():
         one = adapted[k]
         fleet = {"users": len(todo), "wall_s": round(one.result.wall_s, 1), "cpu_s": round(one.result.cpu_s, 1)}
         one.result.wall_s /= len(todo)
         _save(one, paths[int(k)], base, s, "norm", dtype, fleet=fleet)
+    snapshot.clear()
     return paths
 
 
