@@ -1,7 +1,10 @@
 """Training snapshots (sharedllm.snapshot): a run stopped by SIGTERM part-way resumes to the adapter an uninterrupted
 run gives, bit for bit on a CPU; a snapshot of another run, or a damaged one, is ignored."""
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +93,25 @@ def test_the_bets_adapters_leave_no_snapshot_behind(tiny, tmp_path):
     assert one.is_file() and all(p.is_file() for p in two)
     assert not list(tmp_path.rglob("*snapshot*"))
     assert snapshot_key(tiny, specs[:1], "norm", "fp32") != snapshot_key(tiny, specs[1:], "norm", "fp32")
+
+
+def test_adapt_stopped_by_sigterm_says_how_to_resume_and_the_same_command_resumes(user_text, tmp_path):
+    out = tmp_path / "u.safetensors"
+    argv = [sys.executable, "-m", "sharedllm.cli", "adapt", "--text", str(user_text), "--out", str(out),
+            "--base", "tiny", "--steps", "100", "--seq", "32", "--window", "32", "--lr", "1e-3"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:  # bars are off without a terminal: a milestone line every 10 % of the steps
+        if "step 10/100" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    snap = tmp_path / "u.snapshot.safetensors"
+    assert snap.is_file() and not out.exists()
+    again = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    step = int(again.stderr.split("at step ")[1].split("/")[0])
+    assert 10 <= step < 100, again.stderr
+    assert json.loads(again.stdout)["steps"] == 100
+    assert out.is_file() and not snap.exists()

@@ -11,6 +11,7 @@ again) and replaced. The file is deleted once training completes. Never unpickle
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -106,6 +107,27 @@ class Snapshot:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def run_key(base_fingerprint: str, method: str, dtype: str, adapters: list, method_config=None) -> dict:
+    """What a snapshot must match to be resumed: the base, the method (and its config) and dtype, and per adapter
+    (dicts of user, cfg (a TrainConfig), tokens (a tensor), and anything else JSON-able) its config and a digest
+    of its training tokens."""
+    def one(a: dict) -> dict:
+        rest = {k: v for k, v in a.items() if k not in ("cfg", "tokens")}
+        return {**rest, "train": a["cfg"].to_json(), "tokens": token_digest(a["tokens"])}
+    extra = {} if method_config is None else {"method_config": method_config}
+    return {"base": base_fingerprint, "method": method, "dtype": dtype, "adapters": [one(a) for a in adapters],
+            **extra}
+
+
+def token_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()
+
+
+def beside(path) -> Path:
+    """The snapshot file of an adapter written to `path`: `alice.safetensors` -> `alice.snapshot.safetensors`."""
+    return Path(path).with_suffix(".snapshot.safetensors")
 
 
 def _meta(path: Path) -> dict:

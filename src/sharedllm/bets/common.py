@@ -11,7 +11,7 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.base import Base
 from sharedllm.personalise import personalise, save_adapted
-from sharedllm.snapshot import Snapshot
+from sharedllm.snapshot import Snapshot, beside, run_key
 from sharedllm.train import TrainConfig, autocast  # noqa: F401  (autocast: the bets' --dtype)
 
 GENERAL = "general/wikipedia_squad_paragraphs"  # general text: forgetting checks, calibration of the ternary base
@@ -63,7 +63,7 @@ def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: st
     if _trained(path, dtype) and not force:
         return path
     spec = AdapterSpec(user, train_tokens, cfg, tag)
-    snapshot = Snapshot(path.with_suffix(".snapshot.safetensors"), snapshot_key(base, [spec], method, dtype))
+    snapshot = Snapshot(beside(path), snapshot_key(base, [spec], method, dtype))
     with autocast(dtype, str(base.device)):
         adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}",
                               snapshot=snapshot)
@@ -73,11 +73,9 @@ def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: st
 
 
 def snapshot_key(base: Base, specs: list, method: str, dtype: str) -> dict:
-    """What a training snapshot must match to be resumed: the base, the method and dtype, and per adapter its user,
-    tag, config and a digest of its training tokens."""
-    return {"base": base.fingerprint, "method": method, "dtype": dtype,
-            "adapters": [{"user": s.user, "tag": s.tag, "train": s.cfg.to_json(),
-                          "tokens": hashlib.sha256(s.tokens.cpu().numpy().tobytes()).hexdigest()} for s in specs]}
+    """What a training snapshot of these adapters must match to be resumed (sharedllm.snapshot.run_key)."""
+    return run_key(base.fingerprint, method, dtype,
+                   [{"user": s.user, "tag": s.tag, "cfg": s.cfg, "tokens": s.tokens} for s in specs])
 
 
 def ensure_norm_adapters(base: Base, specs: list, root: Path, dtype: str = "fp32") -> list:

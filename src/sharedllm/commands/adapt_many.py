@@ -11,6 +11,7 @@ from ..errors import SharedLLMError
 from ..fleet import train_fleet, with_lr
 from ..log import say
 from ..personalise import evaluate_on, save_adapted
+from ..snapshot import Snapshot, run_key
 from ..train import autocast
 from .args import load_for_training, train_config
 
@@ -104,10 +105,15 @@ def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
     start = time.perf_counter()
     say(f"training {len(data)} norm adapters in one pass for {args.steps} steps "
         f"({len(data)} x {args.batch} rows of {args.seq} tokens per step, {args.dtype})")
-    adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs, dtype=args.dtype)
+    key = run_key(base.fingerprint, "norm", args.dtype, [{"user": u, "cfg": cfgs[u], "tokens": d.train}
+                                                         for u, d in data.items()])
+    snapshot = Snapshot(Path(args.out_dir) / "fleet.snapshot.safetensors", key)
+    adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs, dtype=args.dtype,
+                          snapshot=snapshot)
     train_s = time.perf_counter() - start
     with autocast(args.dtype, base.device):  # scoring in the same compute dtype, as for one user
         rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
+    snapshot.clear()
     return {"method": "norm", "dtype": args.dtype, "base": base.name, "base_fingerprint": base.fingerprint,
             "out_dir": args.out_dir,
             "users": rows, "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
