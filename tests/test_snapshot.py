@@ -1,5 +1,6 @@
 """Training snapshots (sharedllm.snapshot): a run stopped by SIGTERM part-way resumes to the adapter an uninterrupted
 run gives, bit for bit on a CPU; a snapshot of another run, or a damaged one, is ignored."""
+import hashlib
 import json
 import os
 import signal
@@ -9,10 +10,15 @@ import sys
 import pytest
 import torch
 
-from sharedllm.bets.common import AdapterSpec, ensure_adapter, ensure_norm_adapters, snapshot_key
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import sharedllm.snapshot as snapshot_module
+from sharedllm.bets.common import (AdapterSpec, adapter_path, ensure_adapter, ensure_norm_adapters, sidecar,
+                                   snapshot_key)
 from sharedllm.fleet import train_fleet
 from sharedllm.personalise import new_adapter, personalise
-from sharedllm.snapshot import Snapshot
+from sharedllm.snapshot import Snapshot, beside
 from sharedllm.train import TrainConfig
 
 CFG = TrainConfig(steps=10, batch=2, seq=32, lr=1e-2)
@@ -41,7 +47,7 @@ def _equal(a, b):
 
 
 @pytest.mark.parametrize("method", ["norm", "lora"])
-def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp_path, method):
+def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp_path, method, capsys):
     tokens = _tokens(1)
     whole = personalise(tiny, tokens, method, CFG)
     path = tmp_path / "run.snapshot.safetensors"
@@ -51,7 +57,11 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp
     assert stop.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before, "the trainer must put the old SIGTERM handler back"
     assert path.is_file()
+    capsys.readouterr()
     resumed = personalise(tiny, tokens, method, CFG, snapshot=Snapshot(path, KEY))
+    err = capsys.readouterr().err
+    assert "resuming from training snapshot" in err and "ignoring" not in err, err
+    assert resumed.result.resumed_at in (4, 5) and f"at step {resumed.result.resumed_at}/10" in err
     assert resumed.result.steps == CFG.steps
     assert resumed.result.losses == whole.result.losses
     assert _equal(resumed, whole)
@@ -73,26 +83,66 @@ def test_a_snapshot_of_another_run_or_a_damaged_one_is_ignored(tiny, tmp_path, c
     assert "ignoring training snapshot" in capsys.readouterr().err
 
 
-def test_a_fleet_pass_stopped_by_sigterm_resumes_to_the_uninterrupted_adapters(tiny, tmp_path):
+def test_a_fleet_pass_stopped_by_sigterm_resumes_to_the_uninterrupted_adapters(tiny, tmp_path, capsys):
     users = {f"u{i}": _tokens(10 + i) for i in range(2)}
     whole = train_fleet(tiny, users, CFG)
     path = tmp_path / "fleet.snapshot.safetensors"
     with pytest.raises(SystemExit):
         train_fleet(tiny, users, CFG, snapshot=StopAt(path, KEY, stop_at=6))
+    capsys.readouterr()
     resumed = train_fleet(tiny, users, CFG, snapshot=Snapshot(path, KEY))
+    assert "resuming from training snapshot" in capsys.readouterr().err
     for u in users:
+        assert resumed[u].result.resumed_at in (6, 7)
         assert resumed[u].result.losses == whole[u].result.losses
         assert _equal(resumed[u], whole[u])
 
 
-def test_the_bets_adapters_leave_no_snapshot_behind(tiny, tmp_path):
-    cfg = TrainConfig(steps=3, batch=2, seq=32)
-    one = ensure_adapter(tiny, "kind/alone", _tokens(3), "norm", cfg, "", tmp_path)
+def test_the_bets_adapters_resume_and_leave_no_snapshot_behind(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(snapshot_module, "EVERY_S", 0.0)  # a snapshot after every step
+    cfg, tokens = TrainConfig(steps=6, batch=2, seq=32, lr=1e-2), _tokens(3)
+    spec = AdapterSpec("kind/alone", tokens, cfg)
+    path = adapter_path(tiny, "kind/alone", "norm", cfg, "", tmp_path)
+    with pytest.raises(SystemExit):
+        personalise(tiny, tokens, "norm", cfg, snapshot=StopAt(beside(path), snapshot_key(tiny, [spec], "norm",
+                                                                                          "fp32"), stop_at=2))
+    capsys.readouterr()
+    one = ensure_adapter(tiny, "kind/alone", tokens, "norm", cfg, "", tmp_path)
+    assert "resuming from training snapshot" in capsys.readouterr().err
+    assert sidecar(one)["resumed_at_step"] in (2, 3)
     specs = [AdapterSpec(f"kind/u{i}", _tokens(20 + i), cfg) for i in range(2)]
     two = ensure_norm_adapters(tiny, specs, tmp_path)
     assert one.is_file() and all(p.is_file() for p in two)
-    assert not list(tmp_path.rglob("*snapshot*"))
-    assert snapshot_key(tiny, specs[:1], "norm", "fp32") != snapshot_key(tiny, specs[1:], "norm", "fp32")
+    assert not list(tmp_path.rglob("*snapshot*")), "snapshots were written (every step) and must be gone"
+
+
+def test_the_bets_snapshot_key_is_the_one_runs_in_flight_wrote():
+    """Runs started on 6128ca0 keep snapshots with this key; a later version must still resume them."""
+    class FakeBase:
+        fingerprint = "f" * 64
+    tokens = torch.arange(10)
+    key = snapshot_key(FakeBase(), [AdapterSpec("kind/u", tokens, TrainConfig(steps=5))], "lora", "bf16")
+    assert key == {"base": "f" * 64, "method": "lora", "dtype": "bf16", "adapters": [{
+        "user": "kind/u", "tag": "", "train": TrainConfig(steps=5).to_json(),
+        "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}]}
+
+
+def test_a_snapshot_with_a_bad_tensor_is_ignored_and_changes_nothing(tiny, tmp_path, capsys):
+    tokens = _tokens(4)
+    path = tmp_path / "run.snapshot.safetensors"
+    with pytest.raises(SystemExit):
+        personalise(tiny, tokens, "norm", CFG, snapshot=StopAt(path, KEY, stop_at=3))
+    tensors = load_file(str(path))
+    meta = safe_open(str(path), framework="pt").metadata()
+    name = next(k for k in tensors if k.endswith("/exp_avg"))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, str(path), metadata=meta)
+    fresh = new_adapter(tiny, "norm", seed=CFG.seed)
+    opt = torch.optim.AdamW(list(fresh.params.values()))
+    before = {n: p.clone() for n, p in fresh.params.items()}
+    done = Snapshot(path, KEY).restore(list(fresh.params.values()), opt, [iter([])], CFG.steps)
+    assert done.step == 0 and "optimizer tensor" in capsys.readouterr().err
+    assert all(torch.equal(before[n], p) for n, p in fresh.params.items()) and not opt.state_dict()["state"]
 
 
 def test_adapt_stopped_by_sigterm_says_how_to_resume_and_the_same_command_resumes(user_text, tmp_path):

@@ -139,14 +139,19 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
             if snapshot:
                 snapshot.after_step(step + 1, gains, opt, [m.losses for m in members], time.perf_counter() - start,
                                     time.process_time() - cpu)
+        if snapshot:
+            snapshot.finish(len(members[0].losses), gains, opt, [m.losses for m in members],
+                            time.perf_counter() - start, time.process_time() - cpu)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {m.name: _adapted(base, rgm, m, wall, cpu, dtype) for m in members}
+    return {m.name: _adapted(base, rgm, m, wall, cpu, dtype, done.step or None) for m in members}
 
 
-def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float, cpu_s: float, dtype: str) -> Adapted:
+def _adapted(base: Base, rgm: RowGainModel, member: _Member, wall_s: float, cpu_s: float, dtype: str,
+             resumed_at: int | None = None) -> Adapted:
     adapted = new_adapter(base, "norm")
     load_state(adapted.params, dict(zip(rgm.names, (g.detach() for g in member.gains))), f"user {member.name}")
-    adapted.result = TrainResult(steps=len(member.losses), wall_s=wall_s, losses=member.losses, cpu_s=cpu_s)
+    adapted.result = TrainResult(steps=len(member.losses), wall_s=wall_s, losses=member.losses, cpu_s=cpu_s,
+                                 resumed_at=resumed_at)
     adapted.meta = train_meta(member.cfg, adapted.result, dtype)
     return adapted
 

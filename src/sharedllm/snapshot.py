@@ -1,18 +1,21 @@
 """Mid-training snapshots, so that a long training run stopped part-way resumes where it stopped.
 
 A 1.5B LoRA adapter takes over an hour on a 2-core CPU; a run stopped at a session's end or by SIGTERM would
-otherwise lose all of it. Every `every_s` seconds (and at once on SIGTERM, between two steps) the trainer writes
-one safetensors file (atomically): the trainable tensors, AdamW's state, the torch RNG state, and JSON metadata (the
-steps done, each user's losses so far, the wall and CPU seconds spent, and a `key` naming what is being trained).
-A later run with the same snapshot path and key restores it and goes on: its batches are the sampler's next ones
-(each sampler is advanced past the batches already used), so the finished adapter is the one an uninterrupted run
-gives, to the bit on a CPU. A snapshot whose key, shapes or step count do not match is ignored (training starts
-again) and replaced. The file is deleted once training completes. Never unpickles: safetensors and JSON only.
+otherwise lose all of it. At the first step after every `every_s` seconds, at once on SIGTERM (between two steps),
+and at the end of a run that wrote one before, the trainer writes one safetensors file (temp file, fsync, rename):
+the trainable tensors, AdamW's state, the torch RNG state, and JSON metadata (the steps done, each user's losses so
+far, the wall and CPU seconds spent, where it ran, and a `key` naming what is being trained). A later run with the
+same snapshot path and key restores it and goes on: its batches are the sampler's next ones (each sampler is
+advanced past the batches already used), so the finished adapter is the one an uninterrupted run gives, to the bit
+on the same CPU kind and torch (elsewhere it says so). A snapshot whose key, shapes or progress do not check out is
+ignored (training starts again, nothing loaded) and replaced. The caller deletes the file once the adapter is
+written. Never unpickles: safetensors and JSON only; every tensor is checked before any is used.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import threading
 import time
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
-from .atomic import write_bytes_atomic
+from .atomic import fsync_dir
 from .log import say
 
 EVERY_S = 300.0  # a snapshot at most this often (seconds of wall time)
@@ -40,60 +43,76 @@ class Resumed:
 class Snapshot:
     """One training run's snapshot file. `key`: JSON-able description of the run (config, method, users, base);
     a file with another key is not this run's. Use as a context manager around the training loop: inside it,
-    SIGTERM (in the main thread) asks for a snapshot after the current step and then stops the run."""
+    SIGTERM (in the main thread, unless it was ignored) asks for a snapshot after the current step and then stops
+    the run; the previous handler is put back on leaving."""
 
-    def __init__(self, path, key: dict, every_s: float = EVERY_S):
-        self.path, self.key, self.every_s = Path(path), json.loads(json.dumps(key, default=str)), every_s
+    def __init__(self, path, key: dict, every_s: float | None = None):
+        self.path, self.key = Path(path), json.loads(json.dumps(key, default=str))
+        self.every_s = EVERY_S if every_s is None else every_s
         self._last = time.perf_counter()
-        self._stop = False
-        self._old_handler = None
+        self._stop = self._saved = False
+        self._installed, self._old_handler = False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_term)
+            old = signal.getsignal(signal.SIGTERM)
+            if old is not signal.SIG_IGN:
+                self._old_handler = signal.signal(signal.SIGTERM, self._on_term)
+                self._installed = True
         return self
 
     def __exit__(self, *exc):
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._old_handler is None else self._old_handler)
+            self._installed = False
         return False
 
     def _on_term(self, signum, frame):
         self._stop = True
 
     def restore(self, params: list, opt: torch.optim.Optimizer, samplers: list, total_steps: int) -> Resumed:
-        """Load the snapshot into `params` and `opt` and advance `samplers`; Resumed() (nothing done) when there is
-        none or it is not this run's."""
+        """Load the snapshot into `params` and `opt` and advance `samplers`; Resumed() (nothing done, nothing
+        changed) when there is none or it is not this run's. Everything is checked before anything is loaded."""
         if not self.path.is_file():
             return Resumed()
         try:
-            tensors = load_file(str(self.path))
             meta = _meta(self.path)
             if meta.get("key") != self.key:
                 raise ValueError("it was written for another run")
-            step = int(meta["step"])
-            if not 0 < step <= total_steps or len(meta["losses"]) != len(samplers):
-                raise ValueError(f"step {step} of {total_steps}")
-            _load_params(params, tensors)
-            _load_optimizer(opt, tensors)
-            torch.set_rng_state(tensors["rng"])
+            done = _checked_progress(meta, len(samplers), total_steps)
+            tensors = load_file(str(self.path))
+            state = _checked_tensors(tensors, params)
         except Exception as e:  # noqa: BLE001 - any unusable snapshot means: train from the start
             say(f"ignoring training snapshot {self.path} ({e}); training from step 0")
             return Resumed()
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"param/{i}"])
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
         for sampler in samplers:
-            for _ in range(step):
+            for _ in range(done.step):
                 next(sampler)
-        say(f"resuming from training snapshot {self.path} at step {step}/{total_steps}")
-        return Resumed(step, [list(x) for x in meta["losses"]], float(meta["wall_s"]), float(meta["cpu_s"]))
+        where = meta.get("env")
+        if where and where != environment():
+            say(f"note: the snapshot was written on {where}, this run is on {environment()}: the adapter will "
+                "not be bit-identical to an uninterrupted run on either")
+        say(f"resuming from training snapshot {self.path} at step {done.step}/{total_steps}")
+        return done
 
     def after_step(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
         """Call after each step: writes a snapshot when one is due; on SIGTERM writes one and exits (code 143)."""
-        due = time.perf_counter() - self._last >= self.every_s
-        if due or self._stop:
+        if time.perf_counter() - self._last >= self.every_s or self._stop:
             self.save(step, params, opt, losses, wall_s, cpu_s)
         if self._stop:
-            say(f"stopped by SIGTERM at step {step}; resume from {self.path}")
+            say(f"stopped by SIGTERM at step {step}; run the same command again to resume from {self.path}")
             raise SystemExit(128 + signal.SIGTERM)
+
+    def finish(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
+        """Call when the loop ends: a run long enough to have written a snapshot writes its final state, so that a
+        stop during what follows (scoring, saving) loses no training."""
+        if self._saved:
+            self.save(step, params, opt, losses, wall_s, cpu_s)
 
     def save(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
         tensors = {f"param/{i}": p.detach().contiguous() for i, p in enumerate(params)}
@@ -101,12 +120,27 @@ class Snapshot:
             for name, value in state.items():
                 tensors[f"opt/{i}/{name}"] = torch.as_tensor(value).contiguous()
         tensors["rng"] = torch.get_rng_state()
-        meta = {"key": self.key, "step": step, "losses": losses, "wall_s": wall_s, "cpu_s": cpu_s}
-        write_bytes_atomic(self.path, save(tensors, metadata={"snapshot": json.dumps(meta)}))
-        self._last = time.perf_counter()
+        meta = {"key": self.key, "step": step, "losses": losses, "wall_s": wall_s, "cpu_s": cpu_s,
+                "env": environment()}
+        _save_atomic(tensors, {"snapshot": json.dumps(meta)}, self.path)
+        self._last, self._saved = time.perf_counter(), True
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def for_method(method: str, path, key: dict) -> Snapshot | None:
+    """The snapshot of a run training `method`, or None for full fine-tuning (every weight plus AdamW's two moments:
+    ~12 bytes per parameter, several GB per write for a 0.5B base)."""
+    return None if method == "full" else Snapshot(path, key)
+
+
+def environment() -> str:
+    """Where a snapshot's steps ran: the same code on the same CPU kind gives bit-identical steps."""
+    from .machine import cpu_model
+    from .train import bf16_matmuls
+
+    return f"torch {torch.__version__}, {cpu_model()}, bf16 matmuls {bf16_matmuls('cpu')}"
 
 
 def run_key(base_fingerprint: str, method: str, dtype: str, adapters: list, method_config=None) -> dict:
@@ -134,25 +168,71 @@ def _meta(path: Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})["snapshot"])
+        raw = (f.metadata() or {}).get("snapshot")
+    if raw is None:
+        raise ValueError("no snapshot metadata")
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata is not an object")
+    return meta
 
 
-def _load_params(params: list, tensors: dict) -> None:
-    for i, p in enumerate(params):
-        saved = tensors[f"param/{i}"]
-        if saved.shape != p.shape or saved.dtype != p.dtype:
-            raise ValueError(f"tensor {i} is {tuple(saved.shape)} {saved.dtype}, not {tuple(p.shape)} {p.dtype}")
-    if len([k for k in tensors if k.startswith("param/")]) != len(params):
-        raise ValueError("it holds another number of tensors")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param/{i}"])
+def _checked_progress(meta: dict, members: int, total_steps: int) -> Resumed:
+    step, losses = meta.get("step"), meta.get("losses")
+    if not isinstance(step, int) or not 0 < step <= total_steps:
+        raise ValueError(f"step {step!r} of {total_steps}")
+    if not isinstance(losses, list) or len(losses) != members:
+        raise ValueError(f"losses of {len(losses) if isinstance(losses, list) else 0} users, not {members}")
+    for one in losses:
+        if not isinstance(one, list) or len(one) != step or not all(isinstance(x, (int, float)) for x in one):
+            raise ValueError(f"a losses list that is not {step} numbers")
+    seconds = [meta.get("wall_s"), meta.get("cpu_s")]
+    if not all(isinstance(x, (int, float)) and x >= 0 for x in seconds):
+        raise ValueError("wall_s / cpu_s are not non-negative numbers")
+    return Resumed(step, [[float(x) for x in one] for one in losses], float(seconds[0]), float(seconds[1]))
 
 
-def _load_optimizer(opt, tensors: dict) -> None:
+OPT_STATE = {"step": (), "exp_avg": None, "exp_avg_sq": None}  # AdamW's per-parameter state: None = its shape
+
+
+def _checked_tensors(tensors: dict, params: list) -> dict:
+    """Check every tensor against `params` and AdamW; return the optimizer state {index: {name: tensor}}."""
+    rng = torch.get_rng_state()
+    if "rng" not in tensors or tensors["rng"].dtype != rng.dtype or tensors["rng"].shape != rng.shape:
+        raise ValueError("no usable RNG state")
     state: dict = {}
     for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, i, name = k.split("/", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        parts = k.split("/")
+        if parts[0] == "param" and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) < len(params):
+            want = params[int(parts[1])]
+            if v.shape != want.shape or v.dtype != want.dtype:
+                raise ValueError(f"tensor {k} is {tuple(v.shape)} {v.dtype}, not {tuple(want.shape)} {want.dtype}")
+        elif parts[0] == "opt" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(params) \
+                and parts[2] in OPT_STATE:
+            shape = OPT_STATE[parts[2]]
+            shape = params[int(parts[1])].shape if shape is None else torch.Size(shape)
+            if v.shape != shape or not v.is_floating_point():
+                raise ValueError(f"optimizer tensor {k} is {tuple(v.shape)} {v.dtype}, not {tuple(shape)}")
+            state.setdefault(int(parts[1]), {})[parts[2]] = v
+        elif k != "rng":
+            raise ValueError(f"unexpected tensor {k!r}")
+    if sum(k.startswith("param/") for k in tensors) != len(params):
+        raise ValueError("it holds another number of tensors")
+    if any(set(one) != set(OPT_STATE) for one in state.values()):
+        raise ValueError("incomplete optimizer state")
+    return state
+
+
+def _save_atomic(tensors: dict, metadata: dict, path: Path) -> None:
+    """safetensors' own writer into a temp file beside `path` (no second in-memory copy), fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

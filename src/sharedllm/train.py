@@ -139,6 +139,7 @@ class TrainResult:
     wall_s: float
     losses: list = field(default_factory=list)
     cpu_s: float = 0.0  # process CPU time of the loop: on a shared machine, the work done (wall_s: the wait too)
+    resumed_at: int | None = None  # the step a training snapshot resumed it from (sharedllm.snapshot), if any
 
     def summary(self) -> dict:
         head, tail = self.losses[:5], self.losses[-5:]
@@ -172,9 +173,12 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
             if snapshot:
                 snapshot.after_step(len(losses), tensors, opt, [losses], time.perf_counter() - start,
                                     time.process_time() - cpu)
+        if snapshot:
+            snapshot.finish(len(losses), tensors, opt, [losses], time.perf_counter() - start,
+                            time.process_time() - cpu)
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses,
-                       cpu_s=time.process_time() - cpu)
+                       cpu_s=time.process_time() - cpu, resumed_at=done.step or None)
 
 
 def _step(model, opt, batch: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ import torch
 from sharedllm.atomic import write_text_atomic
 from sharedllm.base import Base
 from sharedllm.personalise import personalise, save_adapted
-from sharedllm.snapshot import Snapshot, beside, run_key
+from sharedllm.snapshot import Snapshot, beside, for_method, run_key
 from sharedllm.train import TrainConfig, autocast  # noqa: F401  (autocast: the bets' --dtype)
 
 GENERAL = "general/wikipedia_squad_paragraphs"  # general text: forgetting checks, calibration of the ternary base
@@ -43,6 +43,8 @@ def _save(adapted, path: Path, base: Base, spec: "AdapterSpec", method: str, dty
     side = {"user": spec.user, "method": method, "tag": spec.tag, "train": spec.cfg.to_json(),
             "losses": adapted.result.losses, "wall_s": adapted.result.wall_s, "steps": adapted.result.steps,
             "params": adapted.n_params, **({} if dtype == "fp32" else {"dtype": dtype}), **extra}
+    if adapted.result.resumed_at:
+        side["resumed_at_step"] = adapted.result.resumed_at  # trained in two runs or more (sharedllm.snapshot)
     write_text_atomic(path.with_suffix(".json"), json.dumps(side))
 
 
@@ -63,12 +65,13 @@ def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: st
     if _trained(path, dtype) and not force:
         return path
     spec = AdapterSpec(user, train_tokens, cfg, tag)
-    snapshot = Snapshot(beside(path), snapshot_key(base, [spec], method, dtype))
+    snapshot = for_method(method, beside(path), snapshot_key(base, [spec], method, dtype))
     with autocast(dtype, str(base.device)):
         adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}",
                               snapshot=snapshot)
     _save(adapted, path, base, spec, method, dtype)
-    snapshot.clear()
+    if snapshot:
+        snapshot.clear()
     return path
 
 

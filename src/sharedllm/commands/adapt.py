@@ -7,7 +7,7 @@ from ..data import load_user
 from ..errors import SharedLLMError
 from ..log import say
 from ..personalise import evaluate_on, personalise, save_adapted
-from ..snapshot import Snapshot, beside, run_key
+from ..snapshot import beside, for_method, run_key
 from ..train import DTYPES, autocast
 from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, load_for_training,
                    method_config, train_config)
@@ -53,13 +53,14 @@ def run_one(args) -> dict:
         before = evaluate_on(base.model, base, user.heldout, args.window, cap)
     say(f"held-out ppl before: {before['ppl']:.3f}; training {args.method} for {cfg.steps} steps ({args.dtype})")
     key = run_key(base.fingerprint, args.method, args.dtype, [{"cfg": cfg, "tokens": user.train}], config)
-    snapshot = Snapshot(beside(args.out), key)
+    snapshot = for_method(args.method, beside(args.out), key)
     adapted = personalise(base, user.train.to(base.device), args.method, cfg, method_config=config, dtype=args.dtype,
                           snapshot=snapshot)
     with autocast(args.dtype, base.device):
         after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
     path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
-    snapshot.clear()
+    if snapshot:
+        snapshot.clear()
     return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name,
             "base_fingerprint": base.fingerprint,
             "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],

@@ -107,7 +107,7 @@ def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
         f"({len(data)} x {args.batch} rows of {args.seq} tokens per step, {args.dtype})")
     key = run_key(base.fingerprint, "norm", args.dtype, [{"user": u, "cfg": cfgs[u], "tokens": d.train}
                                                          for u, d in data.items()])
-    snapshot = Snapshot(Path(args.out_dir) / "fleet.snapshot.safetensors", key)
+    snapshot = Snapshot(Path(args.out_dir) / ".fleet.snapshot.safetensors", key)
     adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs, dtype=args.dtype,
                           snapshot=snapshot)
     train_s = time.perf_counter() - start
