@@ -26,8 +26,7 @@ from .log import milestone, progress
 from .losses import causal_lm_parts, weighted_linear_cross_entropy
 from .personalise import Adapted, new_adapter, train_meta
 from .serve.rowgains import RowGainModel
-from .snapshot import Resumed
-from .train import TrainConfig, TrainResult, autocast
+from .train import Resumed, TrainConfig, TrainResult, autocast
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
 

@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,17 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import fsync_dir
 from .log import say
+from .machine import cpu_model
+from .train import Resumed, bf16_matmuls
 
 EVERY_S = 300.0  # a snapshot at most this often (seconds of wall time)
-
-
-@dataclass
-class Resumed:
-    """What a snapshot restored: steps done, losses so far (one list per member), seconds already spent."""
-    step: int = 0
-    losses: list = field(default_factory=list)
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
 
 
 class Snapshot:
@@ -137,9 +129,6 @@ def for_method(method: str, path, key: dict) -> Snapshot | None:
 
 def environment() -> str:
     """Where a snapshot's steps ran: the same code on the same CPU kind gives bit-identical steps."""
-    from .machine import cpu_model
-    from .train import bf16_matmuls
-
     return f"torch {torch.__version__}, {cpu_model()}, bf16 matmuls {bf16_matmuls('cpu')}"
 
 

@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .data import batch_sampler
 from .log import milestone, progress
 from .machine import cpu_flags
-from .snapshot import Resumed
 from .losses import next_token_loss
 
 
@@ -131,6 +130,16 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass
+class Resumed:
+    """What a training snapshot (sharedllm.snapshot) restored: steps done, losses so far (one list per member),
+    seconds already spent. Resumed() = nothing: training starts at step 0."""
+    step: int = 0
+    losses: list = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 @dataclass
