@@ -185,3 +185,27 @@ def test_int8_scales_must_be_positive_and_finite(good, tiny):
         with pytest.raises(SharedLLMError, match="scales|outside"):
             wire.parse_file(wire.adapter_bytes({"adapter": t["adapter"], "scales": scales}, meta | {
                 "scheme": "int8"}), "int8")
+
+
+def test_a_full_fine_tune_may_hold_the_bases_large_weights_a_norm_adapter_may_not(tiny, tmp_path):
+    """Qwen2's attention biases reach a few hundred, so a full fine-tune of it holds values far past the +-64 that
+    bounds norm and LoRA values (the 0.5B full fine-tunes failed to save before); it is bounded by float16's range."""
+    from sharedllm.personalise import load_adapted, new_adapter, save_adapted
+
+    full = new_adapter(tiny, "full")
+    name = next(iter(full.params))
+    with torch.no_grad():
+        full.params[name].view(-1)[0] = 211.0
+    path = save_adapted(full, tmp_path / "full.safetensors", tiny)
+    assert load_adapted(tiny, path).params[name].view(-1)[0].item() == 211.0
+    norm = new_adapter(tiny, "norm")
+    with torch.no_grad():
+        next(iter(norm.params.values())).view(-1)[0] = 211.0
+    norm_path = save_adapted(norm, tmp_path / "norm.safetensors", tiny)
+    with pytest.raises(SharedLLMError, match=r"outside the allowed range \+-64"):
+        load_adapted(tiny, norm_path)
+    with torch.no_grad():
+        full.params[name].view(-1)[0] = 7e4
+    big = save_adapted(full, tmp_path / "full2.safetensors", tiny, dtype=torch.float32)
+    with pytest.raises(SharedLLMError, match=r"outside the allowed range \+-65504"):
+        load_adapted(tiny, big)

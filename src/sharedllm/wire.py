@@ -69,6 +69,14 @@ def save_adapter(path, state: dict, method: str, base_fingerprint: str, info: di
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_GAIN = 64.0  # |value| bound for every adapter value (a norm gain of 64 is already far outside training)
+# ...except a full fine-tune's: it holds the base's own weights, and some bases have larger ones (Qwen2's attention
+# biases reach a few hundred), so it is bounded by what a float16 file can hold.
+MAX_VALUE = {"full": 65504.0}
+
+
+def value_bound(meta: dict) -> float:
+    """The |value| bound of an adapter of this method (MAX_GAIN unless MAX_VALUE says otherwise)."""
+    return MAX_VALUE.get(meta.get("method"), MAX_GAIN)
 FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
 INT8_SCHEMES = ("int8", "int8-channel", "int8-delta")
 
@@ -213,7 +221,7 @@ def expected_tensors(meta: dict) -> dict[str, tuple[str, list]]:
 
 
 def check_values(tensors: dict, meta: dict, source: str) -> None:
-    """Finite values; every value the file itself encodes (scale x code for int8) within +-MAX_GAIN."""
+    """Finite values; every value the file itself encodes (scale x code for int8) within +-value_bound(meta)."""
     if meta["scheme"] in FLOAT_SCHEMES:
         values = tensors["adapter"].float()
     else:
@@ -226,13 +234,13 @@ def check_values(tensors: dict, meta: dict, source: str) -> None:
         values = tensors["adapter"].float() * torch.repeat_interleave(scales, segs)
     if not torch.isfinite(values).all():
         raise SharedLLMError(f"{source}: adapter contains non-finite values (NaN or inf)")
-    check_bound(values, source)
+    check_bound(values, source, value_bound(meta))
 
 
-def check_bound(values: torch.Tensor, source: str) -> None:
-    if values.numel() and values.abs().max() > MAX_GAIN:
+def check_bound(values: torch.Tensor, source: str, bound: float = MAX_GAIN) -> None:
+    if values.numel() and values.abs().max() > bound:
         raise SharedLLMError(f"{source}: adapter value {values.abs().max().item():.4g} is outside the allowed "
-                             f"range +-{MAX_GAIN:g}")
+                             f"range +-{bound:g}")
 
 
 def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, dict]:
@@ -240,7 +248,7 @@ def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, di
 
     For adapters this is the one strict parser (upload, eval, inspect, compress, export all come here): header
     structure, metadata fields and types, tensor names, dtypes equal to the scheme's, shapes, finite values
-    within +-MAX_GAIN. Every refusal is one SharedLLMError line naming the file and the problem."""
+    within +-value_bound (MAX_GAIN; a full fine-tune: float16's range). Every refusal is one SharedLLMError line naming the file and the problem."""
     header = read_header(data, source)
     meta = header_meta(header, source)
     if meta is None or not isinstance(meta.get("format"), str) or meta["format"] != expect:
@@ -290,7 +298,7 @@ def decode_adapter(tensors: dict, meta: dict, layout, base_state: dict, source: 
         raise SharedLLMError(f"{source}: {flat.numel()} values, metadata says {meta['params']}")
     if not torch.isfinite(flat).all():
         raise SharedLLMError(f"{source}: adapter contains non-finite values (NaN or inf)")
-    check_bound(flat, source)  # int8-delta adds the base's values: bound the sum too
+    check_bound(flat, source, value_bound(meta))  # int8-delta adds the base's values: bound the sum too
     return unflatten(flat, layout)
 
 
