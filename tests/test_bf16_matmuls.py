@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from sharedllm import train
+from sharedllm import machine
 from sharedllm.train import Bf16MatmulsInFp32, TrainConfig, autocast, bf16_matmuls
 
 
@@ -18,7 +18,7 @@ from sharedllm.train import Bf16MatmulsInFp32, TrainConfig, autocast, bf16_matmu
 ])
 def test_bf16_matmuls_follow_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.delenv("SHAREDLLM_BF16_MATMULS", raising=False)
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     assert bf16_matmuls("cpu") == expected
     assert bf16_matmuls("cuda") == "native"
     monkeypatch.setenv("SHAREDLLM_BF16_MATMULS", "native" if expected == "emulated" else "emulated")

@@ -11,7 +11,6 @@ Norm adapters only: the row-gain design has no per-row LoRA or full fine-tuning.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field, replace
 
@@ -26,7 +25,8 @@ from .log import milestone, progress
 from .losses import causal_lm_parts, weighted_linear_cross_entropy
 from .personalise import Adapted, new_adapter, train_meta
 from .serve.rowgains import RowGainModel
-from .train import Resumed, TrainConfig, TrainResult, autocast
+from .snapshot import NO_SNAPSHOT
+from .train import TrainConfig, TrainResult, autocast
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
 
@@ -122,25 +122,24 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     opt = _optimizer(members)
     torch.manual_seed(first.seed)
     gains = [g for m in members for g in m.gains]
-    done = snapshot.restore(gains, opt, [m.batches for m in members], first.steps) if snapshot else Resumed()
+    snapshot = snapshot or NO_SNAPSHOT
+    done = snapshot.restore(gains, opt, [m.batches for m in members], first.steps)
     for m, losses in zip(members, done.losses):
         m.losses = losses
     rgm.model.train()
     start, cpu = time.perf_counter() - done.wall_s, time.process_time() - done.cpu_s
     with progress(total=first.steps, initial=done.step, desc=label or f"train norm, {len(members)} users",
-                  unit="step") as bar, autocast(dtype, base.device), snapshot or contextlib.nullcontext():
+                  unit="step") as bar, autocast(dtype, base.device), snapshot:
         for step in range(done.step, first.steps):
             if first.budget_s is not None and time.perf_counter() - start >= first.budget_s:
                 break
             _step(rgm, opt, members, base.device)
             bar.update(1)
             milestone(label or "fleet", step + 1, first.steps, members[0].losses[-1])
-            if snapshot:
-                snapshot.after_step(step + 1, gains, opt, [m.losses for m in members], time.perf_counter() - start,
-                                    time.process_time() - cpu)
-        if snapshot:
-            snapshot.finish(len(members[0].losses), gains, opt, [m.losses for m in members],
-                            time.perf_counter() - start, time.process_time() - cpu)
+            snapshot.after_step(step + 1, [m.losses for m in members], time.perf_counter() - start,
+                                time.process_time() - cpu)
+        snapshot.finish(len(members[0].losses), [m.losses for m in members], time.perf_counter() - start,
+                        time.process_time() - cpu)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {m.name: _adapted(base, rgm, m, wall, cpu, dtype, done.step or None) for m in members}
 

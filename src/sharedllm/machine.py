@@ -1,8 +1,12 @@
-"""What CPU this is, from /proc/cpuinfo (Linux), read once: its model name and ISA flags."""
+"""What CPU this is, from /proc/cpuinfo (Linux), read once: its model name and ISA flags, and so how bf16 matmuls
+run on it."""
 from __future__ import annotations
 
 import functools
+import os
 import platform
+
+import torch
 
 
 def cpu_flags() -> set:
@@ -27,3 +31,20 @@ def _cpuinfo_lines() -> tuple:
             return tuple(f)
     except OSError:
         return ()
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags under which torch's CPU bf16 matmuls are fast
+
+
+def bf16_matmuls(device="cpu") -> str:
+    """How bf16 matmuls run here: "native", or "emulated" on an x86 CPU without avx512_bf16 / amx_bf16, where
+    torch's own bf16 GEMM is 8-80x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
+    the same bf16 operands multiplied by fp32 kernels, the result rounded to bf16: the numbers of a native bf16 GEMM
+    (fp32 accumulation) up to summation order. $SHAREDLLM_BF16_MATMULS=native|emulated overrides."""
+    if torch.device(device).type != "cpu":
+        return "native"
+    forced = os.environ.get("SHAREDLLM_BF16_MATMULS", "")
+    if forced in ("native", "emulated"):
+        return forced
+    flags = cpu_flags()
+    return "emulated" if flags and "avx2" in flags and not set(BF16_CPU_FLAGS) & flags else "native"

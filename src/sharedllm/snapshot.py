@@ -15,21 +15,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import fsync_dir
+from .atomic import write_atomic
 from .log import say
-from .machine import cpu_model
-from .train import Resumed, bf16_matmuls
+from .machine import bf16_matmuls, cpu_model
 
 EVERY_S = 300.0  # a snapshot at most this often (seconds of wall time)
+
+
+@dataclass
+class Resumed:
+    """What a snapshot restored: steps done, losses so far (one list per member),
+    seconds already spent. Resumed() = nothing: training starts at step 0."""
+    step: int = 0
+    losses: list = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 class Snapshot:
@@ -44,6 +53,7 @@ class Snapshot:
         self._last = time.perf_counter()
         self._stop = self._saved = False
         self._installed, self._old_handler = False, None
+        self._params, self._opt = [], None  # what restore() was given: what after_step / finish save
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -64,7 +74,9 @@ class Snapshot:
 
     def restore(self, params: list, opt: torch.optim.Optimizer, samplers: list, total_steps: int) -> Resumed:
         """Load the snapshot into `params` and `opt` and advance `samplers`; Resumed() (nothing done, nothing
-        changed) when there is none or it is not this run's. Everything is checked before anything is loaded."""
+        changed) when there is none or it is not this run's. Everything is checked before anything is loaded.
+        Later snapshots save these same `params` and `opt`."""
+        self._params, self._opt = params, opt
         if not self.path.is_file():
             return Resumed()
         try:
@@ -92,39 +104,65 @@ class Snapshot:
         say(f"resuming from training snapshot {self.path} at step {done.step}/{total_steps}")
         return done
 
-    def after_step(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
+    def after_step(self, step: int, losses: list, wall_s: float, cpu_s: float) -> None:
         """Call after each step: writes a snapshot when one is due; on SIGTERM writes one and exits (code 143)."""
         if time.perf_counter() - self._last >= self.every_s or self._stop:
-            self.save(step, params, opt, losses, wall_s, cpu_s)
+            self.save(step, losses, wall_s, cpu_s)
         if self._stop:
             say(f"stopped by SIGTERM at step {step}; run the same command again to resume from {self.path}")
             raise SystemExit(128 + signal.SIGTERM)
 
-    def finish(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
+    def finish(self, step: int, losses: list, wall_s: float, cpu_s: float) -> None:
         """Call when the loop ends: a run long enough to have written a snapshot writes its final state, so that a
         stop during what follows (scoring, saving) loses no training."""
         if self._saved:
-            self.save(step, params, opt, losses, wall_s, cpu_s)
+            self.save(step, losses, wall_s, cpu_s)
 
-    def save(self, step: int, params: list, opt, losses: list, wall_s: float, cpu_s: float) -> None:
-        tensors = {f"param/{i}": p.detach().contiguous() for i, p in enumerate(params)}
-        for i, state in opt.state_dict()["state"].items():
+    def save(self, step: int, losses: list, wall_s: float, cpu_s: float) -> None:
+        """Write the snapshot now: the tensors and optimizer given to restore(), `step` steps done."""
+        tensors = {f"param/{i}": p.detach().contiguous() for i, p in enumerate(self._params)}
+        for i, state in self._opt.state_dict()["state"].items():
             for name, value in state.items():
                 tensors[f"opt/{i}/{name}"] = torch.as_tensor(value).contiguous()
         tensors["rng"] = torch.get_rng_state()
         meta = {"key": self.key, "step": step, "losses": losses, "wall_s": wall_s, "cpu_s": cpu_s,
                 "env": environment()}
-        _save_atomic(tensors, {"snapshot": json.dumps(meta)}, self.path)
+        write_atomic(self.path, lambda tmp: save_file(tensors, tmp, metadata={"snapshot": json.dumps(meta)}))
         self._last, self._saved = time.perf_counter(), True
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
-def for_method(method: str, path, key: dict) -> Snapshot | None:
+class NoSnapshot:
+    """A run that keeps no snapshot: restores nothing, writes nothing (what the trainers use without one)."""
+
+    def restore(self, params, opt, samplers, total_steps) -> Resumed:
+        return Resumed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def after_step(self, *args) -> None:
+        pass
+
+    def finish(self, *args) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+NO_SNAPSHOT = NoSnapshot()
+
+
+def for_method(method: str, path, key: dict) -> Snapshot | NoSnapshot:
     """The snapshot of a run training `method`, or None for full fine-tuning (every weight plus AdamW's two moments:
     ~12 bytes per parameter, several GB per write for a 0.5B base)."""
-    return None if method == "full" else Snapshot(path, key)
+    return NO_SNAPSHOT if method == "full" else Snapshot(path, key)
 
 
 def environment() -> str:
@@ -210,18 +248,3 @@ def _checked_tensors(tensors: dict, params: list) -> dict:
     if any(set(one) != set(OPT_STATE) for one in state.values()):
         raise ValueError("incomplete optimizer state")
     return state
-
-
-def _save_atomic(tensors: dict, metadata: dict, path: Path) -> None:
-    """safetensors' own writer into a temp file beside `path` (no second in-memory copy), fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -11,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .data import batch_sampler
 from .log import milestone, progress
-from .machine import cpu_flags
 from .losses import next_token_loss
+from .machine import bf16_matmuls
+from .snapshot import NO_SNAPSHOT
 
 
 DTYPES = ("fp32", "bf16")  # compute dtypes of training and scoring (--dtype)
@@ -39,23 +39,6 @@ def autocast(dtype: str = "fp32", device="cpu"):
 def _emulated_bf16(device_type: str):
     with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False), Bf16MatmulsInFp32():
         yield
-
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags under which torch's CPU bf16 matmuls are fast
-
-
-def bf16_matmuls(device="cpu") -> str:
-    """How bf16 matmuls run here: "native", or "emulated" on an x86 CPU without avx512_bf16 / amx_bf16, where
-    torch's own bf16 GEMM is 8-80x slower than fp32 (a whole 135M training step ~21x, docs/BENCHMARKS.md). Emulated =
-    the same bf16 operands multiplied by fp32 kernels, the result rounded to bf16: the numbers of a native bf16 GEMM
-    (fp32 accumulation) up to summation order. $SHAREDLLM_BF16_MATMULS=native|emulated overrides."""
-    if torch.device(device).type != "cpu":
-        return "native"
-    forced = os.environ.get("SHAREDLLM_BF16_MATMULS", "")
-    if forced in ("native", "emulated"):
-        return forced
-    flags = cpu_flags()
-    return "emulated" if flags and "avx2" in flags and not set(BF16_CPU_FLAGS) & flags else "native"
 
 
 class Bf16MatmulsInFp32(TorchDispatchMode):
@@ -133,16 +116,6 @@ class TrainConfig:
 
 
 @dataclass
-class Resumed:
-    """What a training snapshot (sharedllm.snapshot) restored: steps done, losses so far (one list per member),
-    seconds already spent. Resumed() = nothing: training starts at step 0."""
-    step: int = 0
-    losses: list = field(default_factory=list)
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-
-@dataclass
 class TrainResult:
     steps: int
     wall_s: float
@@ -166,12 +139,12 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
     opt = torch.optim.AdamW(tensors, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     batches = batch_sampler(tokens, cfg.batch, cfg.seq, cfg.seed)
     device = tensors[0].device
-    done = snapshot.restore(tensors, opt, [batches], cfg.steps) if snapshot else Resumed()
+    snapshot = snapshot or NO_SNAPSHOT
+    done = snapshot.restore(tensors, opt, [batches], cfg.steps)
     losses = done.losses[0] if done.losses else []
     model.train()
     start, cpu = time.perf_counter() - done.wall_s, time.process_time() - done.cpu_s
-    with progress(total=cfg.steps, initial=done.step, desc=label, unit="step") as bar, \
-            snapshot or contextlib.nullcontext():
+    with progress(total=cfg.steps, initial=done.step, desc=label, unit="step") as bar, snapshot:
         for _ in range(done.step, cfg.steps):
             if cfg.budget_s is not None and time.perf_counter() - start >= cfg.budget_s:
                 break
@@ -179,12 +152,8 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             milestone(label, len(losses), cfg.steps, losses[-1])
-            if snapshot:
-                snapshot.after_step(len(losses), tensors, opt, [losses], time.perf_counter() - start,
-                                    time.process_time() - cpu)
-        if snapshot:
-            snapshot.finish(len(losses), tensors, opt, [losses], time.perf_counter() - start,
-                            time.process_time() - cpu)
+            snapshot.after_step(len(losses), [losses], time.perf_counter() - start, time.process_time() - cpu)
+        snapshot.finish(len(losses), [losses], time.perf_counter() - start, time.process_time() - cpu)
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses,
                        cpu_s=time.process_time() - cpu, resumed_at=done.step or None)

@@ -70,8 +70,7 @@ def ensure_adapter(base: Base, user: str, train_tokens: torch.Tensor, method: st
         adapted = personalise(base, train_tokens.to(base.device), method, cfg, label=f"{user} {method}{tag}",
                               snapshot=snapshot)
     _save(adapted, path, base, spec, method, dtype)
-    if snapshot:
-        snapshot.clear()
+    snapshot.clear()
     return path
 
 

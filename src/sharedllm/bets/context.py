@@ -252,7 +252,7 @@ class Context:
 
     def machine(self) -> str:
         """Where a unit ran (the units of one run may land on different machines): the CPU or GPU and, for bf16,
-        whether its matmuls ran native or emulated (sharedllm.train.bf16_matmuls)."""
+        whether its matmuls ran native or emulated (sharedllm.machine.bf16_matmuls)."""
         device = self.opts.device
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         where = torch.cuda.get_device_name(torch.device(device)) if cuda else cpu_model()

@@ -59,8 +59,7 @@ def run_one(args) -> dict:
     with autocast(args.dtype, base.device):
         after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
     path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
-    if snapshot:
-        snapshot.clear()
+    snapshot.clear()
     return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name,
             "base_fingerprint": base.fingerprint,
             "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],
