@@ -203,6 +203,12 @@ def _flood(live, n, max_tokens, timeout):
     return threads
 
 
+def _slow_decode(live, monkeypatch, seconds: float) -> None:
+    """Each decode step takes >= `seconds` (the tiny model's own step is faster than the timing a test needs)."""
+    step = live.router.engine._decode
+    monkeypatch.setattr(live.router.engine, "_decode", lambda: (time.sleep(seconds), step())[1])
+
+
 def _wait_for(cond, timeout=120):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -211,9 +217,7 @@ def _wait_for(cond, timeout=120):
 
 
 def test_a_score_runs_between_decode_steps_of_another_users_long_generations(live, monkeypatch):
-    engine = live.router.engine
-    step = engine._decode  # >= 20 ms a step: the flood's rows outlive a slow start of its threads on a busy machine
-    monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(0.02), step())[1])
+    _slow_decode(live, monkeypatch, 0.02)  # the flood's rows outlive a slow start of its threads on a busy machine
     threads = _flood(live, 6, 1000, 600)
     _wait_for(lambda: live.router.stats()["generating_rows"] == 6)
     r = httpx.post(f"{live.url}/v1/score", json={"text": TEXT, "adapter": "none"}, headers=auth(live.tokens["bob"]),
@@ -227,9 +231,7 @@ def test_a_score_runs_between_decode_steps_of_another_users_long_generations(liv
 
 
 def test_disconnected_clients_stop_their_rows_and_a_user_is_capped(live, monkeypatch):
-    engine = live.router.engine
-    step = engine._decode  # >= 5 ms a step, so 1,000 tokens outlive the clients' 1 s (the lean step is faster)
-    monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(0.005), step())[1])
+    _slow_decode(live, monkeypatch, 0.005)  # so 1,000 tokens outlive the clients' 1 s
     threads = _flood(live, 8, 1000, 1.0)
     _wait_for(lambda: live.router.stats()["generating_rows"] == 8)
     over = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x", "adapter": "none"},

@@ -103,7 +103,7 @@ def _step(rgm: RowGainModel, opt, members: list[_Member], device) -> None:
 
 
 def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None = None,
-                label: str | None = None, dtype: str = "fp32", snapshot=None) -> dict[str, Adapted]:
+                label: str | None = None, dtype: str = "fp32", snapshot=NO_SNAPSHOT) -> dict[str, Adapted]:
     """Train one norm adapter per user in one pass; returns {user: Adapted}, as `personalise` would for each.
 
     `cfg` is one TrainConfig for everyone or {user: TrainConfig}. Users of one pass share steps, batch, seq and
@@ -122,7 +122,6 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
     opt = _optimizer(members)
     torch.manual_seed(first.seed)
     gains = [g for m in members for g in m.gains]
-    snapshot = snapshot or NO_SNAPSHOT
     done = snapshot.restore(gains, opt, [m.batches for m in members], first.steps)
     for m, losses in zip(members, done.losses):
         m.losses = losses

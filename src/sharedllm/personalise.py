@@ -11,6 +11,7 @@ from .adapters import adapted_model, adapter_state, config_to_json, get_method, 
 from .arch import Base
 from .data import eval_windows
 from .metrics import evaluate
+from .snapshot import NO_SNAPSHOT
 from .train import TrainConfig, TrainResult, autocast, dtype_meta, train
 
 
@@ -43,7 +44,7 @@ def new_adapter(base: Base, method: str, seed: int | None = None, config=None) -
 
 
 def personalise(base: Base, train_tokens: torch.Tensor, method: str = "norm", cfg: TrainConfig | None = None,
-                label: str | None = None, method_config=None, dtype: str = "fp32", snapshot=None) -> Adapted:
+                label: str | None = None, method_config=None, dtype: str = "fp32", snapshot=NO_SNAPSHOT) -> Adapted:
     """Train one adapter on `train_tokens`. `dtype` is the compute dtype (sharedllm.train.autocast: bf16 = matmuls
     under bf16 autocast, parameters and optimizer state fp32); other than fp32 it is recorded in the metadata.
     `snapshot`: a sharedllm.snapshot.Snapshot to resume from and keep up to date (see `sharedllm.train.train`)."""

@@ -160,8 +160,8 @@ NO_SNAPSHOT = NoSnapshot()
 
 
 def for_method(method: str, path, key: dict) -> Snapshot | NoSnapshot:
-    """The snapshot of a run training `method`, or None for full fine-tuning (every weight plus AdamW's two moments:
-    ~12 bytes per parameter, several GB per write for a 0.5B base)."""
+    """The snapshot of a run training `method`, or NO_SNAPSHOT for full fine-tuning (every weight plus AdamW's two
+    moments: ~12 bytes per parameter, several GB per write for a 0.5B base)."""
     return NO_SNAPSHOT if method == "full" else Snapshot(path, key)
 
 

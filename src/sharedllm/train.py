@@ -130,7 +130,7 @@ class TrainResult:
 
 
 def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: str = "train",
-          snapshot=None) -> TrainResult:
+          snapshot=NO_SNAPSHOT) -> TrainResult:
     """Train `params` (the adapter) of `model` on random windows of `tokens`; everything else stays frozen.
     `snapshot` (a sharedllm.snapshot.Snapshot): resume from it if it holds this run, and keep it up to date (the
     caller deletes it once the trained adapter is saved)."""
@@ -139,7 +139,6 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
     opt = torch.optim.AdamW(tensors, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     batches = batch_sampler(tokens, cfg.batch, cfg.seq, cfg.seed)
     device = tensors[0].device
-    snapshot = snapshot or NO_SNAPSHOT
     done = snapshot.restore(tensors, opt, [batches], cfg.steps)
     losses = done.losses[0] if done.losses else []
     model.train()

@@ -77,6 +77,8 @@ MAX_VALUE = {"full": 65504.0}
 def value_bound(meta: dict) -> float:
     """The |value| bound of an adapter of this method (MAX_GAIN unless MAX_VALUE says otherwise)."""
     return MAX_VALUE.get(meta.get("method"), MAX_GAIN)
+
+
 FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
 INT8_SCHEMES = ("int8", "int8-channel", "int8-delta")
 
@@ -248,7 +250,8 @@ def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, di
 
     For adapters this is the one strict parser (upload, eval, inspect, compress, export all come here): header
     structure, metadata fields and types, tensor names, dtypes equal to the scheme's, shapes, finite values
-    within +-value_bound (MAX_GAIN; a full fine-tune: float16's range). Every refusal is one SharedLLMError line naming the file and the problem."""
+    within +-value_bound (MAX_GAIN; a full fine-tune: float16's range). Every refusal is one SharedLLMError line
+    naming the file and the problem."""
     header = read_header(data, source)
     meta = header_meta(header, source)
     if meta is None or not isinstance(meta.get("format"), str) or meta["format"] != expect:
