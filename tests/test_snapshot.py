@@ -18,7 +18,7 @@ from sharedllm.bets.common import (AdapterSpec, adapter_path, ensure_adapter, en
                                    snapshot_key)
 from sharedllm.fleet import train_fleet
 from sharedllm.personalise import new_adapter, personalise
-from sharedllm.snapshot import Snapshot, beside
+from sharedllm.snapshot import Snapshot, beside, for_method
 from sharedllm.train import TrainConfig
 
 CFG = TrainConfig(steps=10, batch=2, seq=32, lr=1e-2)
@@ -46,7 +46,7 @@ def _equal(a, b):
     return all(torch.equal(a.params[n], b.params[n]) for n in a.params)
 
 
-@pytest.mark.parametrize("method", ["norm", "lora"])
+@pytest.mark.parametrize("method", ["norm", "lora", "full"])
 def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp_path, method, capsys):
     tokens = _tokens(1)
     whole = personalise(tiny, tokens, method, CFG)
@@ -66,6 +66,14 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp
     assert resumed.result.losses == whole.result.losses
     assert _equal(resumed, whole)
     assert not _equal(whole, new_adapter(tiny, method, seed=CFG.seed)), "the adapter must have trained"
+
+
+@pytest.mark.parametrize("method,periodic", [("norm", True), ("full", False)])
+def test_full_fine_tuning_writes_its_snapshot_only_on_sigterm(tiny, tmp_path, monkeypatch, method, periodic):
+    monkeypatch.setattr(snapshot_module, "EVERY_S", 0.0)  # a periodic snapshot would be due after every step
+    path = tmp_path / f"{method}.snapshot.safetensors"
+    personalise(tiny, _tokens(1), method, CFG, snapshot=for_method(method, path, KEY))
+    assert path.is_file() == periodic
 
 
 def test_a_snapshot_of_another_run_or_a_damaged_one_is_ignored(tiny, tmp_path, capsys):

@@ -1,20 +1,22 @@
 """Mid-training snapshots, so that a long training run stopped part-way resumes where it stopped.
 
 A 1.5B LoRA adapter takes over an hour on a 2-core CPU; a run stopped at a session's end or by SIGTERM would
-otherwise lose all of it. At the first step after every `every_s` seconds, at once on SIGTERM (between two steps),
-and at the end of a run that wrote one before, the trainer writes one safetensors file (temp file, fsync, rename):
-the trainable tensors, AdamW's state, the torch RNG state, and JSON metadata (the steps done, each user's losses so
-far, the wall and CPU seconds spent, where it ran, and a `key` naming what is being trained). A later run with the
-same snapshot path and key restores it and goes on: its batches are the sampler's next ones (each sampler is
-advanced past the batches already used), so the finished adapter is the one an uninterrupted run gives, to the bit
-on the same CPU kind and torch (elsewhere it says so). A snapshot whose key, shapes or progress do not check out is
-ignored (training starts again, nothing loaded) and replaced. The caller deletes the file once the adapter is
-written. Never unpickles: safetensors and JSON only; every tensor is checked before any is used.
+otherwise lose all of it. At the first step after every `every_s` seconds (full fine-tuning: never; see
+`for_method`), at once on SIGTERM (between two steps), and at the end of a run that wrote one before, the trainer
+writes one safetensors file (temp file, fsync, rename): the trainable tensors, AdamW's state, the torch RNG state,
+and JSON metadata (the steps done, each user's losses so far, the wall and CPU seconds spent, where it ran, and a
+`key` naming what is being trained). A later run with the same snapshot path and key restores it and goes on: its
+batches are the sampler's next ones (each sampler is advanced past the batches already used), so the finished
+adapter is the one an uninterrupted run gives, to the bit on the same CPU kind and torch (elsewhere it says so). A
+snapshot whose key, shapes or progress do not check out is ignored (training starts again, nothing loaded) and
+replaced. The caller deletes the file once the adapter is written. Never unpickles: safetensors and JSON only; every
+tensor is checked before any is used.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import signal
 import threading
 import time
@@ -159,10 +161,10 @@ class NoSnapshot:
 NO_SNAPSHOT = NoSnapshot()
 
 
-def for_method(method: str, path, key: dict) -> Snapshot | NoSnapshot:
-    """The snapshot of a run training `method`, or NO_SNAPSHOT for full fine-tuning (every weight plus AdamW's two
-    moments: ~12 bytes per parameter, several GB per write for a 0.5B base)."""
-    return NO_SNAPSHOT if method == "full" else Snapshot(path, key)
+def for_method(method: str, path, key: dict) -> Snapshot:
+    """The snapshot of a run training `method`. Full fine-tuning writes one only on SIGTERM, never every EVERY_S:
+    it holds every weight plus AdamW's two moments (~12 bytes per parameter, ~7.5 GB for the 0.5B base)."""
+    return Snapshot(path, key, every_s=math.inf if method == "full" else None)
 
 
 def environment() -> str:
