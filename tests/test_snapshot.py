@@ -74,6 +74,13 @@ def test_full_fine_tuning_writes_its_snapshot_only_on_sigterm(tiny, tmp_path, mo
     path = tmp_path / f"{method}.snapshot.safetensors"
     personalise(tiny, _tokens(1), method, CFG, snapshot=for_method(method, path, KEY))
     assert path.is_file() == periodic
+    path.unlink(missing_ok=True)
+    stopping = for_method(method, path, KEY)  # the same snapshot, with a real SIGTERM after step 4
+    after_step = stopping.after_step
+    stopping.after_step = lambda step, *a: (step == 4 and os.kill(os.getpid(), signal.SIGTERM), after_step(step, *a))
+    with pytest.raises(SystemExit):
+        personalise(tiny, _tokens(1), method, CFG, snapshot=stopping)
+    assert path.is_file() and json.loads(safe_open(str(path), "pt").metadata()["snapshot"])["step"] == 4
 
 
 def test_a_snapshot_of_another_run_or_a_damaged_one_is_ignored(tiny, tmp_path, capsys):
