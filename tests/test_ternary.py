@@ -222,3 +222,94 @@ def test_cli_quantize_then_adapt_and_eval_on_the_file(tmp_path, capsys):
 def test_quantize_needs_calib_for_gptq(tmp_path, capsys):
     assert main(["quantize", "--base", "tiny", "--out", str(tmp_path / "x"), "--method", "gptq-asym"]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a stopped quantise resumes
+QCFG = PTQConfig(calib_seqs=4, calib_len=64, repair_steps=6, repair_batch=2, repair_lr=1e-2)
+
+
+def _calib_text(tmp_path, seed: int):
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "paper"]
+    g = torch.Generator().manual_seed(seed)
+    path = tmp_path / f"calib{seed}.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (600,), generator=g).tolist()))
+    return path
+
+
+def _stopping_at_repair_step(monkeypatch, stop_at: int):
+    """Each repair snapshot sends this process a real SIGTERM after repair step `stop_at`."""
+    import os
+    import signal
+
+    from sharedllm.quant.stages import QuantiseStages
+
+    made = QuantiseStages.repair_snapshot
+
+    def repair_snapshot(self, q):
+        snap = made(self, q)
+        after = snap.after_step
+        snap.after_step = lambda step, *a: (step == stop_at and os.kill(os.getpid(), signal.SIGTERM), after(step, *a))
+        return snap
+    monkeypatch.setattr(QuantiseStages, "repair_snapshot", repair_snapshot)
+
+
+def _fingerprint(path):
+    from sharedllm.quant.ternary import read_ternary_file
+
+    return read_ternary_file(path)[1]["fingerprint"]
+
+
+def test_a_quantise_stopped_in_its_repair_pass_resumes_to_the_uninterrupted_file(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from sharedllm.quant import ptq
+    from sharedllm.quant.make import ternarise
+
+    calib = _calib_text(tmp_path, 0)
+    whole = tmp_path / "whole.safetensors"
+    ternarise("tiny", whole, "gptq-asym", calib, QCFG)
+    out = tmp_path / "b.safetensors"
+    with monkeypatch.context() as m:
+        _stopping_at_repair_step(m, 3)
+        with pytest.raises(SystemExit) as stop:
+            ternarise("tiny", out, "gptq-asym", calib, QCFG)
+    assert stop.value.code == 128 + signal.SIGTERM
+    codes, snap = out.with_suffix(".codes.safetensors"), out.with_suffix(".snapshot.safetensors")
+    assert codes.is_file() and snap.is_file() and not out.exists()
+    capsys.readouterr()
+
+    def no_quantising(*a):
+        raise AssertionError("the kept codes must be taken, not quantised again")
+    monkeypatch.setitem(ptq.METHODS, "gptq-asym", no_quantising)
+    ternarise("tiny", out, "gptq-asym", calib, QCFG)
+    err = capsys.readouterr().err
+    assert "taking the quantised matrices from" in err and "at step 3/6" in err
+    assert _fingerprint(out) == _fingerprint(whole), "the resumed file must be the uninterrupted one, bit for bit"
+    assert not codes.exists() and not snap.exists(), "a finished quantise leaves no stage file behind"
+
+
+def test_kept_codes_of_another_text_or_damaged_are_ignored(tmp_path, monkeypatch, capsys):
+    from sharedllm.quant.make import ternarise
+
+    out = tmp_path / "b.safetensors"
+    with monkeypatch.context() as m:
+        _stopping_at_repair_step(m, 2)
+        with pytest.raises(SystemExit):
+            ternarise("tiny", out, "gptq-asym", _calib_text(tmp_path, 0), QCFG)
+    codes = out.with_suffix(".codes.safetensors")
+    kept = codes.read_bytes()
+    capsys.readouterr()
+    other = _calib_text(tmp_path, 1)  # another calibration text: neither stage file is this run's
+    ternarise("tiny", out, "gptq-asym", other, QCFG)
+    err = capsys.readouterr().err
+    assert "ignoring kept codes" in err and "another run" in err and "resuming" not in err
+    whole = tmp_path / "whole.safetensors"
+    ternarise("tiny", whole, "gptq-asym", other, QCFG)
+    assert _fingerprint(out) == _fingerprint(whole)
+
+    damaged = bytearray(kept)
+    damaged[-10] ^= 0xFF  # a flipped payload byte: the digest no longer matches
+    codes.write_bytes(bytes(damaged))
+    ternarise("tiny", out, "gptq-asym", _calib_text(tmp_path, 0), QCFG)
+    assert "ignoring kept codes" in capsys.readouterr().err
+    assert not codes.exists()

@@ -15,8 +15,10 @@ import copy
 import torch
 
 from ..errors import SharedLLMError
+from ..snapshot import NO_SNAPSHOT
 from .gptq import quantize_layers
 from .grid import PTQConfig, asym_fit
+from .stages import QuantiseStages
 from .ternary import TernaryTensor, decoder_linears
 
 __all__ = ["METHODS", "NEEDS_CALIB", "PTQConfig", "absmean", "asym_fit", "per_matrix", "quantize_model"]
@@ -52,21 +54,27 @@ METHODS = {
 NEEDS_CALIB = {"gptq-asym"}
 
 
-def quantize_model(model, method: str, calib: torch.Tensor | None, cfg: PTQConfig) -> tuple[object, dict]:
+def quantize_model(model, method: str, calib: torch.Tensor | None, cfg: PTQConfig,
+                   stages: QuantiseStages | None = None) -> tuple[object, dict]:
     """`calib`: a 1-D token stream of general text (or None for data-free methods). Returns
     (a quantised copy of `model` holding the dequantised weights and any repaired norms,
-    {linear name: quantised tensor}); `model` itself is left untouched (it is the repair's teacher)."""
+    {linear name: quantised tensor}); `model` itself is left untouched (it is the repair's teacher).
+    `stages`: keep the codes and the repair's snapshot there, and resume from what a stopped run kept."""
     if method not in METHODS:
         raise SharedLLMError(f"unknown ternary method {method!r}; choose from {', '.join(METHODS)}")
     if cfg.repair_steps and calib is None:
         raise SharedLLMError("the repair pass needs calibration text (--calib)")
     student = copy.deepcopy(model)
-    q = METHODS[method](student, calib, cfg)
+    q = stages.kept_codes(student) if stages else None
+    if q is None:
+        q = METHODS[method](student, calib, cfg)
+        if stages and cfg.repair_steps:
+            stages.keep_codes(q)
     with torch.no_grad():
         for name, m in decoder_linears(student).items():
             m.weight.copy_(q[name].dequant())
     if cfg.repair_steps:
         from .repair import repair
 
-        q = repair(student, model, q, calib, cfg)
+        q = repair(student, model, q, calib, cfg, stages.repair_snapshot(q) if stages else NO_SNAPSHOT)
     return student, q

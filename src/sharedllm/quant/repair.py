@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..arch import norm_modules
 from ..data import batch_sampler
 from ..log import progress, report
+from ..snapshot import NO_SNAPSHOT
 from .ternary import TernaryTensor
 
 
@@ -52,8 +53,19 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg) -> dict:
-    """Distil `teacher` into `student` (in place); returns qtensors with the re-tuned alpha / mu."""
+def _repair_step(student, teacher, opt, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        target = teacher(input_ids=x, use_cache=False).logits
+    loss = kl_loss(student(input_ids=x, use_cache=False).logits, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg, snapshot=NO_SNAPSHOT) -> dict:
+    """Distil `teacher` into `student` (in place); returns qtensors with the re-tuned alpha / mu. `snapshot` (a
+    sharedllm.snapshot.Snapshot): resume from it if it holds this pass, and keep it up to date."""
     wrapped = {n: TernaryLinear(q, student.get_submodule(n).bias) for n, q in qtensors.items()
                if isinstance(q, TernaryTensor)}
     originals = {n: _swap(student, n, w) for n, w in wrapped.items()}
@@ -64,19 +76,19 @@ def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg) -> dict:
     opt = torch.optim.AdamW([{"params": norms, "lr": cfg.repair_lr},
                              {"params": scales, "lr": cfg.repair_lr / 10}], betas=(0.9, 0.95), weight_decay=0.0)
     batches = batch_sampler(calib.reshape(-1), cfg.repair_batch, cfg.calib_len - 1, cfg.seed)
+    done = snapshot.restore(norms + scales, opt, [batches], cfg.repair_steps)
+    losses = done.losses[0] if done.losses else []
     student.train()
-    t0 = time.time()
-    steps = progress(range(cfg.repair_steps), desc="repair", unit="step")
-    for step in steps:
-        x = next(batches)[:, :-1]
-        with torch.no_grad():
-            target = teacher(input_ids=x, use_cache=False).logits
-        loss = kl_loss(student(input_ids=x, use_cache=False).logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == cfg.repair_steps - 1:
-            report(steps, f"repair step {step + 1}/{cfg.repair_steps}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    t0, cpu = time.perf_counter() - done.wall_s, time.process_time() - done.cpu_s
+    steps = progress(range(done.step, cfg.repair_steps), desc="repair", unit="step")
+    with snapshot:
+        for step in steps:
+            losses.append(_repair_step(student, teacher, opt, next(batches)[:, :-1]))
+            if step % 10 == 0 or step == cfg.repair_steps - 1:
+                report(steps, f"repair step {step + 1}/{cfg.repair_steps}: KL {losses[-1]:.4f} "
+                              f"({time.perf_counter() - t0:.0f} s)")
+            snapshot.after_step(len(losses), [losses], time.perf_counter() - t0, time.process_time() - cpu)
+        snapshot.finish(len(losses), [losses], time.perf_counter() - t0, time.process_time() - cpu)
     student.eval()
     out = dict(qtensors)
     with torch.no_grad():

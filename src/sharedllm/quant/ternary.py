@@ -229,7 +229,7 @@ def read_ternary_file(path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _quantised(tensors: dict, mod: str, kind: str, shape, source: str):
+def read_quantised(tensors: dict, mod: str, kind: str, shape, source: str):
     try:
         if kind == "ternary":
             mu = tensors.get(f"{mod}.mu")
@@ -278,7 +278,7 @@ def dequantised_model(tensors: dict, meta: dict, source: str):
              and not _quantised_part(n, kinds)}  # a quantised module's bias stays
     for mod, kind in kinds.items():
         shape = tuple(model.get_submodule(mod).weight.shape)
-        state[f"{mod}.weight"] = _quantised(tensors, mod, kind, shape, source).dequant()
+        state[f"{mod}.weight"] = read_quantised(tensors, mod, kind, shape, source).dequant()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if set(missing) - tied or unexpected:
@@ -291,7 +291,7 @@ def load_quantised(path) -> tuple[object, dict, dict]:
     """(dequantised model, {linear name: quantised tensor}, metadata): to continue working on a file."""
     tensors, meta = read_ternary_file(path)
     model = dequantised_model(tensors, meta, str(path))
-    q = {mod: _quantised(tensors, mod, kind, tuple(model.get_submodule(mod).weight.shape), str(path))
+    q = {mod: read_quantised(tensors, mod, kind, tuple(model.get_submodule(mod).weight.shape), str(path))
          for mod, kind in meta["kinds"].items()}
     return model, q, meta
 
