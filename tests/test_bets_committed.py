@@ -201,6 +201,33 @@ def test_committed_side_verdicts_recompute():
         vscale(load("scale_protocol")["cells"], {}).replace("CATASTROPHIC", "FAIL")]
 
 
+LARGER_BASES = ["qwen2.5-coder-1.5b-bf16"]  # finished scale_protocol runs on the larger bases (issue 12)
+
+
+@pytest.mark.parametrize("folder", LARGER_BASES)
+def test_a_larger_base_protocol_is_judged_from_its_cells(folder):
+    """A larger base's finished protocol: its verdict, its side verdicts (the catalogue's wording, the tuned arm) and
+    its random-token control are what the module and the independent rule give from its cells."""
+    path = RESULTS / "other" / folder / "scale_protocol.json"
+    assert path.is_file(), f"committed result other/{folder}/scale_protocol.json is missing"
+    r, bet = json.loads(path.read_text()), get_bet("scale_protocol")
+    assert r["config"]["quick"] is False and r["config"]["base"] == folder.removesuffix("-bf16")
+    assert r["criteria"] == json.loads(json.dumps(bet.criteria)) and r["version"] == bet.version
+    cells = r["cells"]
+    assert r["verdict"] == bet.verdict(cells, r["criteria"]) == vscale(cells, r["criteria"])
+    tuned = [dict(x, kind="confusion") for x in cells if x["kind"] == "tuned_confusion"]
+    base_rows = [x for x in cells if x["kind"] == "confusion" and x["adapter"] == "base"]
+    assert tuned, "the tuned arm is missing"
+    assert r["side_verdicts"] == report.side_verdicts(r) == {
+        "by the catalogue's wording (no CATASTROPHIC tier)": vscale(cells, {}).replace("CATASTROPHIC", "FAIL"),
+        f"at the tuned norm lr {tuned[0]['lr']:g} (lr_sensitivity's)": vscale(base_rows + tuned, {})}
+    randoms = {x["user"] for x in cells if x["kind"] == "random"}
+    assert randoms == set(r["config"]["random_control_users"])
+    as_own = [x for x in cells if x["kind"] == "confusion" and x["adapter"] != x["user"] and x["user"] in randoms]
+    as_own += [dict(x, kind="confusion", adapter=x["user"]) for x in cells if x["kind"] == "random"]
+    assert list(report.control_verdicts(r, {}).values()) == [vscale(as_own, {})]
+
+
 def test_committed_controls_by_hand():
     """The bare base meets 37's and 46's STRICT rule (base/full < 2 at 0 bytes) and 53's (base within 1.5x raw)."""
     results = report.load_results(RESULTS)
