@@ -323,6 +323,23 @@ def test_scale_trend_row_reads_the_confusion_matrix_and_rivals():
     assert "| b (1M) | catalogue | FAIL | 3 | 3/3 | 2/3 |" in table and "215 MB / 10.8 GB" in table
 
 
+def test_scale_trend_plot_has_one_tick_per_run_and_a_panel_for_the_random_control(tmp_path):
+    """Two runs of one base (a stopped fp32 one, a bf16 one) get ticks of their own; arms share a run's tick."""
+    from experiments.bets.scale_protocol import TREND_PANELS, _tick, trend_plot, trend_row
+
+    assert _tick("qwen2.5-coder-0.5b (630M)", "partial: 89 units (bf16)") == "630M\nbf16\npartial"
+    assert _tick("qwen2.5-coder-0.5b (630M)", "partial: 14 units") == "630M\nfp32\npartial"
+    assert _tick("smollm2-135m-instruct (135M)", "CATASTROPHIC") == "135M\nfp32"
+    assert "real_vs_random" in dict(TREND_PANELS)
+    r = trend_row(scale(2, users=3, seeds=(0,)))
+    rows = [("b (1M)", "FAIL", r), ("b (1M)", "partial: 3 units (bf16)", r), ("b (1M)", "partial: 3 units (bf16)",
+                                                                              {**r, "arm": "tuned"})]
+    import matplotlib.image
+
+    path = trend_plot(rows, tmp_path)
+    assert path == tmp_path / "scale_trend.png" and matplotlib.image.imread(path).shape[1] > 1000
+
+
 def test_scale_protocol_summary_and_control_over_subsets_of_users():
     """Full FT for the first user of each kind and --random-users N: the summary and the random-token control
     count only the users that have those cells (the 0.5B / 1.5B protocols), instead of failing at the end."""

@@ -523,27 +523,42 @@ def norm_bytes_elsewhere(results_dir: Path) -> dict:
     return out
 
 
+def _tick(label: str, status: str) -> str:
+    """A run's tick on the scale plot: its size (from the row label), dtype and whether it is finished."""
+    size = label.split(" (")[-1].rstrip(")") if " (" in label else label
+    dtype = status.rsplit("(", 1)[-1].rstrip(")") if status.endswith(")") else "fp32"
+    return f"{size}\n{dtype}" + ("\npartial" if status.startswith("partial") else "")
+
+
+TREND_PANELS = (("gain_vs_base", "own norm vs base"), ("margin_vs_best_other", "own vs best other user's"),
+                ("real_vs_random", "own vs its random-token control"), ("lora_gain_vs_base", "LoRA-r4 vs base"))
+
+
 def trend_plot(rows: list, folder: Path) -> Path:
-    """Per base and arm: own norm vs base, own vs best other user's adapter, LoRA vs base (median, range)."""
+    """One tick per run (base size, dtype, partial or not), the catalogue and tuned arms side by side: own norm vs
+    base, vs the best other user's adapter, vs its random-token control, and LoRA vs base (median, range)."""
     import matplotlib.pyplot as plt
 
-    keys = (("gain_vs_base", "own norm vs base"), ("margin_vs_best_other", "own vs best other user's"),
-            ("lora_gain_vs_base", "LoRA-r4 vs base"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    labels = [f"{label.split(' (')[0]}\n{r['arm']}" for label, _, r in rows]
-    for ax, (key, title) in zip(axes, keys):
-        for i, (_, _, r) in enumerate(rows):
-            sp = r[key]
+    ticks = list(dict.fromkeys(_tick(label, status) for label, status, _ in rows))
+    fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(15, 4.2), sharey=True)
+    for ax, (key, title) in zip(axes, TREND_PANELS):
+        for label, status, r in rows:
+            sp, tuned = r[key], r["arm"] == "tuned"
             if sp:
-                ax.errorbar([i], [100 * sp["median"]], yerr=[[100 * (sp["median"] - sp["min"])],
-                                                              [100 * (sp["max"] - sp["median"])]],
-                            fmt="o" if r["arm"] == "catalogue" else "s", capsize=4,
-                            color="tab:blue" if r["arm"] == "catalogue" else "tab:orange")
+                x = ticks.index(_tick(label, status)) + (0.15 if tuned else -0.15)
+                ax.errorbar([x], [100 * sp["median"]], yerr=[[100 * (sp["median"] - sp["min"])],
+                                                             [100 * (sp["max"] - sp["median"])]],
+                            fmt="s" if tuned else "o", capsize=4, color="tab:orange" if tuned else "tab:blue",
+                            label="tuned lr" if tuned else "catalogue lr 5e-5")
         ax.axhline(100 * CRITERIA["margin"], color="grey", ls="--", lw=0.8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
+        ax.set_xlim(-0.6, len(ticks) - 0.4)
         ax.set_title(title, fontsize=9)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    axes[0].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left")
     axes[0].set_ylabel("ppl reduction, % (median, range over users)")
-    fig.suptitle("scale_protocol across bases (dashed: the 5 % bar)", fontsize=10)
+    fig.suptitle("scale_protocol across bases (dashed: the 5 % bar; x: parameters, compute dtype)", fontsize=10)
+    fig.tight_layout()
     return save(fig, Path(folder) / "scale_trend.png")
 
 
