@@ -7,7 +7,8 @@ from ..quant.make import DEFAULT_METHOD, REPAIR_STEPS, ternarise
 from ..quant.ptq import METHODS, PTQConfig
 from .args import add_base_args
 
-HELP = "ternarise a base's decoder linears into one file (5 trits/byte + scales); use it with --base FILE"
+HELP = ("ternarise a base's decoder linears into one file (5 trits/byte + scales); use it with --base FILE. "
+        "Stopped part-way (kill PID), the same command resumes")
 
 
 def configure(p) -> None:
