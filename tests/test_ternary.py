@@ -245,8 +245,8 @@ def _stopping_at_repair_step(monkeypatch, stop_at: int):
 
     made = QuantiseStages.repair_snapshot
 
-    def repair_snapshot(self, q):
-        snap = made(self, q)
+    def repair_snapshot(self):
+        snap = made(self)
         after = snap.after_step
         snap.after_step = lambda step, *a: (step == stop_at and os.kill(os.getpid(), signal.SIGTERM), after(step, *a))
         return snap

@@ -28,8 +28,7 @@ def ternarise(base_spec: str, out: str | Path, method: str = DEFAULT_METHOD, cal
         raise SharedLLMError(f"--method {method} (or --repair-steps) needs --calib TEXT (general text)")
     say(f"loading base {base_spec}")
     base = load_base(base_spec, device)
-    tokens = calibration_tokens(calib, base.tokenizer).to(base.device) if calib else None
-    calib_tokens = tokens if needs else None
+    calib_tokens = calibration_tokens(calib, base.tokenizer).to(base.device) if needs else None
     stages = QuantiseStages(out, {"source": base.fingerprint, "method": method, "params": cfg.used(method)},
                             calib_tokens)
     t0 = time.time()

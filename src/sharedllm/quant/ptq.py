@@ -76,5 +76,5 @@ def quantize_model(model, method: str, calib: torch.Tensor | None, cfg: PTQConfi
     if cfg.repair_steps:
         from .repair import repair
 
-        q = repair(student, model, q, calib, cfg, stages.repair_snapshot(q) if stages else NO_SNAPSHOT)
+        q = repair(student, model, q, calib, cfg, stages.repair_snapshot() if stages else NO_SNAPSHOT)
     return student, q

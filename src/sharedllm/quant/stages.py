@@ -39,6 +39,7 @@ class QuantiseStages:
         self.key = json.loads(json.dumps({**key, "calib": None if calib is None else token_digest(calib)}))
         self.codes_path = self.out.with_suffix(".codes.safetensors")
         self.snapshot_path = beside(self.out)
+        self._codes_digest = None  # the kept codes' payload digest, once kept or read: what the repair is bound to
 
     def _codes_key(self) -> dict:
         """The codes do not depend on the repair pass's settings."""
@@ -65,6 +66,7 @@ class QuantiseStages:
         kinds, tensors = meta.get("kinds"), load_file(str(self.codes_path))
         if not isinstance(kinds, dict) or tensors_digest(tensors) != meta.get("payload_sha256"):
             raise ValueError("their tensors do not match their metadata")
+        self._codes_digest = meta["payload_sha256"]
         q = {}
         for mod, kind in kinds.items():
             weight = model.get_submodule(mod).weight
@@ -79,13 +81,13 @@ class QuantiseStages:
 
         tensors = {k: v.contiguous() for mod, t in q.items() for k, v in t.to_file(mod).items()}
         kinds = {mod: "ternary" if isinstance(t, TernaryTensor) else "int8" for mod, t in q.items()}
-        meta = {"key": self._codes_key(), "kinds": kinds, "payload_sha256": tensors_digest(tensors)}
+        self._codes_digest = tensors_digest(tensors)
+        meta = {"key": self._codes_key(), "kinds": kinds, "payload_sha256": self._codes_digest}
         write_bytes_atomic(self.codes_path, save(tensors, metadata={STAGE_KEY: json.dumps(meta)}))
 
-    def repair_snapshot(self, q: dict) -> Snapshot:
-        """The repair pass's training snapshot, bound to this run and to these exact codes."""
-        tensors = {k: v for mod, t in q.items() for k, v in t.to_file(mod).items()}
-        return Snapshot(self.snapshot_path, {**self.key, "stage": "repair", "codes": tensors_digest(tensors)})
+    def repair_snapshot(self) -> Snapshot:
+        """The repair pass's training snapshot, bound to this run and to the exact codes kept (or read) before it."""
+        return Snapshot(self.snapshot_path, {**self.key, "stage": "repair", "codes": self._codes_digest})
 
     def clear(self) -> None:
         self.codes_path.unlink(missing_ok=True)
