@@ -325,15 +325,16 @@ def test_scale_trend_row_reads_the_confusion_matrix_and_rivals():
 
 def test_scale_trend_plot_has_one_tick_per_run_and_a_panel_for_the_random_control(tmp_path):
     """Two runs of one base (a stopped fp32 one, a bf16 one) get ticks of their own; arms share a run's tick."""
-    from experiments.bets.scale_protocol import TREND_PANELS, _tick, trend_plot, trend_row
+    from experiments.bets.scale_protocol import TREND_PANELS, ScaleRun, trend_plot, trend_rows
 
-    assert _tick("qwen2.5-coder-0.5b (630M)", "partial: 89 units (bf16)") == "630M\nbf16\npartial"
-    assert _tick("qwen2.5-coder-0.5b (630M)", "partial: 14 units") == "630M\nfp32\npartial"
-    assert _tick("smollm2-135m-instruct (135M)", "CATASTROPHIC") == "135M\nfp32"
+    cells = scale(2, users=3, seeds=(0,))
+    runs = [ScaleRun("qwen2.5-coder-0.5b", "partial: 14 units", cells, "fp32", True),
+            ScaleRun("qwen2.5-coder-0.5b", "partial: 89 units (bf16)", cells, "bf16", True),
+            ScaleRun("smollm2-135m-instruct", "CATASTROPHIC", cells)]
+    rows = trend_rows(runs)
+    assert [r["tick"] for _, _, r in rows] == ["630M\nfp32\npartial", "630M\nbf16\npartial", "135M\nfp32"]
     assert "real_vs_random" in dict(TREND_PANELS)
-    r = trend_row(scale(2, users=3, seeds=(0,)))
-    rows = [("b (1M)", "FAIL", r), ("b (1M)", "partial: 3 units (bf16)", r), ("b (1M)", "partial: 3 units (bf16)",
-                                                                              {**r, "arm": "tuned"})]
+    rows.append((rows[1][0], rows[1][1], {**rows[1][2], "arm": "tuned"}))  # an arm shares its run's tick
     import matplotlib.image
 
     path = trend_plot(rows, tmp_path)

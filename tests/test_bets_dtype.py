@@ -119,7 +119,7 @@ def test_scale_table_marks_bf16_runs(tmp_path):
     part = tmp_path / "other" / "qwen2.5-coder-0.5b-bf16" / "partial" / "scale_protocol.json"
     part.parent.mkdir(parents=True)
     part.write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {}}))
-    assert scale.scale_runs(tmp_path) == [("qwen2.5-coder-0.5b", "partial: 0 units (bf16)", [])]
+    assert scale.scale_runs(tmp_path) == [("qwen2.5-coder-0.5b", "partial: 0 units (bf16)", [], "bf16", True)]
 
 
 def test_holding_the_matmul_weights_in_bf16_trains_the_same_norm_adapter():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from sharedllm import registry
 from sharedllm.base import load_base
@@ -476,21 +477,31 @@ def _dtype(config: dict) -> str:
     return f" ({config['dtype']})" if config.get("dtype", "fp32") != "fp32" else ""
 
 
+class ScaleRun(NamedTuple):
+    """One scale_protocol run: a finished result (status: its verdict) or a checkpoint (partial)."""
+    base: str
+    status: str
+    cells: list
+    dtype: str = "fp32"
+    partial: bool = False
+
+
 def scale_runs(results_dir: Path) -> list:
-    """(base name, status, cells) for the default base's result and each results/other/<base>/ run (a finished
-    result, else its checkpoint), in order of base size."""
+    """A ScaleRun for the default base's result and each results/other/<base>/ run (a finished result, else its
+    checkpoint), in order of base size."""
     runs = []
     for folder in [Path(results_dir)] + sorted(Path(results_dir, "other").glob("*")):
         done, part = folder / "scale_protocol.json", folder / "partial" / "scale_protocol.json"
         if done.is_file():
             r = json.loads(done.read_text())
             status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "") + _dtype(r["config"])
-            runs.append((r["config"]["base"], status, r["cells"]))
+            runs.append(ScaleRun(r["config"]["base"], status, r["cells"], r["config"].get("dtype", "fp32")))
         elif part.is_file():
             data = json.loads(part.read_text())
-            dtype = _dtype(data.get("stamp", {}))
-            base = folder.name.removesuffix(f"-{dtype[2:-1]}") if dtype else folder.name  # other/<base>-bf16/
-            runs.append((base, f"partial: {len(data.get('units', {}))} units{dtype}", _partial_cells(part)))
+            dtype = data.get("stamp", {}).get("dtype", "fp32")
+            base = folder.name.removesuffix(f"-{dtype}")  # other/<base>-bf16/
+            runs.append(ScaleRun(base, f"partial: {len(data.get('units', {}))} units{_dtype({'dtype': dtype})}",
+                                 _partial_cells(part), dtype, partial=True))
     size = {nb.name: nb.params for nb in registry.BASES.values()}
     return sorted(runs, key=lambda run: size.get(run[0], 0))
 
@@ -499,14 +510,16 @@ def trend_rows(runs: list, norm_bytes: dict | None = None) -> list:
     """norm_bytes: base -> a norm adapter file's size measured by another bet, for runs whose cells predate the
     scale protocol's own `bytes` field (the 135M run)."""
     rows = []
-    for base, status, cells in runs:
-        nb = registry.resolve(base)
-        label = f"{base} ({nb.params / 1e6:,.0f}M)" if nb else base
-        for r in (trend_row(cells), trend_row(cells, "tuned")):
+    for run in runs:
+        nb = registry.resolve(run.base)
+        size = f"{nb.params / 1e6:,.0f}M" if nb else run.base
+        label = f"{run.base} ({size})" if nb else run.base
+        for r in (trend_row(run.cells), trend_row(run.cells, "tuned")):
             if r is not None:
-                if "norm" not in r["bytes"] and (norm_bytes or {}).get(base):
-                    r["bytes"]["norm"] = norm_bytes[base]
-                rows.append((label, status, r))
+                if "norm" not in r["bytes"] and (norm_bytes or {}).get(run.base):
+                    r["bytes"]["norm"] = norm_bytes[run.base]
+                r["tick"] = _tick(size, run.dtype, run.partial)
+                rows.append((label, run.status, r))
     return rows
 
 
@@ -523,11 +536,9 @@ def norm_bytes_elsewhere(results_dir: Path) -> dict:
     return out
 
 
-def _tick(label: str, status: str) -> str:
-    """A run's tick on the scale plot: its size (from the row label), dtype and whether it is finished."""
-    size = label.split(" (")[-1].rstrip(")") if " (" in label else label
-    dtype = status.rsplit("(", 1)[-1].rstrip(")") if status.endswith(")") else "fp32"
-    return f"{size}\n{dtype}" + ("\npartial" if status.startswith("partial") else "")
+def _tick(size: str, dtype: str, partial: bool) -> str:
+    """A run's tick on the scale plot: its size, compute dtype and whether it is finished."""
+    return f"{size}\n{dtype}" + ("\npartial" if partial else "")
 
 
 TREND_PANELS = (("gain_vs_base", "own norm vs base"), ("margin_vs_best_other", "own vs best other user's"),
@@ -539,13 +550,13 @@ def trend_plot(rows: list, folder: Path) -> Path:
     base, vs the best other user's adapter, vs its random-token control, and LoRA vs base (median, range)."""
     import matplotlib.pyplot as plt
 
-    ticks = list(dict.fromkeys(_tick(label, status) for label, status, _ in rows))
+    ticks = list(dict.fromkeys(r["tick"] for _, _, r in rows))
     fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(15, 4.2), sharey=True)
     for ax, (key, title) in zip(axes, TREND_PANELS):
-        for label, status, r in rows:
+        for _, _, r in rows:
             sp, tuned = r[key], r["arm"] == "tuned"
             if sp:
-                x = ticks.index(_tick(label, status)) + (0.15 if tuned else -0.15)
+                x = ticks.index(r["tick"]) + (0.15 if tuned else -0.15)
                 ax.errorbar([x], [100 * sp["median"]], yerr=[[100 * (sp["median"] - sp["min"])],
                                                              [100 * (sp["max"] - sp["median"])]],
                             fmt="s" if tuned else "o", capsize=4, color="tab:orange" if tuned else "tab:blue",

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from ..atomic import write_bytes_atomic
 from ..log import say
 from ..snapshot import Snapshot, beside, token_digest
-from .ternary import TernaryTensor, read_quantised, tensors_digest
+from .ternary import read_quantised, tensors_digest
 
 STAGE_KEY = "sharedllm-quantize-codes"
 
@@ -71,7 +71,7 @@ class QuantiseStages:
         for mod, kind in kinds.items():
             weight = model.get_submodule(mod).weight
             q[mod] = read_quantised(tensors, mod, kind, tuple(weight.shape), str(self.codes_path))
-            if q[mod].dequant().shape != weight.shape:
+            if q[mod].dequant().shape != weight.shape:  # dequant also checks alpha / scale against the codes
                 raise ValueError(f"matrix {mod} is not {tuple(weight.shape)}")
         return q
 
@@ -80,7 +80,7 @@ class QuantiseStages:
         from safetensors.torch import save
 
         tensors = {k: v.contiguous() for mod, t in q.items() for k, v in t.to_file(mod).items()}
-        kinds = {mod: "ternary" if isinstance(t, TernaryTensor) else "int8" for mod, t in q.items()}
+        kinds = {mod: t.kind for mod, t in q.items()}
         self._codes_digest = tensors_digest(tensors)
         meta = {"key": self._codes_key(), "kinds": kinds, "payload_sha256": self._codes_digest}
         write_bytes_atomic(self.codes_path, save(tensors, metadata={STAGE_KEY: json.dumps(meta)}))

@@ -69,6 +69,7 @@ class TernaryTensor:
     codes: torch.Tensor  # int8 [out, in] in {-1, 0, +1}
     alpha: torch.Tensor
     mu: torch.Tensor | None = None
+    kind = "ternary"  # the file's name for this kind of matrix (metadata "kinds"; read_quantised)
 
     def __post_init__(self):
         self.codes = self.codes.to(torch.int8)
@@ -99,6 +100,7 @@ class Int8Tensor:
 
     q: torch.Tensor
     scale: torch.Tensor
+    kind = "int8"
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int8Tensor":
@@ -182,7 +184,7 @@ def build_file(model, tokenizer, qtensors: dict, info: dict) -> tuple[bytes, dic
         mod = pname.rsplit(".", 1)[0]
         if mod in qtensors and pname.endswith(".weight"):
             tensors.update(qtensors[mod].to_file(mod))
-            kinds[mod] = "ternary" if isinstance(qtensors[mod], TernaryTensor) else "int8"
+            kinds[mod] = qtensors[mod].kind
         else:
             tensors[pname] = p.detach().cpu().to(torch.float16 if p.dim() >= 2 else torch.float32).contiguous()
     tok_kind, tok_tensors = _tokenizer_tensors(tokenizer)
