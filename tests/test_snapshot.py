@@ -68,6 +68,32 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tiny, tmp
     assert not _equal(whole, new_adapter(tiny, method, seed=CFG.seed)), "the adapter must have trained"
 
 
+class Recording(Snapshot):
+    """A snapshot that remembers the optimizer it was given, to look at it after the run."""
+
+    def restore(self, params, opt, samplers, total_steps):
+        self.optimizer = opt
+        return super().restore(params, opt, samplers, total_steps)
+
+
+@pytest.mark.parametrize("trainer", ["full", "fleet"])
+def test_training_frees_the_optimizer_state_and_gradients_when_it_ends(tiny, tmp_path, trainer):
+    """A torch optimizer sits in a reference cycle and the caller keeps the snapshot while it saves and scores the
+    adapter: without an explicit release AdamW's state (8 bytes per trained parameter) and the last gradients stay
+    in memory until a full garbage collection (at 0.5B full FT: +7.5 GB at the unit's end)."""
+    snap = Recording(tmp_path / "run.snapshot.safetensors", KEY)
+    if trainer == "full":
+        adapters = [personalise(tiny, _tokens(1), "full", CFG, snapshot=snap)]
+    else:
+        adapters = list(train_fleet(tiny, {"a": _tokens(1), "b": _tokens(2)}, CFG, snapshot=snap).values())
+    assert snap.optimizer.param_groups[0]["params"], "the optimizer was given the trained tensors"
+    assert len(snap.optimizer.state) == 0
+    assert all(p.grad is None for p in snap.optimizer.param_groups[0]["params"])
+    assert all(p.grad is None for a in adapters for p in a.params.values())
+    assert snap._opt is None and snap._params == []  # the snapshot lets go of the run once it has ended
+    assert adapters[0].result.steps == CFG.steps
+
+
 @pytest.mark.parametrize("method,periodic", [("norm", True), ("full", False)])
 def test_full_fine_tuning_writes_its_snapshot_only_on_sigterm(tiny, tmp_path, monkeypatch, method, periodic):
     monkeypatch.setattr(snapshot_module, "EVERY_S", 0.0)  # a periodic snapshot would be due after every step

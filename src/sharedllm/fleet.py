@@ -26,7 +26,7 @@ from .losses import causal_lm_parts, weighted_linear_cross_entropy
 from .personalise import Adapted, new_adapter, train_meta
 from .serve.rowgains import RowGainModel
 from .snapshot import NO_SNAPSHOT
-from .train import TrainConfig, TrainResult, autocast
+from .train import TrainConfig, TrainResult, autocast, release_optimizer
 
 SHARED = ("steps", "batch", "seq", "budget_s")  # fields every user of one pass must share (one batch shape)
 
@@ -139,6 +139,7 @@ def train_fleet(base: Base, tokens_by_user: dict, cfg: TrainConfig | dict | None
                                 time.process_time() - cpu)
         snapshot.finish(len(members[0].losses), [m.losses for m in members], time.perf_counter() - start,
                         time.process_time() - cpu)
+    release_optimizer(opt)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {m.name: _adapted(base, rgm, m, wall, cpu, dtype, done.step or None) for m in members}
 

@@ -153,9 +153,18 @@ def train(model, params: dict, tokens: torch.Tensor, cfg: TrainConfig, label: st
             milestone(label, len(losses), cfg.steps, losses[-1])
             snapshot.after_step(len(losses), [losses], time.perf_counter() - start, time.process_time() - cpu)
         snapshot.finish(len(losses), [losses], time.perf_counter() - start, time.process_time() - cpu)
+    release_optimizer(opt)
     model.eval()
     return TrainResult(steps=len(losses), wall_s=time.perf_counter() - start, losses=losses,
                        cpu_s=time.process_time() - cpu, resumed_at=done.step or None)
+
+
+def release_optimizer(opt: torch.optim.Optimizer) -> None:
+    """Free an optimizer's state and the last step's gradients now, when training ends. A torch optimizer sits in a
+    reference cycle, so dropping it frees them only at the next full garbage collection; AdamW's state is 8 bytes
+    per trained parameter (5 GB for a 0.5B full fine-tune), held while the adapter is saved and scored."""
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
 
 
 def _step(model, opt, batch: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from ..arch import norm_modules
 from ..data import batch_sampler
 from ..log import progress, report
 from ..snapshot import NO_SNAPSHOT
+from ..train import release_optimizer
 from .ternary import TernaryTensor
 
 
@@ -89,6 +90,7 @@ def repair(student, teacher, qtensors: dict, calib: torch.Tensor, cfg, snapshot=
                               f"({time.perf_counter() - t0:.0f} s)")
             snapshot.after_step(len(losses), [losses], time.perf_counter() - t0, time.process_time() - cpu)
         snapshot.finish(len(losses), [losses], time.perf_counter() - t0, time.process_time() - cpu)
+    release_optimizer(opt)
     student.eval()
     out = dict(qtensors)
     with torch.no_grad():
