@@ -321,6 +321,12 @@ def test_scale_trend_row_reads_the_confusion_matrix_and_rivals():
     assert trend_row(cells, "tuned") is None  # no tuned arm in these cells
     table = trend_table([("b (1M)", "FAIL", r)])
     assert "| b (1M) | catalogue | FAIL | 3 | 3/3 | 2/3 |" in table and "215 MB / 10.8 GB" in table
+    assert r["full_users"] == 0 and "| +20.0 % (+20.0 to +20.0) | — |" in table  # LoRA vs base, then no full FT
+    full = cells + [b.c(12.0, kind="method", method="full", user="p", seed=0),
+                    b.c(9.5, kind="method", method="full", user="n", seed=0)]
+    r = trend_row(full)  # full FT for 2 of the 3 users: 20 % above the base, 5 % below it
+    assert r["full_users"] == 2 and r["full_gain_vs_base"]["min"] == pytest.approx(-0.2)
+    assert "| -7.5 % (-20.0 to +5.0) (2) |" in trend_table([("b (1M)", "FAIL", r)])
 
 
 def test_scale_trend_plot_has_one_tick_per_run_and_a_panel_for_the_random_control(tmp_path):

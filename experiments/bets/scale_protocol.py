@@ -415,6 +415,7 @@ def trend_row(cells: list, arm: str = "catalogue") -> dict | None:
     out = confusion_outcomes(conf, CRITERIA["margin"])
     others = {u: 1 - ppl(conf, user=u, adapter=u) / best_other_adapter(conf, u) for u in users}
     lora = _per_user(cells, conf, users, "method", method="lora")
+    full = [u for u in users if select(cells, kind="method", method="full", user=u)]
     return {
         "arm": arm, "users": len(users), "own_best": sum(b for _, b in out.values()),
         "won_5pct": sum(w for w, _ in out.values()),
@@ -423,6 +424,8 @@ def trend_row(cells: list, arm: str = "catalogue") -> dict | None:
         "lora_beats_norm": sum(v < 0 for v in lora.values()), "lora_users": len(lora),
         "lora_gain_vs_base": _spread([1 - ppl(cells, kind="method", method="lora", user=u)
                                       / ppl(conf, user=u, adapter="base") for u in lora]),
+        "full_gain_vs_base": _spread([1 - ppl(cells, kind="method", method="full", user=u)
+                                      / ppl(conf, user=u, adapter="base") for u in full]), "full_users": len(full),
         "real_vs_random": _spread(list(_per_user(cells, conf, users, "random").values())),
         "ternary_recovery": _spread([1 - ppl(cells, kind="ternary", condition="ternary_norm", user=u)
                                      / ppl(cells, kind="ternary", condition="ternary_base", user=u)
@@ -452,15 +455,19 @@ def _size(n: int | None) -> str:
 def trend_table(rows: list) -> str:
     """Markdown: one line per (base, arm); rows are (label, status, trend_row) in size order."""
     head = ("| base | arm | status | users | own best | wins >= 5 % | own vs base (median, range) | own vs best other "
-            "| LoRA beats norm | LoRA vs base | real vs random | ternary recovery | bytes/user norm / LoRA / full "
+            "| LoRA beats norm | LoRA vs base | full FT vs base (users) | real vs random | ternary recovery "
+            "| bytes/user norm / LoRA / full "
             f"| fleet of {FLEET:,} (norm / LoRA) | train s/adapter norm / LoRA / full |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, status, r in rows:
         b, t = r["bytes"], r["train_s"]
+        full_n = f" ({r['full_users']})" if r["full_users"] else ""
         lines.append(
             f"| {label} | {r['arm']} | {status} | {r['users']} | {r['own_best']}/{r['users']} | "
             f"{r['won_5pct']}/{r['users']} | {_pct(r['gain_vs_base'])} | {_pct(r['margin_vs_best_other'])} | "
-            f"{r['lora_beats_norm']}/{r['lora_users']} | {_pct(r['lora_gain_vs_base'])} | {_pct(r['real_vs_random'])} | "
+            f"{r['lora_beats_norm']}/{r['lora_users']} | {_pct(r['lora_gain_vs_base'])} | "
+            f"{_pct(r['full_gain_vs_base'])}{full_n} | "
+            f"{_pct(r['real_vs_random'])} | "
             f"{_pct(r['ternary_recovery'])} | {' / '.join(_size(b.get(m)) for m in ('norm', 'lora', 'full'))} | "
             f"{' / '.join(_size(b[m] * FLEET) if m in b else '—' for m in ('norm', 'lora'))} | "
             f"{' / '.join(str(t.get(m, '—')) for m in ('norm', 'lora', 'full'))} |")
