@@ -25,21 +25,19 @@ import subprocess
 import sys
 import time
 
+from machine import status_bytes
+
 GIB = 1 << 30
 
 
 def rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb * 1024 / GIB
+    return status_bytes("VmRSS") / GIB
 
 
 def rss_file_gib() -> float:
     """Resident file-backed pages: the base's weights, which transformers maps from the safetensors file (shared by
     every process that maps the same file)."""
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
-    return kb * 1024 / GIB
+    return status_bytes("RssFile") / GIB
 
 
 def peak_gib() -> float:

@@ -21,17 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import cpu_info
+from machine import cpu_info, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
-
-
-def status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise SystemExit(f"/proc/self/status has no {field}")
 
 
 def arm(base_name: str, user: str, steps: int, free: bool) -> dict:
@@ -48,7 +41,7 @@ def arm(base_name: str, user: str, steps: int, free: bool) -> dict:
     base = load_base(base_name)
     train, _ = split_by_position((ROOT / "data" / "corpora" / f"{user}.txt").read_text(encoding="utf-8"))
     tokens = torch.tensor(base.tokenizer.encode(train[:200_000]), dtype=torch.long)
-    out, seen = {}, {}
+    out = {}
     save = common._save
 
     def measured_save(*args, **kwargs):  # called by ensure_adapter right after training returns
@@ -61,8 +54,9 @@ def arm(base_name: str, user: str, steps: int, free: bool) -> dict:
     cfg = sharedllm.train.TrainConfig(steps=steps, batch=2, seq=256, lr=5e-5)
     with tempfile.TemporaryDirectory() as tmp:
         path = common.ensure_adapter(base, user, tokens, "full", cfg, "", Path(tmp))
-        seen["model"] = load_adapted(base, path).model  # what the scoring unit does next
+        loaded = load_adapted(base, path)  # what the scoring unit does next; alive while the peak is read
         out["save_load_peak"] = status_bytes("VmHWM")
+        del loaded
     return out
 
 

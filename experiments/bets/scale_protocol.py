@@ -392,6 +392,12 @@ def _per_user(cells: list, conf: list, users: list, kind: str, **where) -> dict:
             if select(cells, kind=kind, user=u, **where)}
 
 
+def _method_vs_base(cells: list, conf: list, users: list, method: str) -> list:
+    """1 - ppl(the method's adapter) / ppl(base), for each user that has the method's cells."""
+    return [1 - ppl(cells, kind="method", method=method, user=u) / ppl(conf, user=u, adapter="base")
+            for u in users if select(cells, kind="method", method=method, user=u)]
+
+
 def _bytes(cells: list, **where) -> int | None:
     sizes = [c["bytes"] for c in select(cells, **where) if "bytes" in c]
     return int(_median(sizes)) if sizes else None
@@ -415,17 +421,15 @@ def trend_row(cells: list, arm: str = "catalogue") -> dict | None:
     out = confusion_outcomes(conf, CRITERIA["margin"])
     others = {u: 1 - ppl(conf, user=u, adapter=u) / best_other_adapter(conf, u) for u in users}
     lora = _per_user(cells, conf, users, "method", method="lora")
-    full = [u for u in users if select(cells, kind="method", method="full", user=u)]
+    full = _method_vs_base(cells, conf, users, "full")
     return {
         "arm": arm, "users": len(users), "own_best": sum(b for _, b in out.values()),
         "won_5pct": sum(w for w, _ in out.values()),
         "gain_vs_base": _spread(list(_per_user(cells, conf, users, "confusion", adapter="base").values())),
         "margin_vs_best_other": _spread(list(others.values())),
         "lora_beats_norm": sum(v < 0 for v in lora.values()), "lora_users": len(lora),
-        "lora_gain_vs_base": _spread([1 - ppl(cells, kind="method", method="lora", user=u)
-                                      / ppl(conf, user=u, adapter="base") for u in lora]),
-        "full_gain_vs_base": _spread([1 - ppl(cells, kind="method", method="full", user=u)
-                                      / ppl(conf, user=u, adapter="base") for u in full]), "full_users": len(full),
+        "lora_gain_vs_base": _spread(_method_vs_base(cells, conf, users, "lora")),
+        "full_gain_vs_base": _spread(full), "full_users": len(full),
         "real_vs_random": _spread(list(_per_user(cells, conf, users, "random").values())),
         "ternary_recovery": _spread([1 - ppl(cells, kind="ternary", condition="ternary_norm", user=u)
                                      / ppl(cells, kind="ternary", condition="ternary_base", user=u)
@@ -479,9 +483,9 @@ def _partial_cells(path: Path) -> list:
     return [c for u in units.values() for c in u["cells"]]
 
 
-def _dtype(config: dict) -> str:
+def _dtype(dtype: str) -> str:
     """The status suffix " (bf16)" of a run in a compute dtype other than fp32 (--dtype), else nothing."""
-    return f" ({config['dtype']})" if config.get("dtype", "fp32") != "fp32" else ""
+    return f" ({dtype})" if dtype != "fp32" else ""
 
 
 class ScaleRun(NamedTuple):
@@ -501,16 +505,17 @@ def scale_runs(results_dir: Path) -> list:
         done, part = folder / "scale_protocol.json", folder / "partial" / "scale_protocol.json"
         if done.is_file():
             r = json.loads(done.read_text())
-            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "") + _dtype(r["config"])
-            runs.append(ScaleRun(r["config"]["base"], status, r["cells"], r["config"].get("dtype", "fp32")))
+            dtype = r["config"].get("dtype", "fp32")
+            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "") + _dtype(dtype)
+            runs.append(ScaleRun(r["config"]["base"], status, r["cells"], dtype))
         elif part.is_file():
             data = json.loads(part.read_text())
             dtype = data.get("stamp", {}).get("dtype", "fp32")
             base = folder.name.removesuffix(f"-{dtype}")  # other/<base>-bf16/
-            runs.append(ScaleRun(base, f"partial: {len(data.get('units', {}))} units{_dtype({'dtype': dtype})}",
+            runs.append(ScaleRun(base, f"partial: {len(data.get('units', {}))} units{_dtype(dtype)}",
                                  _partial_cells(part), dtype, partial=True))
     size = {nb.name: nb.params for nb in registry.BASES.values()}
-    return sorted(runs, key=lambda run: size.get(run[0], 0))
+    return sorted(runs, key=lambda run: size.get(run.base, 0))
 
 
 def trend_rows(runs: list, norm_bytes: dict | None = None) -> list:
