@@ -201,7 +201,7 @@ def test_committed_side_verdicts_recompute():
         vscale(load("scale_protocol")["cells"], {}).replace("CATASTROPHIC", "FAIL")]
 
 
-LARGER_BASES = ["qwen2.5-coder-1.5b-bf16"]  # finished scale_protocol runs on the larger bases (issue 12)
+LARGER_BASES = ["qwen2.5-coder-0.5b-bf16", "qwen2.5-coder-1.5b-bf16"]  # finished scale_protocol runs on the larger bases (issue 12)
 
 
 @pytest.mark.parametrize("folder", LARGER_BASES)
@@ -222,7 +222,7 @@ def test_a_larger_base_protocol_is_judged_from_its_cells(folder):
         "by the catalogue's wording (no CATASTROPHIC tier)": vscale(cells, {}).replace("CATASTROPHIC", "FAIL"),
         f"at the tuned norm lr {tuned[0]['lr']:g} (lr_sensitivity's)": vscale(base_rows + tuned, {})}
     randoms = {x["user"] for x in cells if x["kind"] == "random"}
-    assert randoms == set(r["config"]["random_control_users"])
+    assert randoms == set(r["config"].get("random_control_users", r["config"]["users"]))  # --random-users N, or all
     as_own = [x for x in cells if x["kind"] == "confusion" and x["adapter"] != x["user"] and x["user"] in randoms]
     as_own += [dict(x, kind="confusion", adapter=x["user"]) for x in cells if x["kind"] == "random"]
     assert list(report.control_verdicts(r, {}).values()) == [vscale(as_own, {})]
