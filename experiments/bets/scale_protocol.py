@@ -554,16 +554,18 @@ def _tick(size: str, dtype: str, partial: bool) -> str:
 
 
 TREND_PANELS = (("gain_vs_base", "own norm vs base"), ("margin_vs_best_other", "own vs best other user's"),
-                ("real_vs_random", "own vs its random-token control"), ("lora_gain_vs_base", "LoRA-r4 vs base"))
+                ("real_vs_random", "own vs its random-token control"), ("lora_gain_vs_base", "LoRA-r4 vs base"),
+                ("ternary_recovery", "own norm on the ternary base vs it"))
 
 
 def trend_plot(rows: list, folder: Path) -> Path:
     """One tick per run (base size, dtype, partial or not), the catalogue and tuned arms side by side: own norm vs
-    base, vs the best other user's adapter, vs its random-token control, and LoRA vs base (median, range)."""
+    base, vs the best other user's adapter, vs its random-token control, LoRA vs base, and the own norm adapter on
+    the ternary base vs that bare ternary base (median, range)."""
     import matplotlib.pyplot as plt
 
     ticks = list(dict.fromkeys(r["tick"] for _, _, r in rows))
-    fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(15, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(18, 4.2), sharey=True)
     for ax, (key, title) in zip(axes, TREND_PANELS):
         for _, _, r in rows:
             sp, tuned = r[key], r["arm"] == "tuned"
