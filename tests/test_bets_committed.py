@@ -201,7 +201,8 @@ def test_committed_side_verdicts_recompute():
         vscale(load("scale_protocol")["cells"], {}).replace("CATASTROPHIC", "FAIL")]
 
 
-LARGER_BASES = ["qwen2.5-coder-0.5b-bf16", "qwen2.5-coder-1.5b-bf16"]  # finished scale_protocol runs on the larger bases (issue 12)
+# finished scale_protocol runs on the larger bases (issue 12)
+LARGER_BASES = ["qwen2.5-coder-0.5b-bf16", "qwen2.5-coder-1.5b-bf16"]
 
 
 @pytest.mark.parametrize("folder", LARGER_BASES)
