@@ -25,16 +25,18 @@ from sharedllm.base import load_base
 from sharedllm.serve.compute import decode_step, prefill
 from sharedllm.serve.fastdecode import LeanDecoder
 from sharedllm.serve.kv import BatchCache
-from sharedllm.serve.rowgains import Gains, RowGainModel
+from sharedllm.adapters.norm import Gains
+from sharedllm.adapters.rows import RowModel, RowState
 
 from machine import describe
 
 
-def users(rgm: RowGainModel, n: int) -> list[Gains]:
+def users(rgm: RowModel, n: int) -> list[RowState]:
     out = []
     for s in range(n):
         g = torch.Generator().manual_seed(s)
-        out.append(Gains(tuple(v * (1 + 0.1 * torch.randn(v.shape, generator=g)) for v in rgm.base_gains.vectors)))
+        out.append(RowState("norm", Gains(tuple(v * (1 + 0.1 * torch.randn(v.shape, generator=g))
+                                                for v in rgm.base_gains))))
     return out
 
 
@@ -44,7 +46,7 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 
 class Variant:
-    def __init__(self, name: str, rgm: RowGainModel, dec: LeanDecoder | None):
+    def __init__(self, name: str, rgm: RowModel, dec: LeanDecoder | None):
         self.name, self.rgm, self.dec = name, rgm, dec
 
     def start(self, cache, pads):
@@ -70,7 +72,7 @@ def run(v: Variant, cache, pads, feed: list[list[int]], stacked) -> tuple[float,
 MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "mv")
 
 
-def head_cpu_s(rgm: RowGainModel, rows: int, n: int) -> float:
+def head_cpu_s(rgm: RowModel, rows: int, n: int) -> float:
     """CPU seconds of `n` head matmuls ([rows, D] x [V, D]^T) alone: the head's share of the matmul time."""
     w = rgm.model.lm_head.weight
     x = torch.randn(rows, w.shape[1])
@@ -113,7 +115,7 @@ def profile(v: Variant, cache, pads, feed, stacked) -> dict:
                                                                             for k, x in out.items()}
 
 
-def decoders(rgm: RowGainModel) -> dict:
+def decoders(rgm: RowModel) -> dict:
     """Variant name -> a function building its decoder (None: the old HF step)."""
     return {"old": lambda: None, "lean": lambda: LeanDecoder(rgm, torch.float32, fuse=False),
             "lean-fused": lambda: LeanDecoder(rgm, torch.float32, fuse=True),
@@ -135,14 +137,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = load_base("default")
-    rgm = RowGainModel(base)
+    rgm = RowModel(base)
     make = decoders(rgm)
     variants = [Variant(n, rgm, make[n]()) for n in args.variants.split(",")]
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe(),
               "threads": torch.get_num_threads(), "base": base.name, "rows": {}}
     for n in map(int, args.rows.split(",")):
         gains = users(rgm, n)
-        stacked = rgm.stack(gains)
+        stacked = rgm.batch(gains)
         logits, cache, pads = prefill(rgm, prompts(n, args.prompt_len), gains)
         feed, kv, toks = [], BatchCache(), logits.argmax(-1).tolist()
         kv.join(copy.deepcopy(cache), pads)

@@ -33,7 +33,7 @@ DEFAULT_BASE_GAINS = 35_136
 
 
 def synthetic(router: Router, i: int) -> tuple[bytes, dict]:
-    base_flat = torch.cat([v.reshape(-1) for v in router.model.base_gains.vectors])
+    base_flat = torch.cat([v.reshape(-1) for v in router.model.base_gains])
     g = torch.Generator().manual_seed(i)
     flat = (base_flat * (1 + 0.05 * torch.randn(base_flat.shape, generator=g))).half()
     meta = {"format": wire.FORMAT, "format_version": wire.FORMAT_VERSION, "method": "norm", "scheme": "float16",
@@ -61,7 +61,7 @@ def main() -> None:
     root = Path(args.store or tempfile.mkdtemp(prefix="fleet-"))
     base = load_base("tiny")
     store = AdapterStore(root)
-    router = Router(base, store, cache_size=args.samples * 2)
+    router = Router(base, store)
     one, _ = synthetic(router, 0)
     t0 = time.perf_counter()
     for start in range(0, args.users, args.chunk):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sharedllm.personalise import load_adapted
 from sharedllm.serve.compute import score_batch
-from sharedllm.serve.rowgains import RowGainModel
+from sharedllm.adapters.rows import RowModel
 
 from .serve_kit import adapter_bytes
 
@@ -33,8 +33,8 @@ def test_api_fuzzer_short_run_finds_nothing():
 
 
 def test_a_score_depends_on_its_batch_by_at_most_the_stated_bound(tiny, tmp_path):
-    rgm = RowGainModel(tiny)
-    gains = [rgm.gains_from(load_adapted(tiny, data=adapter_bytes(tiny, i, tmp_path), source="a").params)
+    rgm = RowModel(tiny)
+    gains = [rgm.row(load_adapted(tiny, data=adapter_bytes(tiny, i, tmp_path), source="a").params)
              for i in range(4)]
     rng = random.Random(0)
     rows = [[256] + [rng.randrange(256) for _ in range(n)] for n in (3, 40, 300, 900, 17, 600)]

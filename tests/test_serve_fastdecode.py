@@ -15,7 +15,7 @@ from sharedllm.errors import SharedLLMError
 from sharedllm.serve.compute import decode_step, prefill
 from sharedllm.serve.fastdecode import INT4_GROUP, LeanCache, LeanDecoder, quantise_int4, quantise_int8
 from sharedllm.serve.kv import BatchCache
-from sharedllm.serve.rowgains import RowGainModel
+from sharedllm.adapters.rows import RowModel
 from sharedllm.serve.router import DECODE_DTYPES, lean_decoder
 from sharedllm.serve.scheduler import Engine, Job
 from sharedllm.store import ADMIN_ENV
@@ -45,7 +45,7 @@ def tiny_qwen2(vocab: int = 258):
 def lockstep(rgm, dec, users, steps=14, join_at=3, leave_at=7):
     """Decode the HF path and `dec` side by side on the same tokens (the HF path's greedy ones); rows LATE join
     at step `join_at`, row 1 leaves at `leave_at`. Yields (HF logits, lean logits) per step."""
-    gains = [rgm.gains_from(u.params) for u in users]
+    gains = [rgm.row(u.params) for u in users]
     old, new = BatchCache(), LeanCache(chunk=4)  # a small chunk: the buffer grows several times
 
     def join(prompts, g):
@@ -63,7 +63,7 @@ def lockstep(rgm, dec, users, steps=14, join_at=3, leave_at=7):
             old.keep(keep)
             new.keep(keep)
             rows, toks = [rows[i] for i in keep], [toks[i] for i in keep]
-        stacked = rgm.stack(rows)
+        stacked = rgm.batch(rows)
         a, b = decode_step(rgm, old, toks, stacked), dec.step(new, toks, stacked)
         assert new.width == old.width and new.pads == old.pads
         yield a, b
@@ -78,7 +78,7 @@ def any_base(request, tiny):
 @pytest.mark.parametrize("fuse", [False, True])
 def test_lean_step_equals_the_hf_forward_per_row(any_base, fuse):
     users = [perturbed(any_base, s, scale=0.6) for s in range(5)]
-    rgm = RowGainModel(any_base)
+    rgm = RowModel(any_base)
     dec = LeanDecoder(rgm, torch.float32, fuse=fuse)
     for a, b in lockstep(rgm, dec, users):
         assert (a - b).abs().max().item() < 1e-4
@@ -88,7 +88,7 @@ def test_lean_step_equals_the_hf_forward_per_row(any_base, fuse):
 def test_each_row_keeps_its_own_gains(tiny):
     """The check above can fail: the same tokens under another user's gains give other logits."""
     users = [perturbed(tiny, s, scale=0.6) for s in range(5)]
-    rgm = RowGainModel(tiny)
+    rgm = RowModel(tiny)
     a, b = next(lockstep(rgm, LeanDecoder(rgm), users))
     swapped = next(lockstep(rgm, LeanDecoder(rgm), [users[1], users[0], *users[2:]]))[1]
     assert (b[0] - swapped[0]).abs().max().item() > 1e-2 and (a[0] - b[0]).abs().max().item() < 1e-4
@@ -96,8 +96,8 @@ def test_each_row_keeps_its_own_gains(tiny):
 
 def test_a_lone_row_equals_the_hf_forward(tiny):
     """One row (no padding mask; the bf16 path takes torch.mv), for fp32 exactly and bf16 approximately."""
-    rgm = RowGainModel(tiny)
-    g = [rgm.gains_from(perturbed(tiny, 3, scale=0.6).params)]
+    rgm = RowModel(tiny)
+    g = [rgm.row(perturbed(tiny, 3, scale=0.6).params)]
     logits, cache, pads = prefill(rgm, FIRST[:1], g)
     old, toks = BatchCache(), logits.argmax(-1).tolist()
     old.join(cache, pads)
@@ -105,8 +105,8 @@ def test_a_lone_row_equals_the_hf_forward(tiny):
     for dec, kv in decs.values():
         kv.join(copy.deepcopy(cache), pads)
     for _ in range(6):
-        a = decode_step(rgm, old, toks, rgm.stack(g))
-        b32, b16 = (dec.step(kv, toks, rgm.stack(g)) for dec, kv in decs.values())
+        a = decode_step(rgm, old, toks, rgm.batch(g))
+        b32, b16 = (dec.step(kv, toks, rgm.batch(g)) for dec, kv in decs.values())
         assert (a - b32).abs().max().item() < 1e-4 and a.argmax(-1).tolist() == b32.argmax(-1).tolist()
         assert (a - b16).abs().max().item() < 5e-2  # bf16 weights: close, not exact
         toks = a.argmax(-1).tolist()
@@ -114,14 +114,14 @@ def test_a_lone_row_equals_the_hf_forward(tiny):
 
 def test_bf16_weights_stay_close_in_a_mixed_batch(tiny):
     users = [perturbed(tiny, s, scale=0.6) for s in range(5)]
-    rgm = RowGainModel(tiny)
+    rgm = RowModel(tiny)
     for a, b in lockstep(rgm, LeanDecoder(rgm, torch.bfloat16), users):
         assert (a - b).abs().max().item() < 5e-2
 
 
 def test_unsupported_architectures_fall_back_to_the_hf_forward():
     gemma = tiny_gemma()
-    rgm = RowGainModel(gemma)
+    rgm = RowModel(gemma)
     assert LeanDecoder.build(rgm) is None and lean_decoder(rgm, "lean", "fp32") is None
     for dtype in ("bf16", "int8", "int8-head4"):
         with pytest.raises(SharedLLMError, match=dtype):
@@ -129,7 +129,7 @@ def test_unsupported_architectures_fall_back_to_the_hf_forward():
     engine = Engine(rgm, str, eos_id=None, max_batch=4)
     try:
         user = perturbed(gemma, 0)
-        job = Job("generate", FIRST[0], rgm.gains_from(user.params), "u0", 5)
+        job = Job("generate", FIRST[0], rgm.row(user.params), "u0", 5)
         got = engine.submit(job).result(timeout=120).ids
         ref = user.model.generate(torch.tensor([FIRST[0]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
         assert got == ref[0, len(FIRST[0]):].tolist() and engine.stats()["decode"] == "hf"
@@ -138,7 +138,7 @@ def test_unsupported_architectures_fall_back_to_the_hf_forward():
 
 
 def test_the_engine_decodes_with_the_lean_step_by_default(tiny):
-    engine = Engine(RowGainModel(tiny), str, eos_id=None)
+    engine = Engine(RowModel(tiny), str, eos_id=None)
     try:
         assert engine.stats()["decode"] == "lean-fp32" and isinstance(engine.kv, LeanCache)
     finally:
@@ -161,7 +161,7 @@ def test_int8_quantisation_is_per_output_channel_and_symmetric():
 def test_int8_weights_stay_close_in_a_mixed_batch(any_base):
     """Mixed users and prompt lengths, rows joining and leaving, the buffer growing: int8 near the HF forward."""
     users = [perturbed(any_base, s, scale=0.6) for s in range(5)]
-    rgm = RowGainModel(any_base)
+    rgm = RowModel(any_base)
     dec = LeanDecoder(rgm, torch.int8)
     assert dec.name == "lean-int8" and dec.head.weight.dtype == torch.int8
     for a, b in lockstep(rgm, dec, users):
@@ -174,20 +174,20 @@ def _one_step(rgm, dec, prompts, gains):
     old, kv = BatchCache(), LeanCache(chunk=2)
     old.join(copy.deepcopy(cache), pads)
     kv.join(cache, pads)
-    toks, stacked = logits.argmax(-1).tolist(), rgm.stack(gains)
+    toks, stacked = logits.argmax(-1).tolist(), rgm.batch(gains)
     return decode_step(rgm, old, toks, stacked), dec.step(kv, toks, stacked)
 
 
 def test_int8_lone_row_stays_close(tiny):
-    rgm = RowGainModel(tiny)
-    a, b = _one_step(rgm, LeanDecoder(rgm, torch.int8), FIRST[:1], [rgm.gains_from(perturbed(tiny, 3, 0.6).params)])
+    rgm = RowModel(tiny)
+    a, b = _one_step(rgm, LeanDecoder(rgm, torch.int8), FIRST[:1], [rgm.row(perturbed(tiny, 3, 0.6).params)])
     assert (a - b).abs().max().item() < INT8_TOL
 
 
 def test_int8_rows_keep_their_own_gains(tiny):
     """The same prompt twice in one batch under two users' gains: two different rows, each near its HF row."""
-    rgm = RowGainModel(tiny)
-    gains = [rgm.gains_from(perturbed(tiny, s, scale=0.6).params) for s in (0, 1)]
+    rgm = RowModel(tiny)
+    gains = [rgm.row(perturbed(tiny, s, scale=0.6).params) for s in (0, 1)]
     a, b = _one_step(rgm, LeanDecoder(rgm, torch.int8), [FIRST[0], FIRST[0]], gains)
     assert (a - b).abs().max().item() < INT8_TOL
     assert (b[0] - b[1]).abs().max().item() > 10 * INT8_TOL
@@ -238,7 +238,7 @@ def test_int4_rows_keep_their_own_gains_and_stay_close(int4_base, dtype):
     """int4 everywhere, or int4 only in the layers or only in the head (--decode-dtype int4-head8, int8-head4):
     each matrix packed as asked (an int4 head as int8 where the kernel cannot take it). Two users' gains on the same
     prompt: two different rows, each within INT4_TOL of its HF row; a lone row too."""
-    rgm = RowGainModel(int4_base)
+    rgm = RowModel(int4_base)
     dec = lean_decoder(rgm, "lean", dtype)
     packable = rgm.model.config.vocab_size % 16 == 0
     layers, head = (d == torch.int4 for d in DECODE_DTYPES[dtype])
@@ -246,7 +246,7 @@ def test_int4_rows_keep_their_own_gains_and_stay_close(int4_base, dtype):
     assert dec.name == f"lean-{dtype}" and dec.layers[0].down.group == (INT4_GROUP if layers else 0)
     assert dec.layers[0].down.weight.dtype == (torch.uint8 if layers else torch.int8)
     assert dec.head.group == (INT4_GROUP if head else 0) and dec.head.weight.dtype == (torch.uint8 if head else torch.int8)
-    gains = [rgm.gains_from(perturbed(int4_base, s, scale=0.6).params) for s in (0, 1)]
+    gains = [rgm.row(perturbed(int4_base, s, scale=0.6).params) for s in (0, 1)]
     a, b = _one_step(rgm, dec, [FIRST[0], FIRST[0]], gains)
     assert (a - b).abs().max().item() < INT4_TOL
     assert (b[0] - b[1]).abs().max().item() > 3 * INT4_TOL

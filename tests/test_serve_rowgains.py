@@ -5,7 +5,7 @@ import torch
 from sharedllm.arch import Base, fingerprint_model, norm_modules
 from sharedllm.personalise import new_adapter
 from sharedllm.serve.compute import generate_batch, score_batch
-from sharedllm.serve.rowgains import RowGainModel
+from sharedllm.adapters.rows import RowModel
 
 from .serve_kit import reference_score
 
@@ -43,8 +43,8 @@ def any_base(request, tiny):
 
 def test_mixed_batch_logits_equal_each_user_alone(any_base):
     users = [perturbed(any_base, s) for s in range(3)]
-    rgm = RowGainModel(any_base)
-    gains = [rgm.gains_from(u.params) for u in users]
+    rgm = RowModel(any_base)
+    gains = [rgm.row(u.params) for u in users]
     ids = torch.tensor([r + [0] * (30 - len(r)) for r in ROWS])
     logits = rgm.forward(ids, gains).logits
     for b, (u, row) in enumerate(zip(users, ROWS)):
@@ -55,32 +55,32 @@ def test_mixed_batch_logits_equal_each_user_alone(any_base):
 
 
 def test_base_gains_reproduce_the_base_and_the_base_is_untouched(any_base):
-    rgm = RowGainModel(any_base)
+    rgm = RowModel(any_base)
     assert all(type(m).__name__ != "RowGainRMSNorm" for m in norm_modules(any_base.model).values())
     assert fingerprint_model(any_base.model) == any_base.fingerprint
     ids = torch.tensor([ROWS[0]])
-    assert torch.equal(rgm.forward(ids, [rgm.base_gains]).logits, any_base.model(input_ids=ids).logits)
+    assert torch.equal(rgm.forward(ids, [rgm.base_row]).logits, any_base.model(input_ids=ids).logits)
     assert rgm.model.lm_head.weight is any_base.model.lm_head.weight  # weights are shared, not copied
 
 
 def test_norms_refuse_to_run_without_per_row_gains(tiny):
-    rgm = RowGainModel(tiny)
-    with pytest.raises(RuntimeError, match="per-row gains"):
+    rgm = RowModel(tiny)
+    with pytest.raises(RuntimeError, match="no RowBatch given"):
         rgm.model(input_ids=torch.tensor([ROWS[0]]))
 
 
 def test_batched_scores_equal_single_scores(tiny):
     users = [perturbed(tiny, s) for s in range(3)]
-    rgm = RowGainModel(tiny)
-    out = score_batch(rgm, ROWS, [rgm.gains_from(u.params) for u in users])
+    rgm = RowModel(tiny)
+    out = score_batch(rgm, ROWS, [rgm.row(u.params) for u in users])
     for o, u, row in zip(out, users, ROWS):
         assert o.tokens == len(row) - 1 and o.logprob == pytest.approx(reference_score(u.model, row), abs=1e-4)
 
 
 def test_left_padded_greedy_generation_equals_each_user_alone(tiny):
     users = [perturbed(tiny, s, scale=0.6) for s in range(3)]
-    rgm = RowGainModel(tiny)
-    gains = [rgm.gains_from(u.params) for u in users]
+    rgm = RowModel(tiny)
+    gains = [rgm.row(u.params) for u in users]
     out = generate_batch(rgm, ROWS, gains, [8, 5, 8], [0.0] * 3, [None] * 3, eos_id=None)
     for o, u, row, n in zip(out, users, ROWS, [8, 5, 8]):
         ref = u.model.generate(torch.tensor([row]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -89,8 +89,8 @@ def test_left_padded_greedy_generation_equals_each_user_alone(tiny):
 
 def test_sampled_generation_in_a_batch_equals_the_same_row_alone(tiny):
     users = [perturbed(tiny, s, scale=0.6) for s in range(3)]
-    rgm = RowGainModel(tiny)
-    gains = [rgm.gains_from(u.params) for u in users]
+    rgm = RowModel(tiny)
+    gains = [rgm.row(u.params) for u in users]
     batch = generate_batch(rgm, ROWS, gains, [12] * 3, [1.0] * 3, [11, 12, 13], eos_id=None)
     for i in range(3):
         single = generate_batch(rgm, [ROWS[i]], [gains[i]], [12], [1.0], [11 + i], eos_id=None)[0]
@@ -99,10 +99,10 @@ def test_sampled_generation_in_a_batch_equals_the_same_row_alone(tiny):
 
 
 def test_generation_stops_at_eos_per_row(tiny):
-    rgm = RowGainModel(tiny)
-    greedy = generate_batch(rgm, ROWS[:1], [rgm.base_gains], [6], [0.0], [None], eos_id=None)[0].ids
+    rgm = RowModel(tiny)
+    greedy = generate_batch(rgm, ROWS[:1], [rgm.base_row], [6], [0.0], [None], eos_id=None)[0].ids
     stop = greedy[2]
-    out = generate_batch(rgm, ROWS[:2], [rgm.base_gains] * 2, [6, 6], [0.0] * 2, [None] * 2, eos_id=stop)
+    out = generate_batch(rgm, ROWS[:2], [rgm.base_row] * 2, [6, 6], [0.0] * 2, [None] * 2, eos_id=stop)
     assert out[0].ids == greedy[: greedy.index(stop) + 1] and out[0].finish_reason == "stop"
 
 
@@ -118,7 +118,7 @@ def test_engine_score_batches_bound_rows_and_padded_tokens(monkeypatch):
     monkeypatch.setattr(scheduler, "score_batch", lambda rgm, rows, gains: sizes.append(len(rows)) or
                         [SimpleNamespace(n=len(rows), tokens=len(r) - 1) for r in rows])
     engine = Engine(None, str, None, max_batch=3, max_batch_tokens=40, window_s=0.5)
-    jobs = [Job("score", [1] * n, gains=None) for n in (10, 10, 10, 30, 5)]
+    jobs = [Job("score", [1] * n, row=None) for n in (10, 10, 10, 30, 5)]
     futures = [engine.submit(j) for j in jobs]
     assert [f.result(timeout=30).n for f in futures] == [3, 3, 3, 1, 1]  # 3 x 10 fit; 30 + 5 pads to 2 x 30 > 40
     assert sizes == [3, 1, 1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sharedllm.serve.hangup import POLLRDHUP, hung_up
-from sharedllm.serve.rowgains import Gains, RowGainModel
+from sharedllm.adapters.norm import Gains
+from sharedllm.adapters.rows import RowModel, RowState
 from sharedllm.serve.scheduler import Engine, FairQueue, Job
 from sharedllm.serve.textstream import TextTail
 
@@ -27,7 +28,7 @@ def users(tiny):
 
 @pytest.fixture
 def engine(tiny):
-    e = Engine(RowGainModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8)
+    e = Engine(RowModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8)
     yield e
     e.close()
 
@@ -38,14 +39,14 @@ def alone(user, prompt, n):
 
 
 def gen(engine, user, prompt, n, name, **kw):
-    return Job("generate", prompt, engine.rgm.gains_from(user.params), name, n, 0.0, **kw)
+    return Job("generate", prompt, engine.rgm.row(user.params), name, n, 0.0, **kw)
 
 
 def test_rows_join_a_running_batch_and_match_each_user_alone(engine, users):
     """A long generation is running; shorter ones of other users and a score join it mid-way and finish first."""
     finished_while_long_ran = []
     late = [gen(engine, users[i], PROMPTS[i], n, f"u{i}") for i, n in ((1, 5), (2, 9), (3, 1), (4, 7))]
-    score = Job("score", PROMPTS[0], engine.rgm.gains_from(users[1].params), "u1")
+    score = Job("score", PROMPTS[0], engine.rgm.row(users[1].params), "u1")
     started = threading.Event()
 
     def first_piece(_piece):
@@ -85,7 +86,7 @@ def test_a_prefill_budget_spreads_a_burst_over_steps_and_changes_no_output(tiny,
     """Four prompts of 4-30 positions queued at once: a budget of 10,000 admits them in one pass (the first token of
     each comes from that prefill, so 5 tokens take 4 steps); a budget of 30 admits one per step (3 more steps).
     Either way every row gets exactly what its user gets alone."""
-    e = Engine(RowGainModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8, prefill_budget=budget)
+    e = Engine(RowModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8, prefill_budget=budget)
     try:
         picked = [0, 1, 2, 4]
         jobs = [gen(e, users[i], PROMPTS[i], 5, f"u{i}") for i in picked]
@@ -187,7 +188,7 @@ def test_a_row_whose_connection_closes_leaves_at_the_next_step_without_the_http_
 
 @needs_rdhup
 def test_a_waiting_job_whose_connection_closed_is_never_started(tiny, users):
-    e = Engine(RowGainModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=1)
+    e = Engine(RowModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=1)
     (c1, s1), (c2, s2) = tcp_pair(), tcp_pair()
     try:
         c2.close()  # this client leaves while its request waits behind another
@@ -211,12 +212,12 @@ def test_one_rows_failure_fails_only_that_request(engine, users, tiny):
     def boom(_piece):
         raise RuntimeError("client callback failed")
 
-    bad_gains = Gains(tuple(v[:-1] for v in engine.rgm.base_gains.vectors))  # wrong width: its prefill raises
+    bad_gains = RowState("norm", Gains(tuple(v[:-1] for v in engine.rgm.base_gains)))  # wrong width: prefill raises
     jobs = [gen(engine, users[0], PROMPTS[0], 6, "u0", on_text=boom),
             Job("generate", PROMPTS[2], bad_gains, "u2", 6, 0.0),
             gen(engine, users[1], PROMPTS[1], 6, "u1"),
             Job("score", PROMPTS[2], bad_gains, "u2"),
-            Job("score", PROMPTS[1], engine.rgm.gains_from(users[3].params), "u3")]
+            Job("score", PROMPTS[1], engine.rgm.row(users[3].params), "u3")]
     with engine._cv:  # submit all at once so that they share the first passes
         for j in jobs:
             engine.submit(j)
@@ -232,10 +233,10 @@ def test_one_rows_failure_fails_only_that_request(engine, users, tiny):
 
 def test_sampled_rows_repeat_with_their_seed_and_top_p_narrows(engine, users):
     def run(**kw):
-        return engine.submit(Job("generate", PROMPTS[2], engine.rgm.base_gains, "u", 16, 1.0, **kw)).result(60).ids
+        return engine.submit(Job("generate", PROMPTS[2], engine.rgm.base_row, "u", 16, 1.0, **kw)).result(60).ids
     assert run(seed=3) == run(seed=3) and run(seed=3) != run(seed=4)
     tiny_p = run(seed=3, top_p=1e-6)  # the nucleus is the single most likely token: greedy
-    greedy = engine.submit(Job("generate", PROMPTS[2], engine.rgm.base_gains, "u", 16, 0.0)).result(60).ids
+    greedy = engine.submit(Job("generate", PROMPTS[2], engine.rgm.base_row, "u", 16, 0.0)).result(60).ids
     assert tiny_p == greedy
 
 

@@ -82,6 +82,14 @@ def load_base(spec: str = "default", device: str = "cpu") -> Base:
     return base
 
 
+def base_name(spec: str) -> str:
+    """The `Base.name` that `load_base(spec)` gives, without loading anything (store folders are named by it)."""
+    named = registry.resolve(spec)
+    if spec == "tiny":
+        return "tiny"
+    return named.name if named is not None else Path(spec).name
+
+
 def peek(spec: str) -> tuple | None:
     """(name, fingerprint) of a named base converted here, without loading its weights; None otherwise."""
     named = registry.resolve(spec)

@@ -69,14 +69,16 @@ def save_adapter(path, state: dict, method: str, base_fingerprint: str, info: di
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_GAIN = 64.0  # |value| bound for every adapter value (a norm gain of 64 is already far outside training)
-# ...except a full fine-tune's: it holds the base's own weights, and some bases have larger ones (Qwen2's attention
-# biases reach a few hundred), so it is bounded by what a float16 file can hold.
-MAX_VALUE = {"full": 65504.0}
+# ...unless its method declares another (`Capabilities.max_value`): a full fine-tune holds the base's own weights,
+# and some bases have larger ones (Qwen2's attention biases reach a few hundred): float16's range.
 
 
 def value_bound(meta: dict) -> float:
-    """The |value| bound of an adapter of this method (MAX_GAIN unless MAX_VALUE says otherwise)."""
-    return MAX_VALUE.get(meta.get("method"), MAX_GAIN)
+    """The |value| bound of an adapter of this method (its declared `caps.max_value`; MAX_GAIN if unknown)."""
+    from .adapters import METHODS
+
+    method = METHODS.get(meta.get("method")) if isinstance(meta.get("method"), str) else None
+    return method.caps.max_value if method is not None else MAX_GAIN
 
 
 FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}

@@ -6,6 +6,9 @@ A method is an object with:
                             alpha, targets); recorded in every adapter file as `method_config`
   attach(model) -> model    prepare a private copy of the base (may wrap it, e.g. PEFT)
   trainable(model) -> dict  canonical tensor name -> nn.Parameter: exactly what trains and what is saved
+  caps                      a `Capabilities`: what else the method can do (per-row serving and fleet training
+                            through its kernel in `adapters.rows`, export, value bounds); callers ask it, never
+                            the method's name
 and a constructor taking its config (`type(method)(config)` builds the method with another config).
 Everything else (freezing, saving, loading) is generic and lives here.
 """
@@ -20,10 +23,23 @@ import torch
 from ..errors import SharedLLMError
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a method declares about itself, so that no caller compares method names."""
+
+    rows: Any = None  # its per-row kernel class (adapters.rows): served in mixed batches, fleet-trainable
+    export: str | None = None  # "peft": a PEFT folder; "merged": a merged transformers checkpoint; None: neither
+    gguf: bool = False  # `sharedllm export --format gguf` can write it into the base's GGUF
+    max_value: float = 64.0  # |value| bound the file parser enforces
+    periodic_snapshot: bool = True  # training snapshots every few minutes (False: only on SIGTERM; too large)
+    frozen_bf16: bool = False  # may train with the base's matmul weights held in bf16 (nothing it trains is one)
+
+
 @runtime_checkable
 class AdapterMethod(Protocol):
     name: str
     config: Any  # a frozen dataclass instance
+    caps: Capabilities
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -41,7 +57,7 @@ METHODS: dict[str, AdapterMethod] = {}
 def register(method: AdapterMethod) -> AdapterMethod:
     """Add a method (built with its default config) under its name; a name is registered once."""
     if not isinstance(method, AdapterMethod):
-        raise SharedLLMError(f"{method!r} is not an adapter method (needs name, config, attach, trainable)")
+        raise SharedLLMError(f"{method!r} is not an adapter method (needs name, config, caps, attach, trainable)")
     if not _is_frozen_dataclass(method.config):
         raise SharedLLMError(f"adapter method {method.name!r}: config must be a frozen dataclass instance")
     if method.name in METHODS:
@@ -118,9 +134,9 @@ def adapted_model(base_model: torch.nn.Module, method) -> tuple[torch.nn.Module,
 
     The frozen weights are shared with the base, not copied (a norm adapter's model costs kilobytes, not the
     base's 538 MB); every parameter the method trains is a private clone, so training never touches the base.
-    This is the same design as serving (`serve.rowgains.RowGainModel`, also built on `shared_copy`); the one
-    difference is where the gains live: here each user's model owns its gains as leaf parameters (autograd and
-    the optimizer need them; it is one user's model), the server passes every row's gains with each call.
+    This is the same design as serving (`adapters.rows.RowModel`, also built on `shared_copy`); the one
+    difference is where the adapter lives: here each user's model owns it as leaf parameters (autograd and
+    the optimizer need them; it is one user's model), the server passes every row's adapter with each call.
     """
     model = method.attach(shared_copy(base_model))
     params = method.trainable(model)

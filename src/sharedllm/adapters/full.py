@@ -1,11 +1,12 @@
 """full: every parameter of the base trains (the expensive baseline)."""
 from __future__ import annotations
 
-from . import NoConfig, register
+from . import Capabilities, NoConfig, register
 
 
 class FullMethod:
     name = "full"
+    caps = Capabilities(export="merged", max_value=65504.0, periodic_snapshot=False)
 
     def __init__(self, config: NoConfig = NoConfig()):
         self.config = config

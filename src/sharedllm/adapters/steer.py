@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import norm_modules
-from . import NoConfig, register
+from . import Capabilities, NoConfig, register
 
 PARAM = "sharedllm_steer"
 
@@ -18,6 +18,7 @@ def final_norm(model) -> torch.nn.Module:
 
 class SteerMethod:
     name = "steer"
+    caps = Capabilities()
 
     def __init__(self, config: NoConfig = NoConfig()):
         self.config = config

@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+from ..adapters import METHODS, get_method
 from ..data import load_user
 from ..errors import SharedLLMError
 from ..fleet import train_fleet, with_lr
@@ -13,7 +14,7 @@ from ..log import say
 from ..personalise import evaluate_on, save_adapted
 from ..snapshot import Snapshot, run_key
 from ..train import autocast
-from .args import load_for_training, train_config
+from .args import load_for_training, method_config, train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 
@@ -86,9 +87,10 @@ def run_many(args) -> dict:
 
     if args.out or not args.out_dir:
         raise SharedLLMError("several users write one file each: give --out-dir DIR (not --out)")
-    if args.method != "norm":
-        raise SharedLLMError(f"several users in one pass train norm adapters only (got --method {args.method}); "
-                             "run adapt once per user for other methods")
+    if get_method(args.method).caps.rows is None:
+        fleet = ", ".join(sorted(n for n, m in METHODS.items() if m.caps.rows is not None))
+        raise SharedLLMError(f"several users in one pass train the methods with a per-row kernel ({fleet}), not "
+                             f"--method {args.method}; run adapt once per user for it")
     entries = read_manifest(args.manifest) if args.manifest else {}
     for user, e in users_from_texts(args.text).items():
         if user in entries:
@@ -103,18 +105,19 @@ def run_many(args) -> dict:
 
 def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
     start = time.perf_counter()
-    say(f"training {len(data)} norm adapters in one pass for {args.steps} steps "
+    config = method_config(args)
+    say(f"training {len(data)} {args.method} adapters in one pass for {args.steps} steps "
         f"({len(data)} x {args.batch} rows of {args.seq} tokens per step, {args.dtype})")
-    key = run_key(base.fingerprint, "norm", args.dtype, [{"user": u, "cfg": cfgs[u], "tokens": d.train}
-                                                         for u, d in data.items()])
+    key = run_key(base.fingerprint, args.method, args.dtype, [{"user": u, "cfg": cfgs[u], "tokens": d.train}
+                                                              for u, d in data.items()], config)
     snapshot = Snapshot(Path(args.out_dir) / ".fleet.snapshot.safetensors", key)
     adapted = train_fleet(base, {u: d.train.to(base.device) for u, d in data.items()}, cfgs, dtype=args.dtype,
-                          snapshot=snapshot)
+                          snapshot=snapshot, method=args.method, method_config=config)
     train_s = time.perf_counter() - start
     with autocast(args.dtype, base.device):  # scoring in the same compute dtype, as for one user
         rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
     snapshot.clear()
-    return {"method": "norm", "dtype": args.dtype, "base": base.name, "base_fingerprint": base.fingerprint,
+    return {"method": args.method, "dtype": args.dtype, "base": base.name, "base_fingerprint": base.fingerprint,
             "out_dir": args.out_dir,
             "users": rows, "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
             "users_per_hour_training": round(3600 * len(rows) / train_s, 1)}
@@ -136,7 +139,7 @@ def _user_row(args, base, user: str, data, adapted) -> dict:
 
 
 def render_many(r: dict) -> str:
-    lines = [f"{len(r['users'])} norm adapters in one pass on {r['base']} ({r['dtype']}): "
+    lines = [f"{len(r['users'])} {r['method']} adapters in one pass on {r['base']} ({r['dtype']}): "
              f"training {r['train_wall_s']:.1f} s "
              f"({r['users_per_hour_training']:.0f} users/hour), {r['wall_s']:.1f} s with evaluation",
              f"{'user':20s} {'lr':>9s} {'steps':>5s} {'loss':>15s} {'held-out ppl':>19s}  adapter"]

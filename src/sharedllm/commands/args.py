@@ -86,7 +86,7 @@ def load_for_training(args):
     random init to bf16), and so does fp32."""
     say(f"loading base {args.base}")
     base = load_base(args.base, args.device)
-    if args.dtype == "bf16" and args.method == "norm":
+    if args.dtype == "bf16" and get_method(args.method).caps.frozen_bf16:
         hold_frozen_in_bf16(base.model)
     if args.dtype == "bf16" and bf16_matmuls(args.device) == "emulated":
         say("this CPU has no native bf16 matmuls (no AVX512_BF16 / AMX): bf16 runs as fp32 GEMMs on bf16 values, "

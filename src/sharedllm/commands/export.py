@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..adapters import get_method
 from ..base import load_base
 from ..errors import SharedLLMError
 from ..log import say
@@ -31,16 +32,18 @@ def run(args) -> dict:
     adapted = load_adapted(base, args.adapter)
     if args.format == "gguf":
         return _gguf(args, adapted, out)
-    if adapted.method == "steer":
-        raise SharedLLMError(f"{args.adapter}: a steering vector cannot be merged into a transformers checkpoint")
+    kind = get_method(adapted.method).caps.export
+    if kind is None:
+        raise SharedLLMError(f"{args.adapter}: a {adapted.method} adapter cannot be exported to a PEFT folder or "
+                             "merged into a transformers checkpoint")
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    say(f"writing {'PEFT adapter' if adapted.method == 'lora' else 'merged checkpoint'} to {out}")
+    say(f"writing {'PEFT adapter' if kind == 'peft' else 'merged checkpoint'} to {out}")
     adapted.model.save_pretrained(str(tmp), safe_serialization=True)
-    if adapted.method != "lora":
+    if kind == "merged":
         base.tokenizer.save(tmp)
     tmp.rename(out)
-    kind = "peft" if adapted.method == "lora" else "transformers"
+    kind = "peft" if kind == "peft" else "transformers"
     return {"out": str(out), "format": kind, "method": adapted.method, "files": sorted(p.name for p in out.iterdir())}
 
 
@@ -48,8 +51,9 @@ def _gguf(args, adapted, out: Path) -> dict:
     from .. import registry
     from ..gguf_export import write_norm_gguf
 
-    if adapted.method != "norm":
-        raise SharedLLMError(f"{args.adapter}: --format gguf exports norm adapters only (this is {adapted.method})")
+    if not get_method(adapted.method).caps.gguf:
+        raise SharedLLMError(f"{args.adapter}: --format gguf exports only adapters that live in the base's own "
+                             f"tensors (norm; this is {adapted.method})")
     named = registry.resolve(args.base)
     if named is None:
         raise SharedLLMError(f"--format gguf needs a named base (`sharedllm bases`), whose GGUF is the file "

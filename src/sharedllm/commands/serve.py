@@ -1,9 +1,9 @@
-"""sharedllm serve: one base, every user's norm adapter, mixed-user batches, over HTTP (FastAPI + uvicorn)."""
+"""sharedllm serve: one base, every user's adapter (norm or LoRA), mixed-user batches, over HTTP (FastAPI + uvicorn)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..base import cache_dir, load_base
+from ..base import base_name, cache_dir, load_base
 from ..log import say
 from .args import add_base_args, positive_int
 
@@ -24,13 +24,16 @@ def configure(p) -> None:
     p.add_argument("--prefill-budget", type=positive_int, default=512,
                    help="most padded prompt positions admitted between two decode steps: a burst of prompts joins "
                         "over several steps, so a score or a running stream waits for at most this much prefill")
-    p.add_argument("--cache", type=int, default=1024, help="decoded adapters kept in memory (LRU)")
+    p.add_argument("--cache-mb", type=positive_int, default=1024,
+                   help="decoded adapters kept in memory, LRU, bounded in MB of their fp32 tensors (a norm adapter "
+                        "of the default base is 0.14 MB, a LoRA-r4 4.9 MB; the 0.5B base: 0.18 and 8.8 MB)")
     p.add_argument("--max-queued-per-user", type=positive_int, default=32,
                    help="requests one user may have queued or running; beyond: HTTP 429 with Retry-After")
     p.add_argument("--read-timeout-s", type=float, default=10.0,
                    help="longest wait for each chunk of a request body (a stalled upload gets 408)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
-                   help="upload size limit (default: 4 bytes per gain + 1 MiB)")
+                   help="upload size limit (default: the largest adapter a served method takes on this base as "
+                        "fp32, LoRA at rank 16 on every decoder linear, + 1 MiB)")
     p.add_argument("--decode", choices=["lean", "hf"], default="lean",
                    help="decode step: lean (sharedllm.serve.fastdecode: preallocated KV, no HF forward; Llama and "
                         "Qwen2, other bases fall back to hf) or hf (the transformers forward)")
@@ -48,14 +51,19 @@ def configure(p) -> None:
 WORKER_ENV = "SHAREDLLM_SERVE_WORKER"
 
 
+def store_dir(args) -> Path:
+    """--store, or ~/.cache/sharedllm/store-<base name>: the same folder for one worker and for --workers N."""
+    return Path(args.store) if args.store else cache_dir() / f"store-{base_name(args.base)}"
+
+
 def _app(args):
     from ..serve import build
 
     say(f"loading base {args.base}")
     base = load_base(args.base, args.device)
-    store = Path(args.store) if args.store else cache_dir() / f"store-{base.name}"
+    store = store_dir(args)
     app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
-                               cache_size=args.cache, max_adapter_bytes=args.max_adapter_bytes,
+                               cache_bytes=args.cache_mb << 20, max_adapter_bytes=args.max_adapter_bytes,
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
                                max_queued_per_user=args.max_queued_per_user,
                                decode=getattr(args, "decode", "lean"),
@@ -107,7 +115,7 @@ def _run_workers(args) -> dict:
 
     from ..store import admin_token
 
-    store = Path(args.store) if args.store else cache_dir() / f"store-{args.base}"
+    store = store_dir(args)
     _, where = admin_token(store)  # create it once, before the workers race for it
     args.store = str(store)
     os.environ[WORKER_ENV] = json.dumps({k: v for k, v in vars(args).items() if _plain(v)})

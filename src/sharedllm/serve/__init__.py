@@ -1,7 +1,7 @@
-"""The multi-user server: `rowgains` (per-row norm gains in one forward pass), `compute` (batched scoring,
+"""The multi-user server (its per-row forward is `sharedllm.adapters.rows`): `compute` (batched scoring,
 prefill and the HF decode step), `fastdecode` (the lean decode step and its KV buffer, Llama/Qwen2), `kv` (the
 running batch's KV cache on the HF path), `scheduler` (continuous batching, fair admission), `textstream` (stop
-strings on decoded text), `router` (user -> gains, LRU), `oai` (OpenAI-compatible completions and chat,
+strings on decoded text), `router` (user -> row state, LRU in bytes), `oai` (OpenAI-compatible completions and chat,
 streaming), `metrics` (Prometheus), `app` (the FastAPI layer). `build` wires them up."""
 from __future__ import annotations
 

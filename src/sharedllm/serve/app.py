@@ -180,7 +180,7 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         who = caller(request, body.user)
         try:
             ids = router.prompt_ids(body.text, "text")
-            gains = await run_in_threadpool(router.gains_for, who, body.adapter)
+            gains = await run_in_threadpool(router.row_for, who, body.adapter)
             out = await wait_for(router.score(ids, gains, who, conn_of(request)), request, router)
         except SharedLLMError as e:
             raise _http(e) from None

@@ -1,4 +1,4 @@
-"""Batched scoring and generation on a RowGainModel: each row is one request with its own user's gains.
+"""Batched scoring and generation on a RowModel: each row is one request with its own user's adapter.
 
 Scoring right-pads (a causal model never looks ahead, so padding after a row cannot change it); generation
 left-pads with an attention mask and explicit position ids, then decodes with a KV cache, one token per step
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rowgains import Gains, RowGainModel
+from ..adapters.rows import RowBatch, RowModel, RowState
 
 
 @dataclass
@@ -34,7 +34,7 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_batch(rgm: RowGainModel, rows: list[list[int]], gains: list[Gains]) -> list[Scored]:
+def score_batch(rgm: RowModel, rows: list[list[int]], gains: list[RowState]) -> list[Scored]:
     """Summed log p(token_t | tokens_<t) for t >= 1 of each row (the first token is the given context)."""
     ids = _right_pad(rows, 0, rgm.device)
     logits = rgm.forward(ids, gains).logits
@@ -73,7 +73,7 @@ pick = _pick
 
 
 @torch.inference_mode()
-def prefill(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains]):
+def prefill(rgm: RowModel, prompts: list[list[int]], gains: list[RowState]):
     """Run new rows' prompts together (left-padded): (last-position logits [B, V], their KV cache, left pads)."""
     from transformers import DynamicCache
 
@@ -86,7 +86,7 @@ def prefill(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains]):
 
 
 @torch.inference_mode()
-def decode_step(rgm: RowGainModel, kv, tokens: list[int], stacked: list[torch.Tensor]) -> torch.Tensor:
+def decode_step(rgm: RowModel, kv, tokens: list[int], stacked: RowBatch) -> torch.Tensor:
     """One token for every row of the running batch `kv` (a BatchCache): next-token logits [B, V]."""
     mask, pos = kv.step_inputs(rgm.device)
     step = torch.tensor(tokens, dtype=torch.long, device=rgm.device)[:, None]
@@ -95,12 +95,12 @@ def decode_step(rgm: RowGainModel, kv, tokens: list[int], stacked: list[torch.Te
 
 
 @torch.inference_mode()
-def generate_batch(rgm: RowGainModel, prompts: list[list[int]], gains: list[Gains], max_tokens: list[int],
+def generate_batch(rgm: RowModel, prompts: list[list[int]], gains: list[RowState], max_tokens: list[int],
                    temperatures: list[float], seeds: list[int | None], eos_id: int | None) -> list[Generated]:
     """Decode every row together until each has max_tokens tokens or emitted `eos_id` (greedy at temperature 0)."""
     from transformers import DynamicCache
 
-    stacked = rgm.stack(gains)
+    stacked = rgm.batch(gains)
     ids, mask = _left_pad(prompts, rgm.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]

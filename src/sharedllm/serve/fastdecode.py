@@ -10,8 +10,9 @@ whole cache copied per token). `LeanDecoder.step` does one token for every row o
   * one additive padding mask and one rotary (cos, sin) per step, shared by all layers (none for a lone row);
   * grouped-query attention as two batched matmuls on the cache views (no repeat of the KV heads).
 
-Every row still carries its own RMSNorm gains ([B, D] per norm, nothing averaged) and its own positions, so a
-row's logits are those it gets alone (tests: within 1e-4 of the HF path, greedy tokens equal). Prefill stays on
+Every row still carries its own adapter (a `RowBatch`: its RMSNorm gains, [B, D] per norm, and any per-row
+change after a linear, e.g. its LoRA; nothing averaged) and its own positions, so a row's logits are those it gets
+alone (tests: within 1e-4 of the HF path, greedy tokens equal). Prefill stays on
 the HF path; its DynamicCache is copied into the buffer when rows join. `dtype=torch.bfloat16` keeps a bf16 copy
 of the matmul weights (activations cast at each matmul; norms, residuals, attention and the cache stay fp32):
 faster on CPUs with AMX for batches, not exact (see docs/BENCHMARKS.md). `dtype=torch.int8` keeps symmetric
@@ -112,8 +113,9 @@ class _Layer:
     o: _Lin
     mlp_in: list  # [_Lin]: fused gate+up, or gate and up
     down: _Lin
-    norm_in: int  # indices of this layer's two norms in RowGainModel.names
+    norm_in: int  # indices of this layer's two norms in RowModel.norm_names
     norm_post: int
+    sites: dict  # per group ("qkv", "o", "mlp_in", "down"): [(linear site name, output width)] (per-row hooks)
 
 
 def quantise_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +174,12 @@ def _group(linears: list, dtype, fuse: bool) -> list[_Lin]:
 
 def _layer(layer: torch.nn.Module, prefix: str, index: dict, dtype, fuse: bool) -> _Layer:
     a, m = layer.self_attn, layer.mlp
+    names = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+             "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+    sites = {g: [(prefix + n, layer.get_submodule(n).weight.shape[0]) for n in ns] for g, ns in names.items()}
     return _Layer(_group([a.q_proj, a.k_proj, a.v_proj], dtype, fuse), _lin(a.o_proj.weight, a.o_proj.bias, dtype),
                   _group([m.gate_proj, m.up_proj], dtype, fuse), _lin(m.down_proj.weight, m.down_proj.bias, dtype),
-                  index[prefix + "input_layernorm.weight"], index[prefix + "post_attention_layernorm.weight"])
+                  index[prefix + "input_layernorm.weight"], index[prefix + "post_attention_layernorm.weight"], sites)
 
 
 def _matmul(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
@@ -212,13 +217,13 @@ def unsupported(model: torch.nn.Module) -> str | None:
 
 
 class LeanDecoder:
-    """`step(cache, tokens, stacked_gains) -> logits [B, V]` for a RowGainModel of a supported architecture."""
+    """`step(cache, tokens, row_batch) -> logits [B, V]` for a RowModel of a supported architecture."""
 
     def __init__(self, rgm, dtype: torch.dtype = torch.float32, fuse: bool | None = None,
                  head_dtype: torch.dtype | None = None):
         model, cfg = rgm.model, rgm.model.config
         fuse = dtype != torch.float32 if fuse is None else fuse  # fp32 fused = a second copy of those weights
-        index = {n: i for i, n in enumerate(rgm.names)}
+        index = {n: i for i, n in enumerate(rgm.norm_names)}
         self.dtype, self.head_dtype = dtype, dtype if head_dtype is None else head_dtype
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -247,8 +252,15 @@ class LeanDecoder:
     def new_cache(self) -> LeanCache:
         return LeanCache()
 
-    def _mms(self, x: torch.Tensor, parts: list[_Lin]) -> torch.Tensor:
-        return _matmul(x, parts[0]) if len(parts) == 1 else torch.cat([_matmul(x, p) for p in parts], dim=-1)
+    def _mms(self, x: torch.Tensor, parts: list[_Lin], sites: list, rows) -> torch.Tensor:
+        """The group's matmuls on x (fused or one each), then every row's own change after each linear site."""
+        y = _matmul(x, parts[0]) if len(parts) == 1 else torch.cat([_matmul(x, p) for p in parts], dim=-1)
+        if not any(rows.touches(s) for s, _ in sites):
+            return y
+        if len(sites) == 1:
+            return rows.linear(sites[0][0], x, y)
+        outs = y.split([w for _, w in sites], dim=-1)
+        return torch.cat([rows.linear(s, x, o) for (s, _), o in zip(sites, outs)], dim=-1)
 
     def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:  # a lone row's gain is rms_norm's own weight: one op fewer
@@ -286,17 +298,17 @@ class LeanDecoder:
         return torch.matmul(scores.softmax(-1), values).reshape(B, H * hd)
 
     @torch.inference_mode()
-    def step(self, kv: LeanCache, tokens: list[int], stacked: list[torch.Tensor]) -> torch.Tensor:
-        """One token for every row of `kv`; `stacked` holds each norm's per-row gains [B, D]. Logits [B, V]."""
+    def step(self, kv: LeanCache, tokens: list[int], rows) -> torch.Tensor:
+        """One token for every row of `kv`; `rows` (a RowBatch) holds each row's adapter. Logits [B, V]."""
         kv.reserve()
         x = F.embedding(torch.tensor(tokens, device=self.embed.device), self.embed)  # [B, D]
         cos, sin, mask = self._step_inputs(kv, x)
         for li, layer in enumerate(self.layers):
-            h = self._norm(x, stacked[layer.norm_in])
-            attn = self._attend(kv, li, self._mms(h, layer.qkv), cos, sin, mask)
-            x = x + _matmul(attn, layer.o)
-            h = self._norm(x, stacked[layer.norm_post])
-            gate, up = self._mms(h, layer.mlp_in).chunk(2, dim=-1)
-            x = x + _matmul(F.silu(gate) * up, layer.down)
+            h = self._norm(x, rows.gain(layer.norm_in))
+            attn = self._attend(kv, li, self._mms(h, layer.qkv, layer.sites["qkv"], rows), cos, sin, mask)
+            x = x + self._mms(attn, [layer.o], layer.sites["o"], rows)
+            h = self._norm(x, rows.gain(layer.norm_post))
+            gate, up = self._mms(h, layer.mlp_in, layer.sites["mlp_in"], rows).chunk(2, dim=-1)
+            x = x + self._mms(F.silu(gate) * up, [layer.down], layer.sites["down"], rows)
         kv.width += 1
-        return _matmul(self._norm(x, stacked[self.norm_final]), self.head)
+        return _matmul(self._norm(x, rows.gain(self.norm_final)), self.head)

@@ -207,7 +207,7 @@ def add_openai_routes(app: FastAPI, router, caller, http_error, body_of) -> None
         who = caller(request, body.user)
         try:
             ids = chat_ids(router, body.messages) if chat else router.prompt_ids(body.prompt, "prompt")
-            gains = await run_in_threadpool(router.gains_for, who, body.adapter)
+            gains = await run_in_threadpool(router.row_for, who, body.adapter)
             call = Call(router, who, body, ids, chat, gains, conn_of(request))
             if body.stream:
                 return call.stream()

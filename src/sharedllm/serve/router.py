@@ -1,9 +1,10 @@
-"""Route every request to its own user's gains and gather concurrent requests into shared forward passes.
+"""Route every request to its own user's adapter and gather concurrent requests into shared forward passes.
 
-`Router` owns the base (as a RowGainModel), the adapter store and an LRU cache of decoded gains keyed by the
-adapter file's sha256. Validation of uploaded bytes is the CLI's, word for word (`wire.parse_file`,
-`check_binding`, `decode_adapter` against the norm layout of this base), plus a size limit and the rule that
-only norm adapters are served. The forward passes run on the continuous-batching engine (`scheduler.Engine`):
+`Router` owns the base (as an `adapters.rows.RowModel`), the adapter store and an LRU cache of packed row states,
+keyed by the adapter file's sha256 and bounded in bytes. Validation of uploaded bytes is the CLI's, word for word
+(`wire.parse_file`, `check_binding`, `decode_adapter` against the method's layout on this base), plus a size
+limit and the rule that only methods with a per-row kernel (`caps.rows`: norm, LoRA) are served; the kernel packs
+the adapter at upload, so an adapter the server cannot run is refused then, never at request time. The forward passes run on the continuous-batching engine (`scheduler.Engine`):
 fair between users (round-robin admission, scores between decode steps), a per-user cap on queued and running
 requests (`Busy`, HTTP 429), cancellation of abandoned rows and per-row failure isolation.
 Several server processes may share one store: the cache is keyed by the adapter file's sha256 and every request
@@ -18,16 +19,14 @@ from concurrent.futures import Future
 import torch
 
 from .. import wire
-from ..adapters import get_method
+from ..adapters import METHODS, get_method, shared_copy
+from ..adapters.rows import RowModel, RowState
 from ..arch import Base
 from ..errors import SharedLLMError
 from ..log import say
 from ..store import AdapterStore
 from .fastdecode import LeanDecoder, unsupported
-from .rowgains import Gains, RowGainModel
 from .scheduler import Busy, Engine, Job  # noqa: F401  (Busy: re-exported for the app)
-
-SERVED_METHOD = "norm"
 
 
 class NoAdapter(SharedLLMError):
@@ -39,9 +38,11 @@ class TooLarge(SharedLLMError):
 
 
 class LRU:
-    def __init__(self, capacity: int):
-        self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
-        self.hits = self.misses = 0
+    """Least-recently-used values bounded in bytes (`size(value)`); the newest entry always stays."""
+
+    def __init__(self, capacity_bytes: int, size=lambda v: v.nbytes):
+        self.capacity, self.size, self._d, self._lock = capacity_bytes, size, OrderedDict(), threading.Lock()
+        self.hits = self.misses = self.evictions = self.nbytes = 0
 
     def get(self, key):
         with self._lock:
@@ -54,26 +55,29 @@ class LRU:
 
     def put(self, key, value) -> None:
         with self._lock:
+            if key in self._d:
+                self.nbytes -= self.size(self._d.pop(key))
             self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.capacity:
-                self._d.popitem(last=False)
+            self.nbytes += self.size(value)
+            while self.nbytes > self.capacity and len(self._d) > 1:
+                _, old = self._d.popitem(last=False)
+                self.nbytes -= self.size(old)
+                self.evictions += 1
 
     def __len__(self) -> int:
         return len(self._d)
 
 
 class Router:
-    def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_size: int = 1024,
+    def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_bytes: int = 1 << 30,
                  max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
                  window_s: float = 0.002, max_queued_per_user: int = 32, decode: str = "lean",
                  decode_dtype: str = "fp32", prefill_budget: int = 512):
         self.base, self.store = base, store
-        self.model = RowGainModel(base)
-        self.layout = wire.layout_of(get_method(SERVED_METHOD).trainable(base.model))
-        params = sum(v.numel() for v in self.model.base_gains.vectors)
-        self.max_adapter_bytes = max_adapter_bytes or params * 4 + (1 << 20)
-        self.cache = LRU(cache_size)
+        self.model = RowModel(base)
+        self._layouts: dict = {}  # (method, config) -> its tensors' (name, shape) on this base
+        self.max_adapter_bytes = max_adapter_bytes or _largest_adapter_bytes(self.model)
+        self.cache = LRU(cache_bytes)
         self._base_state = dict(base.model.named_parameters())
         self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
         self.metrics = metrics
@@ -90,17 +94,30 @@ class Router:
         if len(data) > self.max_adapter_bytes:
             raise TooLarge(f"{source}: {len(data)} bytes is over this server's limit of {self.max_adapter_bytes}")
         tensors, meta = wire.parse_file(data, source)
-        if meta.get("method") != SERVED_METHOD:
-            raise SharedLLMError(f"{source}: method {meta.get('method')!r} is refused; this server serves only "
-                                 f"norm adapters (RMSNorm gains, fp16 or int8), which can share a batch")
+        method = get_method(meta["method"], meta.get("method_config"))
+        if method.caps.rows is None:
+            served = ", ".join(sorted(n for n, m in METHODS.items() if m.caps.rows is not None))
+            raise SharedLLMError(f"{source}: method {method.name!r} is refused; this server serves the methods "
+                                 f"that can share a batch row by row: {served}")
         wire.check_binding(meta, self.base.fingerprint, source)
-        named = wire.decode_adapter(tensors, meta, self.layout, self._base_state, source)
-        return meta, named
+        named = wire.decode_adapter(tensors, meta, self.layout(method), self._base_state, source)
+        try:
+            row = self.model.row(named, method.name, method.config)
+        except SharedLLMError as e:
+            raise SharedLLMError(f"{source}: {e}") from None
+        return meta, row
+
+    def layout(self, method) -> list:
+        """The (name, shape) list of `method`'s tensors on this base (attached once to a weightless copy)."""
+        key = (method.name, method.config)
+        if key not in self._layouts:
+            self._layouts[key] = wire.layout_of(method.trainable(method.attach(shared_copy(self.base.model))))
+        return self._layouts[key]
 
     def upload(self, user: str, data: bytes):
-        meta, named = self.validate(data, f"adapter upload for user {user!r}")
+        meta, row = self.validate(data, f"adapter upload for user {user!r}")
         rec = self.store.put(user, data, meta)
-        self.cache.put(rec.sha256, self.model.gains_from(named, rec.sha256))
+        self.cache.put(rec.sha256, _with_sha(row, rec.sha256))
         return rec
 
     def file_meta(self, sha256: str) -> dict:
@@ -108,26 +125,26 @@ class Router:
         _, meta = wire.parse_file(self.store.read(sha256), f"stored adapter {sha256[:16]}")
         return meta
 
-    def gains_for(self, user: str, adapter: str = "user") -> Gains:
-        """The gains a request of `user` runs with; adapter="none" asks explicitly for the bare base."""
+    def row_for(self, user: str, adapter: str = "user") -> RowState:
+        """The adapter a request of `user` runs with; adapter="none" asks explicitly for the bare base."""
         if adapter == "none":
-            return self.model.base_gains
+            return self.model.base_row
         for _ in range(3):  # the adapter may be replaced or deleted while we read it: look again
             rec = self.store.get(user)
             if rec is None:
                 raise NoAdapter(f"user {user!r} has no adapter; upload one with PUT /v1/users/{user}/adapter, "
                                 'or send "adapter": "none" to use the bare base explicitly')
-            gains = self.cache.get(rec.sha256)
-            if gains is not None:
-                return gains
+            row = self.cache.get(rec.sha256)
+            if row is not None:
+                return row
             try:
                 data = self.store.read(rec.sha256)
             except FileNotFoundError:
                 continue
-            _, named = self.validate(data, f"stored adapter of user {user!r}")
-            gains = self.model.gains_from(named, rec.sha256)
-            self.cache.put(rec.sha256, gains)
-            return gains
+            _, row = self.validate(data, f"stored adapter of user {user!r}")
+            row = _with_sha(row, rec.sha256)
+            self.cache.put(rec.sha256, row)
+            return row
         raise NoAdapter(f"user {user!r}: the adapter changed while it was being read; retry")
 
     # ---- requests ----------------------------------------------------------------------------------------
@@ -147,25 +164,35 @@ class Router:
     def context_limit(self) -> int:
         return int(getattr(self.base.model.config, "max_position_embeddings", 2048))
 
-    def score(self, ids: list[int], gains: Gains, user: str = "", conn=None) -> Future:
+    def score(self, ids: list[int], row: RowState, user: str = "", conn=None) -> Future:
         """`conn`: the client's socket, if known (`hangup.conn_socket`): the engine drops the job if it closes."""
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.engine.submit(Job("score", ids, gains, user, conn=conn))
+        return self.engine.submit(Job("score", ids, row, user, conn=conn))
 
-    def generate(self, ids: list[int], gains: Gains, max_tokens: int, temperature: float, seed, *, user: str = "",
+    def generate(self, ids: list[int], row: RowState, max_tokens: int, temperature: float, seed, *, user: str = "",
                  top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None, conn=None) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
-        return self.engine.submit(Job("generate", ids, gains, user, max_tokens, temperature, seed, top_p,
+        return self.engine.submit(Job("generate", ids, row, user, max_tokens, temperature, seed, top_p,
                                       tuple(stop), on_text, conn))
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
-                "cache_misses": self.cache.misses}
+        return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_bytes": self.cache.nbytes,
+                "cache_capacity_bytes": self.cache.capacity, "cache_hits": self.cache.hits,
+                "cache_misses": self.cache.misses, "cache_evictions": self.cache.evictions}
+
+
+def _with_sha(row: RowState, sha256: str) -> RowState:
+    return RowState(row.method, row.state, sha256, row.nbytes)
+
+
+def _largest_adapter_bytes(model: RowModel) -> int:
+    """The default upload limit: the largest adapter any served method takes on this base, as fp32, plus 1 MiB."""
+    return 4 * max(kernel.max_numbers() for kernel in model.kernels.values()) + (1 << 20)
 
 
 def _max_token_bytes(tok) -> int:
@@ -183,7 +210,7 @@ DECODE_DTYPES = {"fp32": (torch.float32,) * 2, "bf16": (torch.bfloat16,) * 2, "i
                  "int8-head4": (torch.int8, torch.int4)}
 
 
-def lean_decoder(rgm: RowGainModel, decode: str, dtype: str):
+def lean_decoder(rgm: RowModel, decode: str, dtype: str):
     """The decode step the engine runs: `lean` (fastdecode: fp32, or a bf16 / int8 / int4 weight copy, or
     int8 layers with an int4 head, or the reverse) or `hf` (None)."""
     if decode == "hf":

@@ -1,7 +1,7 @@
 """Continuous batching: one engine thread decodes every active generation one token per step; between steps,
 finished and abandoned rows leave, waiting score requests run, and new generations join.
 
-Each row keeps its own gains and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
+Each row keeps its own adapter (a `RowState`: norm gains, LoRA, ...) and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
 row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
 score waits at most one decode step and one admission: a burst of prompts joins over several steps, at most
@@ -29,12 +29,12 @@ from typing import Callable
 
 import torch
 
+from ..adapters.rows import RowModel, RowState
 from ..errors import SharedLLMError
 from .compute import Generated, decode_step, pick, prefill, score_batch
 from .fastdecode import LeanDecoder
 from .hangup import hung_up
 from .kv import BatchCache
-from .rowgains import Gains, RowGainModel
 from .textstream import TextTail
 
 
@@ -46,7 +46,7 @@ class Busy(SharedLLMError):
 class Job:
     kind: str  # "score" | "generate"
     ids: list[int]
-    gains: Gains
+    row: RowState
     user: str = ""
     max_tokens: int = 0
     temperature: float = 0.0
@@ -126,7 +126,7 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
 
 
 class Engine:
-    def __init__(self, rgm: RowGainModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
+    def __init__(self, rgm: RowModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
                  max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32,
                  lean: LeanDecoder | None | str = "auto", prefill_budget: int = 512):
         self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
@@ -141,7 +141,7 @@ class Engine:
         self.rows: list[Row] = []
         self.kv = self.lean.new_cache() if self.lean else BatchCache()
         self.logits: torch.Tensor | None = None  # next-token logits of each active row
-        self._stacked = None  # the active rows' gains, stacked per norm (rebuilt when rows change)
+        self._stacked = None  # the active rows' RowBatch (rebuilt when rows join or leave)
         self._cv = threading.Condition()
         self._stop = False
         self.batches = self.largest = self.steps = self.rows_total = 0
@@ -189,7 +189,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"batches": self.batches, "rows": self.rows_total, "largest_batch": self.largest,
-                "decode_steps": self.steps, "active_rows": len(self.rows), "generating_rows": len(self.rows),
+                "decode_steps": self.steps, "active_rows": len(self.rows),
+                "generating_rows": sum(not r.job.future.done() for r in self.rows),
                 "queued": len(self.scores) + len(self.gens),
                 "cancelled_rows": self.dropped + self.scores.cancelled + self.gens.cancelled,
                 "failed_rows": self.failed_rows, "cancel_lag_steps_max": self.cancel_lag_max,
@@ -252,7 +253,7 @@ class Engine:
             return
         self._batch(len(jobs))
         for group, results in self._isolated(jobs, lambda js: score_batch(
-                self.rgm, [j.ids for j in js], [j.gains for j in js])):
+                self.rgm, [j.ids for j in js], [j.row for j in js])):
             for j, r in zip(group, results):
                 _resolve(j, r)
                 self.metrics.scored(r.tokens)
@@ -270,7 +271,7 @@ class Engine:
 
         def start(js: list[Job]):  # a row's own setup (its seeded generator) fails with its prefill group
             rows = [self._row(j) for j in js]
-            return rows, prefill(self.rgm, [j.ids for j in js], [j.gains for j in js])
+            return rows, prefill(self.rgm, [j.ids for j in js], [j.row for j in js])
 
         for group, (rows, (logits, cache, pads)) in self._isolated(jobs, start):
             self.kv.join(cache, pads)
@@ -338,7 +339,7 @@ class Engine:
 
     def _decode(self) -> None:
         if self._stacked is None:
-            self._stacked = self.rgm.stack([r.job.gains for r in self.rows])
+            self._stacked = self.rgm.batch([r.job.row for r in self.rows])
         tokens = [r.ids[-1] for r in self.rows]
         if self.lean:
             self.logits = self.lean.step(self.kv, tokens, self._stacked)
