@@ -80,12 +80,12 @@ def main() -> None:
     cold = []
     for u in users[: args.samples // 2]:
         t = time.perf_counter()
-        router.gains_for(u)  # empty LRU for these: read file, sha256 check, validate, decode
+        router.row_for(u)  # empty LRU for these: read file, sha256 check, validate, decode
         cold.append(time.perf_counter() - t)
     warm = []
     for u in users[: args.samples // 2]:
         t = time.perf_counter()
-        router.gains_for(u)
+        router.row_for(u)
         warm.append(time.perf_counter() - t)
     router.close()
     store.close()

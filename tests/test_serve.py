@@ -154,8 +154,15 @@ def _malformed(tiny, tmp_path, kind):
     if kind == "wrong base":
         other = tiny_model(seed=1)
         return adapter_bytes(Base(other, tiny.tokenizer, fingerprint_model(other), "tiny-1"), 3, tmp_path)
-    if kind == "lora method":
-        return adapter_bytes(tiny, 3, tmp_path, method="lora")
+    if kind == "steer method":
+        return adapter_bytes(tiny, 3, tmp_path, method="steer")
+    if kind == "lora rank 32":
+        from sharedllm.adapters.lora import LoraConfig
+        from sharedllm.personalise import new_adapter, save_adapted
+
+        adapted = new_adapter(tiny, "lora", config=LoraConfig(rank=32, alpha=64))
+        save_adapted(adapted, tmp_path / "r32.safetensors", tiny)
+        return (tmp_path / "r32.safetensors").read_bytes()
     if kind == "oversized":
         return good + b"\0" * (2 << 20)
     raise ValueError(kind)
@@ -164,7 +171,7 @@ def _malformed(tiny, tmp_path, kind):
 @pytest.mark.parametrize("kind, status, needle", [
     ("random bytes", 400, "not a safetensors"), ("truncated", 400, "truncated"),
     ("wrong shapes", 400, "shapes do not match"), ("NaN", 400, "non-finite"), ("wrong base", 400, "exact base"),
-    ("lora method", 400, "refused"), ("oversized", 413, "limit"),
+    ("steer method", 400, "refused"), ("lora rank 32", 400, "largest served rank"), ("oversized", 413, "limit"),
 ])
 def test_malformed_uploads_are_refused_and_leave_the_store_unchanged(server, two_users, tiny, tmp_path, kind,
                                                                       status, needle):
@@ -241,7 +248,7 @@ def test_int8_adapters_are_served_like_the_cli_loads_them(server, tiny, tmp_path
     token = server.user("ann")
     raw = adapter_bytes(tiny, 9, tmp_path)
     tensors, meta = wire.parse_file(raw, "raw")
-    layout = [(n, tuple(s)) for n, s in zip(server.router.model.names, meta["shapes"])]
+    layout = [(n, tuple(s)) for n, s in zip(server.router.model.norm_names, meta["shapes"])]
     data = encoded(tensors["adapter"].float(), layout, dict(tiny.model.named_parameters()), meta, scheme)
     r = server.put("ann", token, data)
     assert r.status_code == 200 and r.json()["scheme"] == scheme, r.text

@@ -36,8 +36,8 @@ def test_a_failing_row_fails_only_its_own_request(server, two_users):
     toks, _ = two_users
     router = server.router
     router.engine.window_s = 0.5  # the idle engine waits for the second request: both share one prefill batch
-    good = router.generate(router.prompt_ids("the", "prompt"), router.gains_for("bob"), 4, 1.0, 5, user="bob")
-    bad = router.engine.submit(Job("generate", router.prompt_ids("x", "prompt"), router.gains_for("ann"),
+    good = router.generate(router.prompt_ids("the", "prompt"), router.row_for("bob"), 4, 1.0, 5, user="bob")
+    bad = router.engine.submit(Job("generate", router.prompt_ids("x", "prompt"), router.row_for("ann"),
                                    user="ann", max_tokens=4, temperature=1.0,
                                    seed=1 << 64))  # past the request model: the seed torch refuses
     assert len(good.result(timeout=60).ids) == 4
