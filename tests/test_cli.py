@@ -118,9 +118,10 @@ def _texts(tmp_path, n):
     return paths
 
 
-def test_adapt_several_texts_writes_one_adapter_per_user_equal_to_adapting_alone(capsys, tmp_path):
+@pytest.mark.parametrize("method, lr", [("norm", "1e-2"), ("lora", "1e-3")])
+def test_adapt_several_texts_writes_one_adapter_per_user_equal_to_adapting_alone(capsys, tmp_path, method, lr):
     a, b = _texts(tmp_path, 2)
-    common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", "1e-2", "--window", "64"]
+    common = ["--base", "tiny", "--steps", "6", "--seq", "64", "--lr", lr, "--window", "64", "--method", method]
     code, r = run_json(capsys, "adapt", "--text", str(a), "--text", str(b), "--out-dir", str(tmp_path / "out"),
                        *common)
     assert code == 0 and [u["user"] for u in r["users"]] == ["user0", "user1"]
@@ -128,7 +129,8 @@ def test_adapt_several_texts_writes_one_adapter_per_user_equal_to_adapting_alone
     fleet_b = r["users"][1]
     assert fleet_b["ppl_after"] == pytest.approx(alone["ppl_after"], rel=1e-4) and fleet_b["ppl_after"] < fleet_b["ppl_before"]
     code, i = run_json(capsys, "inspect", fleet_b["out"])
-    assert i["method"] == "norm" and i["base_fingerprint"] == r["base_fingerprint"] and i["params"] == 320
+    assert i["method"] == method and i["base_fingerprint"] == r["base_fingerprint"]
+    assert i["params"] == (320 if method == "norm" else alone["params"])
 
 
 def _file_meta(path):
@@ -202,7 +204,7 @@ def test_adapt_manifest_gives_names_and_per_user_learning_rates(capsys, tmp_path
 
 @pytest.mark.parametrize("extra, manifest, needle", [
     (["--out", "x.safetensors"], None, "give --out-dir DIR"),
-    (["--out-dir", "o", "--method", "lora"], None, "norm adapters only"),
+    (["--out-dir", "o", "--method", "full"], None, "per-row kernel"),
     (["--out-dir", "o"], "ann user0.txt\nann user1.txt\n", "appears twice"),
     (["--out-dir", "o"], "../evil user0.txt\n", "not a safe file name"),
     (["--out-dir", "o"], '{"ann": {"text": "user0.txt", "lr": "fast"}}', "give a number"),
