@@ -34,8 +34,10 @@ def test_api_fuzzer_short_run_finds_nothing():
 
 def test_a_score_depends_on_its_batch_by_at_most_the_stated_bound(tiny, tmp_path):
     rgm = RowModel(tiny)
-    gains = [rgm.row(load_adapted(tiny, data=adapter_bytes(tiny, i, tmp_path), source="a").params)
-             for i in range(4)]
+    adapted = [load_adapted(tiny, data=adapter_bytes(tiny, i, tmp_path, scale=0.2 if i % 2 else 0.3,
+                                                     method="lora" if i % 2 else "norm"), source="a")
+               for i in range(4)]  # norm, LoRA, norm, LoRA
+    gains = [rgm.row({n: p.detach() for n, p in a.params.items()}, a.method, a.config) for a in adapted]
     rng = random.Random(0)
     rows = [[256] + [rng.randrange(256) for _ in range(n)] for n in (3, 40, 300, 900, 17, 600)]
     alone = [score_batch(rgm, [r], [gains[i % 4]])[0].logprob for i, r in enumerate(rows)]

@@ -122,6 +122,18 @@ def test_crafted_uploads_are_refused_and_leave_the_store_unchanged(server, two_u
     assert (store.check(), store.get("ann")) == before
 
 
+@pytest.mark.parametrize("name", ["data_offsets 5", "shape [2, 160]", "F16 as I16", "F64 under float32",
+                                  "fp16 65504 gain"])
+def test_crafted_lora_uploads_are_refused_and_leave_the_store_unchanged(server, two_users, tiny, tmp_path, name):
+    toks, _ = two_users
+    lora = adapter_bytes(tiny, 7, tmp_path, scale=0.2, method="lora")
+    assert server.put("cy", toks["cy"], lora).status_code == 200
+    store = server.router.store
+    before = (store.check(), store.get("cy"))
+    clean_4xx(server.put("cy", toks["cy"], mutate(lora, MUTANTS[name][0])), 400)
+    assert (store.check(), store.get("cy")) == before
+
+
 def test_the_largest_allowed_gains_score_to_valid_json(server, tiny, tmp_path):
     token = server.user("max")
     meta = wire.parse_file(adapter_bytes(tiny, 0, tmp_path), "m")[1]
