@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import SharedLLMError
@@ -59,9 +60,22 @@ def _found(rec, user: str):
     return rec
 
 
+def _current_adapter(router: Router, user: str, tries: int = 5) -> dict:
+    """The user's record with its file's metadata. A replace (or delete) by another worker or process may unlink the
+    file between the index read and the file read: read the user's current record again, then 404."""
+    for _ in range(tries):
+        rec = _found(router.store.get(user), user)
+        try:
+            return {**rec.to_json(), "meta": router.file_meta(rec.sha256)}
+        except FileNotFoundError:
+            continue
+    raise HTTPException(404, f"user {user!r}: the adapter changed while it was being read; retry")
+
+
 def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -> FastAPI:
     app = FastAPI(title="sharedllm", version=__version__,
-                  description="One frozen base, one norm adapter per user, mixed-user batches.")
+                  description="One frozen base, one norm adapter per user, mixed-user batches.",
+                  redirect_slashes=False)  # "/v1/completions/" is a JSON 404, not a 307 to the route
     store = router.store
     text_body = router.max_text_bytes * 6 + 65536  # JSON may escape each byte as \u00XX
 
@@ -76,6 +90,11 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         # A bug, not a refusal: the client still gets a JSON body (never a traceback); the server log keeps the
         # traceback, and only this request fails (a failing row is resolved with its own error by the engine).
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        # Expected, not a bug: the client hung up before its body was in. Nobody reads this; nothing to log.
+        return Response(status_code=499)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -162,8 +181,7 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
     @app.get("/v1/users/{user}/adapter")
     def get_adapter(user: str, request: Request) -> dict:
         owner(request, user)
-        rec = _found(store.get(user), user)
-        return {**rec.to_json(), "meta": router.file_meta(rec.sha256)}
+        return _current_adapter(router, user)
 
     @app.delete("/v1/users/{user}/adapter")
     def delete_adapter(user: str, request: Request) -> dict:

@@ -61,12 +61,20 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     # Shift so the largest logit is 0 and divide in float64: any finite T > 0, even a subnormal one, gives finite
     # or -inf scores (never NaN), so a tiny T samples the argmax instead of failing the row.
     z = logits.cpu().double()  # on the CPU first: seeded generators live there, and MPS has no float64
-    probs = torch.softmax((z - z.max()) / temperature, dim=-1).float()
+    p64 = torch.softmax((z - z.max()) / temperature, dim=-1)
+    probs = p64.float()  # the top token's probability is >= 1 / vocabulary: never 0 in float32
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
-        probs = probs.clone().index_put_((order[outside],), torch.zeros(()))
+        probs = probs.index_put_((_outside_nucleus(p64, top_p),), torch.zeros(()))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _outside_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The token ids past the smallest most-likely-first prefix whose mass reaches top_p, compared in float64 (a
+    top_p such as 1e-46 or 5e-324 is 0 in float32) and never the top token: any top_p > 0 leaves a nucleus."""
+    sorted_p, order = probs.sort(descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p >= top_p
+    outside[0] = False
+    return order[outside]
 
 
 pick = _pick

@@ -19,7 +19,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import SharedLLMError
@@ -27,19 +27,21 @@ from ..errors import SharedLLMError
 MAX_STOP, MAX_STOP_CHARS = 4, 64
 
 
+# Strict per field (no coercion, as OpenAI's API): an integer field refuses strings, booleans and floats (5.0), a
+# float field strings and booleans (an integer is fine), a boolean field anything but true or false.
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class Sampling(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, le=1024, description="default 16 (completions), 256 (chat)")
-    temperature: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    max_tokens: StrictInt | None = Field(None, ge=1, le=1024, description="default 16 (completions), 256 (chat)")
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings; the text ends before the first")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, lt=1 << 64, description="sampling seed, 0 <= seed < 2**64")
+    seed: StrictInt | None = Field(None, ge=0, lt=1 << 64, description="sampling seed, 0 <= seed < 2**64")
     user: str | None = Field(None, max_length=64, description="if given, must be the authenticated user")
     model: str | None = Field(None, max_length=256)
     adapter: Literal["user", "none"] = Field("user", description='"none" = the bare base, explicitly')
@@ -64,7 +66,7 @@ class Message(BaseModel):
 
 class Chat(Sampling):
     messages: list[Message] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1024, description="the newer name of max_tokens")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=1024, description="the newer name of max_tokens")
 
 
 SIMPLE_TEMPLATE = "<|{role}|>\n{content}\n"  # ... then "<|assistant|>\n" (bases without a chat template)
