@@ -262,3 +262,28 @@ def test_stop_strings_never_cut_a_multibyte_character():
     assert run((" d",)) == ("naïve café →", True)
     assert run(("\ufffd",)) == (text, False)  # a half-received character never matches as U+FFFD
     assert run(("zz",)) == (text, False)
+
+
+def test_stats_count_a_cancelled_row_once_and_tell_active_from_generating_rows(tiny):
+    """A row cancelled mid-generation: counted once in cancelled_rows and in the Prometheus counter; while it is
+    still in the batch (cancelled, not yet dropped) it is active but no longer generating."""
+    from sharedllm.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    e = Engine(RowModel(tiny), tiny.tokenizer.decode, eos_id=None, max_batch=8, metrics=metrics)
+    try:
+        with e._cv:  # hold the engine between steps: both rows are in the batch
+            long = e.submit(Job("generate", PROMPTS[0], e.rgm.base_row, "a", 200, 0.0))
+            short = e.submit(Job("generate", PROMPTS[1], e.rgm.base_row, "b", 100, 0.0))
+        while e.stats()["active_rows"] < 2:
+            time.sleep(0.01)
+        with e._cv:
+            long.cancel()
+            s = e.stats()
+            assert s["active_rows"] - s["generating_rows"] in (0, 1)  # the cancelled row, until it is dropped
+        short.result(60)
+        s = e.stats()
+        assert s["cancelled_rows"] == 1 and s["active_rows"] == s["generating_rows"] == 0
+        assert metrics.rows_dropped._value.get() == 1
+    finally:
+        e.close()
