@@ -9,6 +9,7 @@ import torch
 
 from sharedllm import wire
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
+from sharedllm.serve.protocol import PROTOCOL
 
 ADMIN = "test-admin-token-0123456789abcdefghij"
 
@@ -58,7 +59,8 @@ class LiveServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=PROTOCOL))  # as `sharedllm serve` runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

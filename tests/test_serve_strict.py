@@ -1,5 +1,6 @@
 """Issue 34, strictly served: extreme sampling stays finite, wrong-typed fields are refused (never coerced), a read
-racing a replace is a 200 or a 404, no trailing-slash redirects, and a client that hangs up mid-body logs nothing."""
+racing a replace is a 200 or a 404, no trailing-slash redirects, a client that hangs up mid-body logs nothing, and
+the HTTP parser's own 400s (bad Content-Length, a NUL in a header, ...) have JSON bodies."""
 import itertools
 import json
 import logging
@@ -154,10 +155,12 @@ def test_a_trailing_slash_is_a_json_404_not_a_redirect(server, two_users, method
 
 
 class Watched:
-    """An ASGI app that records what escapes the wrapped app (uvicorn logs each with a traceback)."""
+    """A live server whose app is wrapped to record what escapes it (uvicorn logs each with a traceback), with
+    uvicorn's own log captured and user ann's token."""
 
-    def __init__(self, app):
-        self.app, self.escaped, self.done = app, [], threading.Event()
+    def __init__(self, app, router):
+        self.app, self.router, self.escaped, self.done, self.log = app, router, [], threading.Event(), Records()
+        self.live = LiveServer(self)
 
     async def __call__(self, scope, receive, send):
         try:
@@ -169,6 +172,13 @@ class Watched:
             if scope["type"] == "http" and scope["path"] != "/v1/users":
                 self.done.set()
 
+    def stop(self) -> None:
+        """Stop the server: after this every request has finished and been logged."""
+        self.live.__exit__(None, None, None)
+
+    def tracebacks(self) -> list:
+        return self.escaped + [m for m in self.log.messages if "Exception in ASGI" in m]
+
 
 class Records(logging.Handler):
     def __init__(self):
@@ -179,28 +189,77 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("method, path", [("POST", "/v1/score"), ("POST", "/v1/completions"),
-                                          ("PUT", "/v1/users/ann/adapter")])
-def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(tiny, tmp_path, monkeypatch, method, path):
+@pytest.fixture
+def watched(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv(ADMIN_ENV, ADMIN)
     app, router, _ = build(tiny, tmp_path / "store")
-    watched, records = Watched(app), Records()
-    live = LiveServer(watched)
+    w = Watched(app, router)
     log = logging.getLogger("uvicorn.error")
-    log.addHandler(records)
+    log.addHandler(w.log)
     try:
-        with live:
-            token = httpx.post(f"{live.url}/v1/users", json={"user": "ann"}, headers=auth(ADMIN)).json()["token"]
-            head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
-            with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
-                s.sendall(head + b'{"text": "the ca')
-            assert watched.done.wait(60), "the server never finished the request"
-        counted = router.metrics.render().decode()
+        with w.live:
+            w.token = httpx.post(f"{w.live.url}/v1/users", json={"user": "ann"}, headers=auth(ADMIN)).json()["token"]
+            yield w
     finally:
-        log.removeHandler(records)
+        log.removeHandler(w.log)
         router.close()
         router.store.close()
-    assert not watched.escaped and not any("Exception in ASGI" in m for m in records.messages), \
-        (watched.escaped, records.messages)
-    assert 'status="499"' in counted  # it was the disconnect, answered as such
+
+
+def _send(port, raw: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(raw)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/score"), ("POST", "/v1/completions"),
+                                          ("PUT", "/v1/users/ann/adapter")])
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(watched, method, path):
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {watched.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", watched.live.port), timeout=30) as s:
+        s.sendall(head + b'{"text": "the ca')
+    assert watched.done.wait(60), "the server never finished the request"
+    watched.stop()
+    assert not watched.tracebacks(), watched.tracebacks()
+    assert 'status="499"' in watched.router.metrics.render().decode()  # it was the disconnect, answered as such
+
+
+# ---- 5. the HTTP parser's own refusals are JSON too --------------------------------------------------------------
+MALFORMED = {"a Content-Length that is not a number": b"Content-Length: abc\r\n",
+             "a negative Content-Length": b"Content-Length: -1\r\n",
+             "two different Content-Lengths": b"Content-Length: 2\r\nContent-Length: 3\r\n",
+             "a Content-Length of two numbers": b"Content-Length: 1 2\r\n",
+             "a NUL in a header value": b"X-A: a\x00b\r\n",
+             "a NUL in a header name": b"X-\x00A: b\r\n",
+             "an unknown Transfer-Encoding": b"Transfer-Encoding: gzip\r\n"}
+
+
+def _json_400(raw: bytes) -> dict:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), raw
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_request_the_parser_refuses_is_a_json_400(watched, name):
+    raw = b"POST /v1/score HTTP/1.1\r\nHost: x\r\n" + MALFORMED[name] + b"\r\n{}"
+    assert "detail" in _json_400(_send(watched.live.port, raw))
+    assert not watched.done.is_set()  # refused before the app saw it
+
+
+def test_a_malformed_request_line_and_a_missing_host_are_json_400s(watched):
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n", b"GET /he alth HTTP/1.1\r\nHost: x\r\n\r\n"):
+        assert "detail" in _json_400(_send(watched.live.port, raw)), raw
+
+
+def test_a_malformed_chunk_after_the_app_started_is_a_json_400_and_no_traceback(watched):
+    raw = (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {watched.token}\r\n"
+           f"Transfer-Encoding: chunked\r\n\r\n5\r\n{{\"te\r\nzz\r\n").encode()
+    assert "detail" in _json_400(_send(watched.live.port, raw))
+    assert watched.done.wait(60), "the app never finished the request"
+    watched.stop()
+    assert not watched.tracebacks(), watched.tracebacks()

@@ -91,6 +91,8 @@ def worker_app():
 def run(args) -> dict:
     import uvicorn
 
+    from ..serve.protocol import PROTOCOL
+
     if args.workers > 1:
         return _run_workers(args)
     app, router, where, store, base = _app(args)
@@ -100,7 +102,7 @@ def run(args) -> dict:
     say(f"admin token: {where} (not printed)")
     say(f"listening on http://{args.host}:{args.port} (OpenAPI schema at /openapi.json)")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=PROTOCOL)
     finally:
         router.close()
         router.store.close()
@@ -113,6 +115,7 @@ def _run_workers(args) -> dict:
 
     import uvicorn
 
+    from ..serve.protocol import PROTOCOL
     from ..store import admin_token
 
     store = store_dir(args)
@@ -122,7 +125,7 @@ def _run_workers(args) -> dict:
     say(f"admin token: {where} (not printed)")
     say(f"{args.workers} workers on http://{args.host}:{args.port}, one store {store}")
     uvicorn.run("sharedllm.commands.serve:worker_app", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="info", **_healthcheck(uvicorn))
+                port=args.port, log_level="info", http=PROTOCOL, **_healthcheck(uvicorn))
     return {"ok": True, "store": str(store), "base": args.base}
 
 
