@@ -85,15 +85,27 @@ def test_export_loads_back_in_transformers_and_peft(capsys, tiny, method, tmp_pa
     assert main(["export", "--adapter", str(path), "--out", str(out), "--base", "tiny"]) == 2
 
 
-def test_demo_compares_three_methods_on_the_builtin_user(capsys, tmp_path):
+def test_demo_compares_three_methods_at_the_recommended_lrs_and_norm_at_the_catalogues(capsys, tmp_path):
+    from sharedllm import wire
+    from sharedllm.commands import demo
+
     code, r = run_json(capsys, "demo", "--base", "tiny", "--steps", "2", "--eval-tokens", "256",
                        "--out-dir", str(tmp_path))
     assert code == 0
-    assert [row["method"] for row in r["rows"]] == ["base (no adapter)", "norm", "lora", "full"]
+    assert [(row["method"], row["recipe"], row["lr"]) for row in r["rows"]] == [
+        ("base (no adapter)", "-", 0.0), ("norm", "catalogue", 5e-5), ("norm", "recommended", 2e-3),
+        ("lora", "recommended", 1e-3), ("full", "recommended", 5e-5)]
     sizes = {row["method"]: row["bytes"] for row in r["rows"]}
     assert 0 < sizes["norm"] < sizes["lora"] < sizes["full"]
     assert all(row["personal_ppl"] > 1 and row["general_ppl"] > 1 for row in r["rows"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "lora.safetensors", "norm.safetensors"]
+    base = r["rows"][0]
+    assert all(row["general_vs_base"] == pytest.approx(row["general_ppl"] / base["general_ppl"]) for row in r["rows"])
+    assert set(r["recipes"]) == {"recommended", "catalogue"} and "lr_sensitivity" in r["recipes"]["recommended"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "lora.safetensors",
+                                                          "norm-catalogue.safetensors", "norm.safetensors"]
+    assert wire.read_file(tmp_path / "norm.safetensors")[1]["train"]["lr"] == 2e-3
+    table = demo.render(r)
+    assert "catalogue" in table and "recommended" in table and "general ppl" in table
 
 
 def test_help_of_the_command_and_every_subcommand_exits_zero():

@@ -10,7 +10,7 @@ from ..personalise import evaluate_on, personalise, save_adapted
 from ..snapshot import beside, for_method, run_key
 from ..train import DTYPES, autocast
 from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, load_for_training,
-                   method_config, train_config)
+                   method_config, train_config, train_recipe)
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -44,14 +44,15 @@ def run(args) -> dict:
 
 def run_one(args) -> dict:
     args.text = args.text[0]
-    cfg, config = train_config(args), method_config(args)
+    cfg, config, recipe = train_config(args), method_config(args), train_recipe(args)
     base = load_for_training(args)
     user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
     cap = args.eval_tokens or None
     say(f"{user.source}: {len(user.train)} training tokens, {len(user.heldout)} held-out tokens")
     with autocast(args.dtype, base.device):
         before = evaluate_on(base.model, base, user.heldout, args.window, cap)
-    say(f"held-out ppl before: {before['ppl']:.3f}; training {args.method} for {cfg.steps} steps ({args.dtype})")
+    say(f"held-out ppl before: {before['ppl']:.3f}; training {args.method} for {cfg.steps} steps ({args.dtype}, "
+        f"lr {cfg.lr:g}: {recipe.name}, {recipe.note})")
     key = run_key(base.fingerprint, args.method, args.dtype, [{"cfg": cfg, "tokens": user.train}], config)
     snapshot = for_method(args.method, beside(args.out), key)
     adapted = personalise(base, user.train.to(base.device), args.method, cfg, method_config=config, dtype=args.dtype,
@@ -60,7 +61,7 @@ def run_one(args) -> dict:
         after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
     path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
     snapshot.clear()
-    return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name,
+    return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name, **recipe.to_json(),
             "base_fingerprint": base.fingerprint,
             "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],
             "bpb_after": after["bits_per_byte"], "eval_tokens": after["tokens"], "window": after["window"],
@@ -77,7 +78,8 @@ def render(r: dict) -> str:
     change = 100 * (r["ppl_after"] / r["ppl_before"] - 1)
     return "\n".join([
         f"adapter  {r['out']}  ({r['method']}, {r['params']:,} params, {r['bytes']:,} bytes)",
-        f"trained  {r['steps']} steps in {r['wall_s']:.1f} s, {r['dtype']} "
+        f"trained  {r['steps']} steps in {r['wall_s']:.1f} s, {r['dtype']}, lr {r['lr']:g} "
+        f"({r['recipe']}: {r['lr_source']}) "
         f"(loss {r['loss_first']:.3f} -> {r['loss_last']:.3f})",
         f"held-out token ppl ({r['eval_tokens']} tokens, {r['window']}-token windows): "
         f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f} ({change:+.1f} %)",

@@ -6,8 +6,9 @@ import dataclasses
 
 from ..adapters import METHODS, get_method
 from ..errors import SharedLLMError
-from ..base import load_base
+from ..base import base_name, load_base
 from ..log import say
+from ..recipes import RECIPES, Recipe, given_lr, recipe_lr
 from ..train import TrainConfig, bf16_matmuls, hold_frozen_in_bf16
 
 
@@ -32,7 +33,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the recommended one for the method and base, from the lr_sensitivity "
+                        "bet: norm 2e-3, lora 1e-3, full 5e-5 on the default base; see sharedllm.recipes)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help=f"where the lr comes from when --lr is not given: recommended (default) or catalogue "
+                        f"(the research catalogue's {d.lr:g} for every method)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -43,8 +49,18 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+    return TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=train_recipe(args).lr, seed=args.seed,
                        budget_s=args.budget_s)
+
+
+def train_recipe(args) -> Recipe:
+    """The lr to train at and where it comes from: --lr if given, else --recipe (default recommended) for
+    args.method on args.base (sharedllm.recipes)."""
+    if args.lr is not None:
+        if args.recipe is not None:
+            raise SharedLLMError(f"give --lr or --recipe, not both (--lr {args.lr:g} --recipe {args.recipe})")
+        return given_lr(args.lr)
+    return recipe_lr(getattr(args, "method", "norm"), base_name(args.base), args.recipe or "recommended")
 
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "norm") -> None:
