@@ -118,8 +118,13 @@ def test_the_graph_sees_relative_absolute_and_function_level_imports():
     g = import_graph()
     assert "sharedllm.errors" in g["sharedllm.wire"]            # from .errors import ...
     assert "sharedllm.adapters" in g["sharedllm.wire"]          # inside check_adapter_meta
-    assert "sharedllm.quant.adapter_int8" in g["sharedllm.wire"]  # from .quant.adapter_int8 import ...
+    assert "sharedllm.wire" in g["sharedllm.quant.adapter_int8"]  # from ..wire import ...
     assert "sharedllm.adapters" in g["sharedllm.adapters.norm"]  # the registry edge, seen and then excused
+
+
+def test_the_file_format_imports_no_quantiser():
+    """wire.py is the file-format room: int8 segments and decoding live there, the quantisers import them."""
+    assert not {m for m in import_graph()["sharedllm.wire"] if m.startswith("sharedllm.quant")}
 
 
 def test_no_import_cycle_in_src_except_the_adapter_registry():

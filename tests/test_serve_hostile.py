@@ -15,7 +15,7 @@ from sharedllm.serve.scheduler import Job
 from sharedllm.store import ADMIN_ENV
 
 from .serve_kit import ADMIN, LiveServer, adapter_bytes, raw_adapter
-from .test_adapter_file import MUTANTS, mutate
+from .test_adapter_file import MUTANTS, mutate, set_meta
 from .test_serve import TEXT, Server, auth, two_users  # noqa: F401  (fixture)
 from .test_serve import server  # noqa: F401  (fixture)
 
@@ -113,12 +113,24 @@ def test_an_unexpected_row_failure_is_a_json_500(server, two_users, monkeypatch)
 
 @pytest.mark.parametrize("name", ["data_offsets 5", "data_offsets []", "data_offsets [0, x]", "metadata a number",
                                   "shape [2, 160]", "F16 as I16", "F16 as BF16", "F16 as BOOL",
-                                  "F64 under float32", "fp16 65504 gain"])
+                                  "F64 under float32", "fp16 65504 gain", "surrogate version", "surrogate layout",
+                                  "surrogate tensor name", "unknown field", "version junk"])
 def test_crafted_uploads_are_refused_and_leave_the_store_unchanged(server, two_users, name):
     toks, data = two_users
     store = server.router.store
     before = (store.check(), store.get("ann"))
     clean_4xx(server.put("ann", toks["ann"], mutate(data["ann"], MUTANTS[name][0])), 400)
+    assert (store.check(), store.get("ann")) == before
+
+
+def test_an_upload_whose_shapes_move_tensor_boundaries_is_refused_and_not_stored(server, two_users):
+    """Issue 34: the layout hash and the total match, the per-tensor shapes do not: only the base can tell."""
+    toks, data = two_users
+    shapes = wire.parse_file(data["ann"], "ann")[1]["shapes"]
+    moved = mutate(data["ann"], set_meta(shapes=[[shapes[0][0] + 16], [shapes[1][0] - 16], *shapes[2:]]))
+    store = server.router.store
+    before = (store.check(), store.get("ann"))
+    assert "metadata shapes do not match" in clean_4xx(server.put("ann", toks["ann"], moved), 400)["detail"]
     assert (store.check(), store.get("ann")) == before
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -83,6 +84,51 @@ def value_bound(meta: dict) -> float:
 
 FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
 INT8_SCHEMES = ("int8", "int8-channel", "int8-delta")
+CHANNEL_BLOCK = 64  # int8-channel: one scale per block of this many values of a 1-D vector
+
+# Every top-level metadata field sharedllm writes into an adapter file; a file with any other is refused.
+KNOWN_META_FIELDS = frozenset({
+    # save_adapter: the format, the binding to the base, the package version
+    "format", "format_version", "method", "scheme", "params", "base_fingerprint", "layout", "shapes", "version",
+    # personalise.save_adapted and train_meta (fleet.py's members too): method config, training record, loss, dtype
+    "method_config", "train", "loss", "compute_dtype",
+    # commands/adapt.py, commands/adapt_many.py: the user and the text that trained it; bets/context.py: derived
+    "user", "user_text", "derived",
+    # quant: int8-channel's block (adapter_int8.encode), the scheme re-encoded from (compress.encoded), and
+    # the policy's decision (sharedllm compress --policy)
+    "channel_block", "compressed_from", "policy",
+})
+# `version` (__version__ of the writer): digits and dots, an optional short suffix (0.1.0, 1.2.3rc1, 0.2.0+local)
+VERSION_FORM = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}([.+-]?[A-Za-z0-9]{1,16}){0,3}", re.ASCII)
+MAX_VERSION_CHARS = 40
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON \uXXXX escapes that pair up decode to one code point
+
+
+def plausible_version(v) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_VERSION_CHARS and VERSION_FORM.fullmatch(v) is not None
+
+
+def _shown(key) -> str:
+    """A key or path part as it may appear in an error line: ASCII, quoted, at most ~40 characters."""
+    text = ascii(str(key))
+    return text if len(text) <= 42 else text[:40] + "...'"
+
+
+def surrogate_at(obj) -> str | None:
+    """Where a decoded JSON value first holds a lone surrogate (in a key or a string, at any depth, in document
+    order): e.g. "field 'version'", "field 'train'/'lr'", "a key of field 'train'"; None when it holds none."""
+    stack = [(None, obj, [])]
+    while stack:  # iterative: no depth limit of its own (json.loads already bounds the depth)
+        key, x, path = stack.pop()
+        if key is not None and _SURROGATE.search(key):
+            return f"a key of field {'/'.join(path[:-1])}" if len(path) > 1 else "a top-level key"
+        if isinstance(x, str) and _SURROGATE.search(x):
+            return f"field {'/'.join(path)}" if path else "the value"
+        if isinstance(x, dict):
+            stack.extend((k, v, path + [_shown(k)]) for k, v in reversed(list(x.items())))
+        elif isinstance(x, list):
+            stack.extend((None, v, path + [str(i)]) for i, v in reversed(list(enumerate(x))))
+    return None
 
 
 def _no_constants(name: str):
@@ -162,6 +208,10 @@ def _checked_header(raw: bytes, size: int, source: str) -> dict:
         raise SharedLLMError(f"{source}: not a safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise SharedLLMError(f"{source}: not a safetensors file (header is not a JSON object)")
+    where = surrogate_at(header)
+    if where is not None:
+        raise SharedLLMError(f"{source}: not a safetensors file (header {where} holds a lone surrogate; every "
+                             "string must be valid Unicode)")
     md = header.get("__metadata__", {})
     if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in md.items()):
         raise SharedLLMError(f"{source}: __metadata__ must map strings to strings")
@@ -184,6 +234,10 @@ def header_meta(header: dict, source: str):
     meta = strict_json(text, f"{source}: __metadata__.{META_KEY}")
     if not isinstance(meta, dict):
         raise SharedLLMError(f"{source}: __metadata__.{META_KEY} must be a JSON object, got {type(meta).__name__}")
+    where = surrogate_at(meta)
+    if where is not None:
+        raise SharedLLMError(f"{source}: metadata {where} holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                             "escape); every string must be valid Unicode")
     return meta
 
 
@@ -193,10 +247,12 @@ def _need(meta: dict, key: str, ok, what: str, source: str) -> None:
 
 
 def check_adapter_meta(meta: dict, source: str) -> None:
-    """The sharedllm adapter metadata: every field the loaders read is present with the right type."""
+    """The sharedllm adapter metadata: every field the loaders read is present with the right type, no field
+    outside KNOWN_META_FIELDS, and `version` (when present: hand-made files may leave it out) plausible."""
     from .adapters import METHODS, config_from_json
 
     _need(meta, "format_version", lambda v: _is_int(v) and v == FORMAT_VERSION, str(FORMAT_VERSION), source)
+    _no_unknown_fields(meta, source)
     _need(meta, "method", lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
     _need(meta, "scheme", lambda v: isinstance(v, str) and (v in FLOAT_SCHEMES or v in INT8_SCHEMES),
           f"one of {', '.join([*FLOAT_SCHEMES, *INT8_SCHEMES])}", source)
@@ -210,35 +266,130 @@ def check_adapter_meta(meta: dict, source: str) -> None:
         raise SharedLLMError(f"{source}: metadata shapes hold {sum(math.prod(s) for s in meta['shapes'])} values, "
                              f"params says {meta['params']}")
     if meta["scheme"] == "int8-channel":
-        _need(meta, "channel_block", lambda v: _is_int(v) and v == 64, "64", source)
+        _need(meta, "channel_block", lambda v: _is_int(v) and v == CHANNEL_BLOCK, str(CHANNEL_BLOCK), source)
     if "method_config" in meta:  # absent in files written before method configs were recorded: the default
         config_from_json(meta["method"], meta["method_config"], source)
+    if "version" in meta:
+        _need(meta, "version", plausible_version, f"a package version like 0.1.0 (digits and dots, at most "
+              f"{MAX_VERSION_CHARS} characters)", source)
+
+
+def _no_unknown_fields(meta: dict, source: str) -> None:
+    unknown = sorted(set(meta) - KNOWN_META_FIELDS)
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise SharedLLMError(f"{source}: unknown metadata field{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(_shown(k) for k in unknown[:3])}{more}; an adapter file holds only "
+                             f"{', '.join(sorted(KNOWN_META_FIELDS))}")
+
+
+# ---- int8 schemes: the file-format part (how codes, scales and shapes give values; quantising is in
+# quant/adapter_int8.py). `adapter` holds int8 codes, `scales` one fp32 scale per segment: a run of the flat
+# tensor (a whole tensor; int8-channel: a row of a >= 2-D tensor, a block of CHANNEL_BLOCK of a 1-D one).
+def segments(shapes: list, scheme: str) -> list[int]:
+    """Lengths of the consecutive runs of the flat tensor that share one scale."""
+    segs = []
+    for shape in shapes:
+        n = math.prod(shape)
+        if scheme != "int8-channel":
+            segs.append(n)
+        elif len(shape) >= 2:
+            segs += [n // shape[0]] * shape[0]
+        else:
+            segs += [CHANNEL_BLOCK] * (n // CHANNEL_BLOCK) + ([n % CHANNEL_BLOCK] if n % CHANNEL_BLOCK else [])
+    return segs
+
+
+def int8_reference(layout, base_state: dict | None, scheme: str) -> torch.Tensor:
+    """What the codes are relative to: zero, or (int8-delta) the base's own tensors (zero where it has none)."""
+    n = sum(math.prod(s) for _, s in layout)
+    if scheme != "int8-delta":
+        return torch.zeros(n)
+    if base_state is None:
+        raise SharedLLMError("int8-delta needs the base's tensors")
+    parts = []
+    for name, shape in layout:
+        b = base_state.get(name)
+        ok = b is not None and tuple(b.shape) == tuple(shape)
+        parts.append(b.detach().float().cpu().reshape(-1) if ok else torch.zeros(math.prod(shape)))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def check_int8_scheme(scheme, source: str) -> None:
+    if scheme not in INT8_SCHEMES:
+        raise SharedLLMError(f"{source}: unknown adapter scheme {scheme!r}; known: float16, float32, "
+                             f"{', '.join(INT8_SCHEMES)}")
+
+
+def codes_times_scales(codes: torch.Tensor, scales: torch.Tensor, segs: list[int]) -> torch.Tensor:
+    """code x its segment's scale, flat fp32 (int8-delta's base reference not yet added)."""
+    return codes.float() * torch.repeat_interleave(scales.float(), torch.tensor(segs, dtype=torch.long))
+
+
+def decode_int8(tensors: dict, meta: dict, layout, base_state: dict | None, source: str) -> torch.Tensor:
+    """An int8 file's tensors -> its flat fp32 adapter on `layout`, refusing anything malformed (for tensors that
+    did not come through parse_file, which checks all of this once)."""
+    scheme = meta.get("scheme")
+    check_int8_scheme(scheme, source)
+    if set(tensors) != {"adapter", "scales"}:
+        raise SharedLLMError(f"{source}: scheme {scheme} expects tensors 'adapter' and 'scales', found "
+                             f"{sorted(tensors)}")
+    q, scales = tensors["adapter"], tensors["scales"]
+    if q.dtype != torch.int8 or q.dim() != 1:
+        raise SharedLLMError(f"{source}: 'adapter' must be a flat int8 tensor for scheme {scheme}, got {q.dtype}")
+    if scheme == "int8-channel" and meta.get("channel_block") != CHANNEL_BLOCK:
+        raise SharedLLMError(f"{source}: channel_block {meta.get('channel_block')}, expected {CHANNEL_BLOCK}")
+    segs = segments([s for _, s in layout], scheme)
+    if q.numel() != sum(segs) or scales.numel() != len(segs):
+        raise SharedLLMError(f"{source}: {q.numel()} values and {scales.numel()} scales; the layout needs "
+                             f"{sum(segs)} and {len(segs)}")
+    return codes_times_scales(q, scales, segs) + int8_reference(layout, base_state, scheme)
 
 
 def expected_tensors(meta: dict) -> dict[str, tuple[str, list]]:
-    """name -> (safetensors dtype, shape) that an adapter file with this (checked) metadata must hold."""
+    """name -> (safetensors dtype, shape) that an adapter file with this (checked) metadata must hold, in the
+    order of their data (safetensors writes the wider dtype first: an int8 file's scales, then its codes)."""
     if meta["scheme"] in FLOAT_SCHEMES:
         return {"adapter": (FLOAT_SCHEMES[meta["scheme"]], [meta["params"]])}
-    from .quant.adapter_int8 import _segments
-
-    return {"adapter": ("I8", [meta["params"]]), "scales": ("F32", [len(_segments(meta["shapes"], meta["scheme"]))])}
+    return {"scales": ("F32", [len(segments(meta["shapes"], meta["scheme"]))]), "adapter": ("I8", [meta["params"]])}
 
 
-def check_values(tensors: dict, meta: dict, source: str) -> None:
-    """Finite values; every value the file itself encodes (scale x code for int8) within +-value_bound(meta)."""
+def _check_tensors(header: dict, meta: dict, source: str) -> None:
+    """The header's tensors are exactly the scheme's: names, dtypes, shapes, and the order of their data."""
+    want = expected_tensors(meta)
+    got = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if set(got) != set(want):
+        raise SharedLLMError(f"{source}: scheme {meta['scheme']} expects tensors {sorted(want)}, found "
+                             f"{sorted(got)[:5]}")
+    for name, (dtype, shape) in want.items():
+        if got[name] != (dtype, shape):
+            raise SharedLLMError(f"{source}: tensor {name!r} is {got[name][0]} {got[name][1]}, scheme "
+                                 f"{meta['scheme']} needs {dtype} {shape}")
+    order = [name for _, name in sorted((header[name]["data_offsets"], name) for name in want)]
+    if order != list(want):
+        raise SharedLLMError(f"{source}: tensor data out of order: scheme {meta['scheme']} stores "
+                             f"{', '.join(want)} in that order, this file {', '.join(order)}")
+
+
+def file_values(tensors: dict, meta: dict, source: str) -> torch.Tensor:
+    """The flat values a checked file itself encodes: its float tensor, or code x scale (int8; int8-delta's base
+    reference is added by decode_adapter). int8 scales must be finite and positive."""
     if meta["scheme"] in FLOAT_SCHEMES:
-        values = tensors["adapter"].float()
-    else:
-        scales = tensors["scales"].float()
-        if not torch.isfinite(scales).all() or not (scales > 0).all():
-            raise SharedLLMError(f"{source}: int8 scales must be finite and positive")
-        from .quant.adapter_int8 import _segments
+        return tensors["adapter"].float()
+    scales = tensors["scales"].float()
+    if not torch.isfinite(scales).all() or not (scales > 0).all():
+        raise SharedLLMError(f"{source}: int8 scales must be finite and positive")
+    return codes_times_scales(tensors["adapter"], scales, segments(meta["shapes"], meta["scheme"]))
 
-        segs = torch.tensor(_segments(meta["shapes"], meta["scheme"]), dtype=torch.long)
-        values = tensors["adapter"].float() * torch.repeat_interleave(scales, segs)
+
+def check_values(tensors: dict, meta: dict, source: str) -> torch.Tensor:
+    """Finite values; every value the file itself encodes (scale x code for int8) within +-value_bound(meta).
+    -> those values (file_values), so that the file is dequantised once."""
+    values = file_values(tensors, meta, source)
     if not torch.isfinite(values).all():
         raise SharedLLMError(f"{source}: adapter contains non-finite values (NaN or inf)")
     check_bound(values, source, value_bound(meta))
+    return values
 
 
 def check_bound(values: torch.Tensor, source: str, bound: float = MAX_GAIN) -> None:
@@ -247,34 +398,41 @@ def check_bound(values: torch.Tensor, source: str, bound: float = MAX_GAIN) -> N
                              f"range +-{bound:g}")
 
 
+class ParsedTensors(dict):
+    """parse_file's tensors (name -> tensor, exactly as safetensors loads them) and, for an adapter, the flat
+    values the file encodes (`file_values`), kept so that decode_adapter does not dequantise the file again."""
+
+    def __init__(self, tensors: dict, values: torch.Tensor):
+        super().__init__(tensors)
+        self._values, self._of = values, list(tensors.items())
+
+    def kept_values(self) -> torch.Tensor | None:
+        """The kept values, or None once the dict no longer holds the very tensors they were computed from."""
+        now = list(self.items())
+        same = len(now) == len(self._of) and all(k == j and t is u for (k, t), (j, u) in zip(now, self._of))
+        return self._values if same else None
+
+
 def parse_file(data: bytes, source: str, expect: str = FORMAT) -> tuple[dict, dict]:
     """bytes -> (tensors, sharedllm metadata); refuses anything that is not a well-formed sharedllm file.
 
     For adapters this is the one strict parser (upload, eval, inspect, compress, export all come here): header
-    structure, metadata fields and types, tensor names, dtypes equal to the scheme's, shapes, finite values
-    within +-value_bound (MAX_GAIN; a full fine-tune: float16's range). Every refusal is one SharedLLMError line
-    naming the file and the problem."""
+    structure, metadata fields (known ones only), types and strings (no lone surrogate), tensor names, dtypes
+    equal to the scheme's, shapes, the order of their data, finite values within +-value_bound (MAX_GAIN; a full
+    fine-tune: float16's range). Every refusal is one SharedLLMError line naming the file and the problem."""
     header = read_header(data, source)
     meta = header_meta(header, source)
     if meta is None or not isinstance(meta.get("format"), str) or meta["format"] != expect:
         raise SharedLLMError(f"{source}: a safetensors file, but not a {expect} (no sharedllm metadata)")
     if expect == FORMAT:
         check_adapter_meta(meta, source)
-        want = expected_tensors(meta)
-        got = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
-        if set(got) != set(want):
-            raise SharedLLMError(f"{source}: scheme {meta['scheme']} expects tensors {sorted(want)}, found "
-                                 f"{sorted(got)[:5]}")
-        for name, (dtype, shape) in want.items():
-            if got[name] != (dtype, shape):
-                raise SharedLLMError(f"{source}: tensor {name!r} is {got[name][0]} {got[name][1]}, scheme "
-                                     f"{meta['scheme']} needs {dtype} {shape}")
+        _check_tensors(header, meta, source)
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise SharedLLMError(f"{source}: unreadable safetensors data ({str(e)[:120]})") from None
     if expect == FORMAT:
-        check_values(tensors, meta, source)
+        return ParsedTensors(tensors, check_values(tensors, meta, source)), meta
     return tensors, meta
 
 
@@ -285,20 +443,33 @@ def read_file(path, expect: str = FORMAT) -> tuple[dict, dict]:
     return parse_file(path.read_bytes(), str(path), expect)
 
 
-def decode_adapter(tensors: dict, meta: dict, layout, base_state: dict, source: str) -> dict[str, torch.Tensor]:
-    """Check an adapter's layout and values against this base; return its named fp32 tensors."""
+def _check_layout(meta: dict, layout, source: str) -> None:
+    """The file's layout hash, params and per-tensor shapes are those of the method's tensors on this base."""
     if meta.get("layout") != layout_hash(layout) or meta.get("params") != sum(math.prod(s) for _, s in layout):
         raise SharedLLMError(f"{source}: tensor names or shapes do not match method {meta.get('method')!r} on this "
                              f"base (layout {meta.get('layout')} vs expected {layout_hash(layout)})")
+    want, got = [list(s) for _, s in layout], meta.get("shapes")
+    if got != want:  # same hash and total, other boundaries: each tensor would be read from the wrong values
+        got = got if isinstance(got, list) else []
+        i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        say = lambda shapes: str(shapes[i])[:40] if i < len(shapes) else "none"  # noqa: E731
+        raise SharedLLMError(f"{source}: metadata shapes do not match method {meta.get('method')!r} on this base: "
+                             f"tensor {i} is {say(got)}, the base's is {say(want)} ({len(got)} tensors listed, "
+                             f"{len(want)} expected)")
+
+
+def decode_adapter(tensors: dict, meta: dict, layout, base_state: dict, source: str) -> dict[str, torch.Tensor]:
+    """Check an adapter's layout and values against this base; return its named fp32 tensors."""
+    _check_layout(meta, layout, source)
     scheme = meta.get("scheme", "float16")
-    if scheme in ("float16", "float32", "bfloat16"):
+    if scheme in FLOAT_SCHEMES:
         if set(tensors) != {"adapter"}:
             raise SharedLLMError(f"{source}: expected one tensor named 'adapter', found {sorted(tensors)}")
         flat = tensors["adapter"].float()
     else:
-        from .quant.adapter_int8 import decode
-
-        flat = decode(tensors, meta, layout, base_state, source)
+        kept = tensors.kept_values() if isinstance(tensors, ParsedTensors) else None
+        flat = (decode_int8(tensors, meta, layout, base_state, source) if kept is None
+                else kept + int8_reference(layout, base_state, scheme))
     if flat.numel() != meta["params"]:
         raise SharedLLMError(f"{source}: {flat.numel()} values, metadata says {meta['params']}")
     if not torch.isfinite(flat).all():

@@ -60,7 +60,8 @@ def _salvage(data: bytes) -> dict:
         (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8: 8 + min(n, wire.MAX_HEADER)])
         meta = json.loads(header["__metadata__"][wire.META_KEY])
-        return {k: meta[k] for k in ("method", "scheme", "params") if isinstance(meta, dict) and k in meta}
+        return {k: meta[k] for k in ("method", "scheme", "params")  # no lone surrogate: it could not be printed
+                if isinstance(meta, dict) and k in meta and wire.surrogate_at(meta[k]) is None}
     except Exception:  # anything unreadable: show nothing more
         return {}
 
