@@ -196,7 +196,6 @@ class Context:
 
     def _stamp(self) -> dict:
         cfg = self.train_config(0).to_json()
-        self.seeds_used.clear()
         return {"bet": self.bet.name, "version": self.bet.version, "base_fingerprint": self.fingerprint,
                 "train": {k: cfg[k] for k in ("steps", "batch", "seq", "lr", "betas", "weight_decay")},
                 "eval": [self.n_texts, self.text_len, self.window], "corpora": Path(self.opts.corpora).name,
@@ -260,8 +259,9 @@ class Context:
 
     # ---- configuration recorded in the result ----
     def train_config(self, seed: int = 0, lr: float | None = None) -> TrainConfig:
-        """The bet's training budget; `lr` overrides the learning rate (a bet that sweeps it, e.g. lr_sensitivity)."""
-        self.seeds_used.add(seed)
+        """The bet's training budget; `lr` overrides the learning rate (a bet that sweeps it, e.g. lr_sensitivity).
+        Reading it records nothing: a seed is recorded where an adapter is trained or taken with it (`adapter`,
+        `train_together`), so the result's `seeds` are the seeds its adapters used."""
         if self.quick:
             return TrainConfig(steps=QUICK["steps"], batch=QUICK["batch"], seq=QUICK["seq"], lr=lr or QUICK["lr"],
                                seed=seed)
@@ -314,6 +314,7 @@ class Context:
         base = base or self.base
         tokens = self.data(rel).train if tokens is None else tokens
         cfg = self.train_config(seed, lr)
+        self.seeds_used.add(seed)
         dtype = self.opts.dtype
         if not common.adapter_path(base, rel, method, cfg, tag, self.opts.out, dtype).is_file():
             how = "" if dtype == "fp32" else f", {dtype}"
@@ -349,6 +350,7 @@ class Context:
 
         items = [AdapterSpec(s["rel"], tokens(s), self.train_config(s.get("seed", 0), s.get("lr")), s.get("tag", ""))
                  for s in specs]
+        self.seeds_used.update(s.get("seed", 0) for s in specs)
         ensure_norm_adapters(self.base, items, self.opts.out, self.opts.dtype)
         return []  # no cells: the adapter files under --out are what the scoring units need
 
