@@ -164,3 +164,24 @@ def test_no_method_name_is_compared_as_a_string_outside_its_own_file():
             if pattern.search(line):
                 found.append(f"{path.relative_to(src)}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_a_later_batch_reuses_a_gone_batchs_gather_buffer_and_never_a_live_one(tiny, tmp_path):
+    """The LoRA kernel gathers a batch's rows into a buffer that goes back when the batch is garbage; a batch still
+    alive keeps its values while later batches are built and dropped."""
+    import gc
+
+    users = _users(tiny, tmp_path)
+    rm = RowModel(tiny)
+    states = [_state(rm, u) for u in users]
+    ids = torch.tensor([PROMPTS[0][:6]] * 4)
+    with torch.inference_mode():  # as the engine builds them: the gather goes into a reusable buffer
+        keep = rm.batch(states)
+    assert len(rm.kernels["lora"]._spare) == 0
+    before = rm.forward(ids, keep).logits.clone()
+    for order in ([3, 2, 1, 0], [2, 3, 0, 1]) * 3:  # other batches come and go, reusing buffers
+        rm.forward(ids, [states[i] for i in order])
+        gc.collect()
+    assert torch.equal(rm.forward(ids, keep).logits, before)
+    kernel = rm.kernels["lora"]
+    assert 1 <= len(kernel._spare) <= 2

@@ -6,6 +6,8 @@ as two gathered batched matmuls over those rows (one pair per rank present), nev
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +34,34 @@ class LoraConfig:
             raise SharedLLMError(f"LoRA targets must be module names, got {self.targets!r}")
 
 
+SPARE_BUFFERS = 2  # gather buffers kept for reuse per kernel
+
+
+class _View(dict):
+    """A batch's LoRA view (site -> groups); a class so that its gather buffer can go back when it is garbage."""
+
+
 MAX_SERVED_RANK = 16  # the largest rank the per-row kernel takes (it bounds the server's default upload size)
 
 
 @dataclass(frozen=True, eq=False)
 class LoraState:
-    """One user's LoRA as the kernel runs it: per site (A^T [K, r], s B^T [r, N])."""
+    """One user's LoRA as the kernel runs it: every site's A^T [K, r] and s B^T [r, N] in one flat fp32 vector
+    (`sites`: site -> offsets and shapes; `layout`: what rows must share to be gathered together)."""
 
+    flat: torch.Tensor
     sites: dict
+    layout: tuple
 
 
 class LoraRows:
-    """The LoRA kernel: per linear site, the rows with a LoRA there, their A^T and s B^T stacked per rank."""
+    """The LoRA kernel: the LoRA rows' flat vectors gathered once per batch composition (one copy per layout),
+    every site's A^T and s B^T a view into that [rows, P] tensor."""
 
     def __init__(self, rm):
         self.shapes, self.device = rm.linear_shapes, rm.device
+        self._spare: list = []  # gather buffers of batches that are gone, reused (a fresh one costs page faults)
+        self._lock = threading.Lock()
 
     def max_numbers(self) -> int:
         """The most numbers a LoRA this kernel takes can hold: every decoder linear at MAX_SERVED_RANK."""
@@ -56,33 +71,58 @@ class LoraRows:
         if config.rank > MAX_SERVED_RANK:
             raise SharedLLMError(f"LoRA rank {config.rank} is over the largest served rank {MAX_SERVED_RANK}")
         scale = config.alpha / config.rank
-        sites = {}
+        parts, sites, at = [], {}, 0
         for name, a in named.items():
             site, _, kind = name.partition(".lora_")
             if kind != "A.default.weight":
                 continue
             b = named.get(f"{site}.lora_B.default.weight")
-            if site not in self.shapes or b is None:
+            if site not in self.shapes or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
                 raise SharedLLMError(f"LoRA tensor {name[:60]!r}: not a decoder linear this base runs per row")
-            sites[site] = (a.float().t().to(self.device), (b.float() * scale).t().to(self.device))
+            (r, k), n = a.shape, b.shape[0]
+            sites[site] = (at, k, r, at + k * r, n)
+            parts += [a.float().t().reshape(-1), (b.float() * scale).t().reshape(-1)]
+            at += k * r + r * n
         if 2 * len(sites) != len(named):
             raise SharedLLMError("LoRA adapter: every lora_A needs its lora_B (and nothing else)")
-        return LoraState(sites)
+        flat = torch.cat(parts).to(self.device)
+        return LoraState(flat, sites, tuple((s, v[1:3], v[4]) for s, v in sites.items()))
 
     def batch(self, states: list) -> dict:
-        """site -> [(rows, A [b', K, r], B [b', r, N], all rows in order?)], one entry per rank present."""
+        """site -> [(rows, A [b', K, r], B [b', r, N], all rows in order?)], one entry per layout present."""
         groups: dict = {}
         for b, st in enumerate(states):
-            for site, (a, bb) in (st.sites.items() if st is not None else ()):
-                groups.setdefault((site, a.shape[1]), []).append((b, a, bb))
-        view: dict = {}
-        for (site, _), members in groups.items():
-            rows = [m[0] for m in members]
+            if st is not None:
+                groups.setdefault(st.layout, []).append((b, st))
+        view = _View()
+        for members in groups.values():
+            rows = [b for b, _ in members]
             everyone = rows == list(range(len(states)))
             idx = torch.tensor(rows, device=self.device)
-            view.setdefault(site, []).append((idx, torch.stack([m[1] for m in members]),
-                                              torch.stack([m[2] for m in members]), everyone))
+            flats = self._gather([st.flat for _, st in members], view)  # the one copy of this batch composition
+            for site, (oa, k, r, ob, n) in members[0][1].sites.items():
+                a = flats[:, oa: oa + k * r].view(len(rows), k, r)
+                b = flats[:, ob: ob + r * n].view(len(rows), r, n)
+                view.setdefault(site, []).append((idx, a, b, everyone))
         return view
+
+    def _gather(self, flats: list, owner) -> torch.Tensor:
+        """torch.stack(flats) into a spare buffer when one fits (returned when `owner` is garbage); where autograd
+        may record (fleet training, or a batch built outside inference / no-grad mode), a plain stack."""
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return torch.stack(flats)
+        rows, n = len(flats), flats[0].numel()
+        with self._lock:
+            fit = next((i for i, t in enumerate(self._spare) if t.shape[0] >= rows and t.shape[1] == n), None)
+            buf = self._spare.pop(fit) if fit is not None else None
+        if buf is None:
+            buf = flats[0].new_empty(1 << (rows - 1).bit_length(), n)  # rows rounded up to a power of two
+        weakref.finalize(owner, self._give_back, buf)
+        return torch.stack(flats, out=buf[:rows])
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._spare = ([buf] + self._spare)[:SPARE_BUFFERS]
 
     def gain(self, view, index: int):
         return None

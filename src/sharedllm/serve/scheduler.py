@@ -4,7 +4,10 @@ finished and abandoned rows leave, waiting score requests run, and new generatio
 Each row keeps its own adapter (a `RowState`: norm gains, LoRA, ...) and its own KV history (`kv.BatchCache`: left-padded, per-row past length), so a
 row's tokens are those it would get alone, and a short request is never held by a long one. Waiting requests
 sit in per-user queues taken round-robin (`FairQueue`): one user's burst cannot starve another user, and a
-score waits at most one decode step and one admission: a burst of prompts joins over several steps, at most
+user's generations hold at most `max_rows_per_user` of the `max_batch` rows (default half), even when nobody
+else waits (no row is taken back once given, so rows a lone user could fill would be missing when another user
+arrives): another user's generation finds a free row at the next admission. A score waits at most one decode
+step and one admission: a burst of prompts joins over several steps, at most
 `prefill_budget` padded prompt positions per admission (a longer single prompt is admitted alone). An idle
 engine waits `window_s` after the first request for others to share its first forward pass (the old batch window,
 now only at the start of a busy period). A request whose future
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,7 +34,7 @@ import torch
 
 from ..adapters.rows import RowModel, RowState
 from ..errors import SharedLLMError
-from .compute import Generated, decode_step, pick, prefill, score_batch
+from .compute import Generated, decode_step, pick, prefill, score_batch, step_logprobs
 from .fastdecode import LeanDecoder
 from .hangup import hung_up
 from .kv import BatchCache
@@ -59,6 +62,11 @@ class Job:
     t: float = field(default_factory=time.monotonic)
     cancel_step: int | None = None  # the engine's decode-step count when the job was cancelled
     drop_step: int | None = None  # ... when its row left the batch, cancelled
+    # k (0..5): a score also returns each token's logprob and the top k per position; a generation records each
+    # token's (id, logprob, top k) from the logits its sampler sees (`compute.step_logprobs`), and streams it
+    # through `on_logprob` (engine thread, before the text that token completes); None: none of that
+    logprobs: int | None = None
+    on_logprob: Callable[[tuple], None] | None = None
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Row:
     ids: list[int] = field(default_factory=list)
     t_last: float = 0.0
     finish: str = "length"
+    logprobs: list = field(default_factory=list)  # (id, logprob, top k) per token, when the job asks for them
 
 
 class FairQueue:
@@ -84,22 +93,29 @@ class FairQueue:
     def __len__(self) -> int:
         return sum(len(q) for q in self._q.values())
 
-    def take(self, n: int, fits: Callable[[list, Job], bool] = lambda batch, job: True) -> list[Job]:
+    def take(self, n: int, fits: Callable[[list, Job], bool] = lambda batch, job: True,
+             quota: Callable[[str], int] | None = None) -> list[Job]:
+        """Up to `n` jobs, one user at a time; `fits(batch, job)` False ends the batch; `quota(user)`: how many jobs
+        of `user` this take may return (a user at its quota keeps its place and its queue)."""
         out: list[Job] = []
+        taken: Counter = Counter()
         while len(out) < n and self._q:
+            took = False
             for user in list(self._q):
                 q = self._q[user]
                 while q and (q[0].future.cancelled() or _left(q[0])):  # the client left while waiting
                     q.popleft().future.cancel()
                     self.cancelled += 1
-                if q and len(out) < n:
+                if q and len(out) < n and (quota is None or taken[user] < quota(user)):
                     if out and not fits(out, q[0]):
                         return self._prune(out)
                     out.append(q.popleft())
+                    taken[user] += 1
+                    took = True
                     self._q.move_to_end(user)
                 if not q:
                     del self._q[user]
-            if len(out) >= n:
+            if len(out) >= n or not took:
                 break
         return self._prune(out)
 
@@ -128,8 +144,11 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
 class Engine:
     def __init__(self, rgm: RowModel, decode: Callable, eos_id: int | None, max_batch: int = 16,
                  max_batch_tokens: int = 16384, metrics=None, window_s: float = 0.0, max_queued_per_user: int = 32,
-                 lean: LeanDecoder | None | str = "auto", prefill_budget: int = 512):
+                 lean: LeanDecoder | None | str = "auto", prefill_budget: int = 512,
+                 max_rows_per_user: int | None = None):
         self.rgm, self.decode, self.eos_id, self.window_s = rgm, decode, eos_id, window_s
+        # decode rows one user's generations may hold at once (None: half the batch, at least 1)
+        self.max_rows_per_user = min(max_batch, max_rows_per_user or max(1, max_batch // 2))
         self.prefill_budget = prefill_budget  # padded prompt positions admitted between two steps (one prompt: any)
         # decode steps: the lean step (fp32) where the architecture allows, else the HF forward (compute.py)
         self.lean = LeanDecoder.build(rgm) if lean == "auto" else lean
@@ -147,6 +166,7 @@ class Engine:
         self.batches = self.largest = self.steps = self.rows_total = 0
         self.dropped = self.failed_rows = 0  # rows dropped while running (client gone); rows that failed
         self.cancel_lag_max = 0  # the most decode steps a row ran after its cancellation
+        self.most_rows_one_user = 0  # the most rows one user's generations held at once
         self._thread = threading.Thread(target=self._loop, name="sharedllm-engine", daemon=True)
         self._thread.start()
 
@@ -194,6 +214,7 @@ class Engine:
                 "queued": len(self.scores) + len(self.gens),
                 "cancelled_rows": self.dropped + self.scores.cancelled + self.gens.cancelled,
                 "failed_rows": self.failed_rows, "cancel_lag_steps_max": self.cancel_lag_max,
+                "max_rows_per_user": self.max_rows_per_user, "most_rows_one_user": self.most_rows_one_user,
                 "decode": self.lean.name if self.lean else "hf"}
 
     # ---- the engine thread -------------------------------------------------------------------------------
@@ -252,8 +273,12 @@ class Engine:
         if not jobs:
             return
         self._batch(len(jobs))
-        for group, results in self._isolated(jobs, lambda js: score_batch(
-                self.rgm, [j.ids for j in js], [j.row for j in js])):
+        def run(js: list[Job]):  # per-position logprobs only for the jobs that ask (the sums are the same)
+            top = [j.logprobs for j in js]
+            kw = {"top": top} if any(k is not None for k in top) else {}
+            return score_batch(self.rgm, [j.ids for j in js], [j.row for j in js], **kw)
+
+        for group, results in self._isolated(jobs, run):
             for j, r in zip(group, results):
                 _resolve(j, r)
                 self.metrics.scored(r.tokens)
@@ -262,11 +287,15 @@ class Engine:
         room = self.max_batch - len(self.rows)
         if room <= 0:
             return
+        held = Counter(r.job.user for r in self.rows)  # rows in the batch per user (cancelled ones leave next)
         with self._cv:
             jobs = self.gens.take(room, self._tokens_fit(lambda j: len(j.ids),
-                                                         min(self.max_batch_tokens, self.prefill_budget)))
+                                                         min(self.max_batch_tokens, self.prefill_budget)),
+                                  quota=lambda user: self.max_rows_per_user - held[user])
         if not jobs:
             return
+        held.update(j.user for j in jobs)
+        self.most_rows_one_user = max(self.most_rows_one_user, max(held.values()))
         self._batch(len(jobs))
 
         def start(js: list[Job]):  # a row's own setup (its seeded generator) fails with its prefill group
@@ -301,7 +330,8 @@ class Engine:
                 if not self._advance(row, self.logits[b]):
                     keep.append(b)
                     continue
-                _resolve(row.job, Generated(row.ids, row.finish, row.tail.text))
+                _resolve(row.job, Generated(row.ids, row.finish, row.tail.text,
+                                            row.logprobs if row.job.logprobs is not None else None))
             except Exception as e:
                 self.failed_rows += 1
                 _resolve(row.job, error=e)
@@ -312,6 +342,10 @@ class Engine:
         job = row.job
         tok = pick(logits, job.temperature, row.gen, job.top_p)
         row.ids.append(tok)
+        if job.logprobs is not None:
+            row.logprobs.append(step_logprobs(logits, tok, job.logprobs))
+            if job.on_logprob is not None:
+                job.on_logprob(row.logprobs[-1])
         self.metrics.generated(1)
         now = time.monotonic()
         (self.metrics.first_token if len(row.ids) == 1 else self.metrics.next_token)(now - row.t_last)
@@ -339,7 +373,8 @@ class Engine:
 
     def _decode(self) -> None:
         if self._stacked is None:
-            self._stacked = self.rgm.batch([r.job.row for r in self.rows])
+            with torch.inference_mode():  # so that kernels may gather into reused buffers
+                self._stacked = self.rgm.batch([r.job.row for r in self.rows])
         tokens = [r.ids[-1] for r in self.rows]
         if self.lean:
             self.logits = self.lean.step(self.kv, tokens, self._stacked)
