@@ -140,7 +140,8 @@ def test_eval_compress_export_quantize_on_the_tiny_base(ran):
 
 
 def test_serve_from_the_wheel_answers_health(env_bin, tmp_path):
-    """`sharedllm serve --base tiny` (the console script of the venv) comes up and answers /health."""
+    """`sharedllm serve --base tiny` (the console script of the venv) comes up, answers /health and serves the
+    playground's files from the wheel's package data."""
     import socket
     import time
     import urllib.request
@@ -160,6 +161,9 @@ def test_serve_from_the_wheel_answers_health(env_bin, tmp_path):
             except OSError:
                 time.sleep(1)
         assert status == 200, proc.stderr.read().decode() if proc.poll() is not None else "no answer in 300 s"
+        for path, media in (("/", "text/html"), ("/static/playground.js", "text/javascript")):  # package data
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith(media), path
     finally:
         proc.terminate()
         proc.wait(timeout=30)

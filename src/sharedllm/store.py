@@ -193,6 +193,18 @@ class AdapterStore:
             self._unlink_if_unreferenced(old.sha256)
             return old
 
+    def users(self, limit: int = 1000, only: str | None = None) -> tuple[list[tuple], int]:
+        """([(name, created, adapter record or None)] for the first `limit` users by name (or just user `only`),
+        how many users that selection has in all)."""
+        where, args = ("WHERE u.name = ?", (only,)) if only is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT u.name, u.created, a.sha256, a.bytes, a.meta, a.updated FROM users u "
+                f"LEFT JOIN adapters a ON a.user = u.name {where} ORDER BY u.name LIMIT ?", (*args, limit)).fetchall()
+            total = self._db.execute(f"SELECT COUNT(*) FROM users u {where}", args).fetchone()[0]
+        return [(n, c, AdapterRecord(n, sha, size, json.loads(meta), upd) if sha else None)
+                for n, c, sha, size, meta, upd in rows], total
+
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]

@@ -9,6 +9,8 @@ the next decode step.
 Auth: `Authorization: Bearer <token>`. The admin token creates users; each user token may upload, replace,
 read the metadata of, use and delete only that user's adapter (the admin may also read or delete any adapter,
 for revocation). Missing or unknown token -> 401, someone else's adapter -> 403, no adapter -> 404.
+`GET /v1/users` (read-only) lists users, their adapters and cache state: all for the admin, one's own row for a
+user token. `/` serves the browser playground (`playground`), which uses only these routes.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ..errors import SharedLLMError
 from .bodies import parse_model, read_body, schema_of
 from .hangup import conn_socket
 from .oai import CONN, add_openai_routes, conn_of, wait_for
+from .playground import add_playground_routes
 from .router import Busy, NoAdapter, Router, TooLarge
 
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: "ann\n" is not a name
@@ -167,6 +170,25 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         except SharedLLMError as e:
             raise HTTPException(409, str(e)) from None
 
+    @app.get("/v1/users")
+    def list_users(request: Request) -> dict:
+        """Read-only: each user (by name, the first `?limit=`, default 1000, at most 10000), their adapter's method,
+        scheme, size and whether its packed row state is in this process's cache; a user token sees only its own
+        row. The token is checked before the query."""
+        who = principal(request)
+        raw = request.query_params.get("limit", "1000")
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 10000):
+            raise HTTPException(422, "limit: an integer from 1 to 10000")
+        limit = int(raw)
+        rows, total = store.users(limit, only=None if who == ADMIN else who)
+        users = [{"user": name, "created": created,
+                  "adapter": None if rec is None else {
+                      "method": rec.meta.get("method"), "scheme": rec.meta.get("scheme"),
+                      "params": rec.meta.get("params"), "bytes": rec.bytes, "sha256": rec.sha256,
+                      "updated": rec.updated, "cached": rec.sha256 in router.cache}}
+                 for name, created, rec in rows]
+        return {"users": users, "total": total, "admin": who == ADMIN}
+
     @app.put("/v1/users/{user}/adapter", openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_adapter(user: str, request: Request) -> dict:
@@ -190,6 +212,7 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
         return {"user": user, "deleted": rec.sha256}
 
     add_openai_routes(app, router, caller, _http, body_of)
+    add_playground_routes(app)
 
     @app.post("/v1/score", openapi_extra=schema_of(Score))
     async def score(request: Request):

@@ -67,6 +67,10 @@ class LRU:
     def __len__(self) -> int:
         return len(self._d)
 
+    def __contains__(self, key) -> bool:  # no hit, no miss, no reordering: for reports (GET /v1/users)
+        with self._lock:
+            return key in self._d
+
 
 class Router:
     def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_bytes: int = 1 << 30,
