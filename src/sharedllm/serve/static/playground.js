@@ -336,7 +336,7 @@
         $("diff-box").hidden = false;
       } else if ((mine && !mine.perToken) || (base && !base.perToken)) {
         note.textContent = "Per-token surprise needs logprobs with echo on /v1/completions, which this server " +
-          "does not offer (it answered " + ((mine || base).status) + "): the ppl above are /v1/score's totals, " +
+          "does not offer (it answered " + ((mine || base).status) + "): the ppl shown are /v1/score's totals, " +
           "and the text is shown uncoloured.";
         note.hidden = false;
       }
