@@ -1,6 +1,7 @@
 """sharedllm serve: one base, every user's adapter (norm or LoRA), mixed-user batches, over HTTP (FastAPI + uvicorn)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..base import base_name, cache_dir, load_base
@@ -8,6 +9,22 @@ from ..log import say
 from .args import add_base_args, positive_int
 
 HELP = "serve many users from one base over HTTP: adapter store, per-user tokens, mixed-user batches"
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number above 0")
+    return value
+
+
+def count_or_zero(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number, 0 or more")
+    return int(text)
 
 
 def configure(p) -> None:
@@ -29,8 +46,27 @@ def configure(p) -> None:
                         "of the default base is 0.14 MB, a LoRA-r4 4.9 MB; the 0.5B base: 0.18 and 8.8 MB)")
     p.add_argument("--max-queued-per-user", type=positive_int, default=32,
                    help="requests one user may have queued or running; beyond: HTTP 429 with Retry-After")
+    p.add_argument("--max-rows-per-user", type=positive_int, default=None,
+                   help="most decode rows (of --max-batch) one user's generations hold at once, so that another "
+                        "user's request always finds a free row at the next admission; the user's other "
+                        "generations wait in their queue, even when nobody else waits (default: half of "
+                        "--max-batch, 8 of 16; give --max-batch's value to let one user fill the batch)")
     p.add_argument("--read-timeout-s", type=float, default=10.0,
                    help="longest wait for each chunk of a request body (a stalled upload gets 408)")
+    p.add_argument("--body-timeout-s", type=positive_float, default=60.0,
+                   help="longest time a whole request body may take after its head (a body that trickles in "
+                        "gets 408 and the connection is closed; an upload of 30 MB needs 0.5 MB/s at 60 s)")
+    p.add_argument("--header-timeout-s", type=positive_float, default=10.0,
+                   help="longest time a request head may take after its first byte (else 408 and close)")
+    p.add_argument("--keep-alive-s", type=positive_float, default=5.0,
+                   help="a connection with no request in progress (just accepted, or after its last response) "
+                        "is closed after this many seconds")
+    p.add_argument("--max-connections", type=positive_int, default=1024,
+                   help="most open connections per server process; beyond: JSON 503 with Retry-After, then close "
+                        "(the open-file limit is raised to fit, or this is lowered to fit it)")
+    p.add_argument("--max-connections-per-client", type=count_or_zero, default=64,
+                   help="most open connections from one client address (the TCP peer: behind a reverse proxy, "
+                        "every client is the proxy's address, so raise it or give 0 for no cap); beyond: 503")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="upload size limit (default: the largest adapter a served method takes on this base as "
                         "fp32, LoRA at rank 16 on every decoder linear, + 1 MiB)")
@@ -56,19 +92,37 @@ def store_dir(args) -> Path:
     return Path(args.store) if args.store else cache_dir() / f"store-{base_name(args.base)}"
 
 
+def limits(args):
+    """The connection limits of `sharedllm.serve.protocol` from the command line (defaults where not given)."""
+    from ..serve.protocol import Limits
+
+    d = Limits()
+    return Limits(keep_alive_s=getattr(args, "keep_alive_s", d.keep_alive_s),
+                  header_timeout_s=getattr(args, "header_timeout_s", d.header_timeout_s),
+                  body_timeout_s=getattr(args, "body_timeout_s", d.body_timeout_s),
+                  max_connections=getattr(args, "max_connections", d.max_connections),
+                  max_connections_per_client=getattr(args, "max_connections_per_client",
+                                                     d.max_connections_per_client))
+
+
 def _app(args):
     from ..serve import build
+    from ..serve.protocol import fit_fd_limit
 
     say(f"loading base {args.base}")
     base = load_base(args.base, args.device)
     store = store_dir(args)
+    conn_limits, note = fit_fd_limit(limits(args))
+    if note:
+        say(note)
     app, router, where = build(base, store, window_s=args.batch_window_ms / 1000, max_batch=args.max_batch,
                                cache_bytes=args.cache_mb << 20, max_adapter_bytes=args.max_adapter_bytes,
                                max_batch_tokens=args.max_batch_tokens, read_timeout_s=args.read_timeout_s,
                                max_queued_per_user=args.max_queued_per_user,
                                decode=getattr(args, "decode", "lean"),
                                decode_dtype=getattr(args, "decode_dtype", "fp32"),
-                               prefill_budget=getattr(args, "prefill_budget", 512))
+                               prefill_budget=getattr(args, "prefill_budget", 512),
+                               max_rows_per_user=getattr(args, "max_rows_per_user", None), limits=conn_limits)
     return app, router, where, store, base
 
 
@@ -91,7 +145,7 @@ def worker_app():
 def run(args) -> dict:
     import uvicorn
 
-    from ..serve.protocol import PROTOCOL
+    from ..serve.protocol import PROTOCOL, accept_backlog
 
     if args.workers > 1:
         return _run_workers(args)
@@ -102,7 +156,8 @@ def run(args) -> dict:
     say(f"admin token: {where} (not printed)")
     say(f"listening on http://{args.host}:{args.port} (OpenAPI schema at /openapi.json)")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=PROTOCOL)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=PROTOCOL,
+                    backlog=accept_backlog(app.state.connection_limits))
     finally:
         router.close()
         router.store.close()
@@ -115,7 +170,7 @@ def _run_workers(args) -> dict:
 
     import uvicorn
 
-    from ..serve.protocol import PROTOCOL
+    from ..serve.protocol import PROTOCOL, accept_backlog
     from ..store import admin_token
 
     store = store_dir(args)
@@ -125,7 +180,8 @@ def _run_workers(args) -> dict:
     say(f"admin token: {where} (not printed)")
     say(f"{args.workers} workers on http://{args.host}:{args.port}, one store {store}")
     uvicorn.run("sharedllm.commands.serve:worker_app", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="info", http=PROTOCOL, **_healthcheck(uvicorn))
+                port=args.port, log_level="info", http=PROTOCOL, backlog=accept_backlog(limits(args)),
+                **_healthcheck(uvicorn))
     return {"ok": True, "store": str(store), "base": args.base}
 
 

@@ -9,11 +9,13 @@ from ..arch import Base
 from ..store import AdapterStore, admin_token
 
 
-def build(base: Base, store_dir, read_timeout_s: float = 10.0, **router_kwargs):
+def build(base: Base, store_dir, read_timeout_s: float = 10.0, limits=None, **router_kwargs):
     """(FastAPI app, router, where the admin token comes from) for `base` and the store at `store_dir`;
-    `read_timeout_s` bounds the wait for each chunk of a request body."""
+    `read_timeout_s` bounds the wait for each chunk of a request body; `limits` (a `protocol.Limits`, default
+    its defaults) are the connection timeouts and caps that `protocol.JsonH11Protocol` reads from the app."""
     from .app import create_app
     from .metrics import ServeMetrics
+    from .protocol import Limits
     from .router import Router
 
     store = AdapterStore(store_dir)
@@ -21,7 +23,9 @@ def build(base: Base, store_dir, read_timeout_s: float = 10.0, **router_kwargs):
     metrics = ServeMetrics()
     router = Router(base, store, metrics=metrics, **router_kwargs)
     metrics.watch(router)
-    return create_app(router, token, read_timeout_s), router, where
+    app = create_app(router, token, read_timeout_s)
+    app.state.connection_limits = limits or Limits()
+    return app, router, where
 
 
 def wait_until_healthy(url: str, proc=None, timeout: float = 120.0) -> bool:

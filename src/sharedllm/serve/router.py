@@ -5,8 +5,8 @@ keyed by the adapter file's sha256 and bounded in bytes. Validation of uploaded 
 (`wire.parse_file`, `check_binding`, `decode_adapter` against the method's layout on this base), plus a size
 limit and the rule that only methods with a per-row kernel (`caps.rows`: norm, LoRA) are served; the kernel packs
 the adapter at upload, so an adapter the server cannot run is refused then, never at request time. The forward passes run on the continuous-batching engine (`scheduler.Engine`):
-fair between users (round-robin admission, scores between decode steps), a per-user cap on queued and running
-requests (`Busy`, HTTP 429), cancellation of abandoned rows and per-row failure isolation.
+fair between users (round-robin admission, scores between decode steps, at most `max_rows_per_user` decode rows
+per user), a per-user cap on queued and running requests (`Busy`, HTTP 429), cancellation of abandoned rows and per-row failure isolation.
 Several server processes may share one store: the cache is keyed by the adapter file's sha256 and every request
 looks up the user's current sha256 in the index, so an upload through one process is used by all at once.
 """
@@ -76,7 +76,7 @@ class Router:
     def __init__(self, base: Base, store: AdapterStore, max_batch: int = 16, cache_bytes: int = 1 << 30,
                  max_adapter_bytes: int | None = None, max_batch_tokens: int = 16384, metrics=None,
                  window_s: float = 0.002, max_queued_per_user: int = 32, decode: str = "lean",
-                 decode_dtype: str = "fp32", prefill_budget: int = 512):
+                 decode_dtype: str = "fp32", prefill_budget: int = 512, max_rows_per_user: int | None = None):
         self.base, self.store = base, store
         self.model = RowModel(base)
         self._layouts: dict = {}  # (method, config) -> its tensors' (name, shape) on this base
@@ -87,7 +87,8 @@ class Router:
         self.metrics = metrics
         self.engine = Engine(self.model, base.tokenizer.decode, getattr(base.tokenizer, "eos_id", None), max_batch,
                              max_batch_tokens, metrics, window_s, max_queued_per_user,
-                             lean_decoder(self.model, decode, decode_dtype), prefill_budget)
+                             lean_decoder(self.model, decode, decode_dtype), prefill_budget,
+                             max_rows_per_user=max_rows_per_user)
 
     def close(self) -> None:
         self.engine.close()
