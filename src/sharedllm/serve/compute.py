@@ -19,6 +19,10 @@ from ..adapters.rows import RowBatch, RowModel, RowState
 class Scored:
     logprob: float  # summed natural-log probability of the scored tokens
     tokens: int
+    # with `top` (score_batch): log p(token_t | tokens_<t) for each scored token t = 1.., and at each of those
+    # positions the k most likely tokens (id, logprob), best first; None when not asked for
+    token_logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -26,6 +30,8 @@ class Generated:
     ids: list[int]
     finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
     text: str | None = None  # the decoded text, cut before a stop string (set by the scheduler)
+    # when asked for (Job.logprobs = k): one `step_logprobs` entry per token in `ids`
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
@@ -34,17 +40,40 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_batch(rgm: RowModel, rows: list[list[int]], gains: list[RowState]) -> list[Scored]:
-    """Summed log p(token_t | tokens_<t) for t >= 1 of each row (the first token is the given context)."""
+def score_batch(rgm: RowModel, rows: list[list[int]], gains: list[RowState],
+                top: list[int | None] | None = None) -> list[Scored]:
+    """Summed log p(token_t | tokens_<t) for t >= 1 of each row (the first token is the given context).
+    `top[b]` = k (0..): row b also gets each token's own logprob and the k most likely tokens at each position
+    (the same float32 log-softmax the sum is taken from, so the sum is unchanged)."""
     ids = _right_pad(rows, 0, rgm.device)
     logits = rgm.forward(ids, gains).logits
     out = []
     for b, row in enumerate(rows):
         n = len(row) - 1
         logp = torch.log_softmax(logits[b, :n].float(), dim=-1)
-        picked = logp.gather(1, ids[b, 1: n + 1, None]).sum().item()
-        out.append(Scored(logprob=picked, tokens=n))
+        each = logp.gather(1, ids[b, 1: n + 1, None])
+        scored = Scored(logprob=each.sum().item(), tokens=n)
+        k = top[b] if top is not None else None
+        if k is not None:
+            scored.token_logprobs = each[:, 0].tolist()
+            scored.top = _top(logp, k)
+        out.append(scored)
     return out
+
+
+def _top(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of `logp` [T, V]: the k most likely (id, logprob), best first."""
+    if k <= 0:
+        return [[] for _ in range(logp.shape[0])]
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+
+
+def step_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its logprob, the k most likely (id, logprob), best first) under log_softmax(logits) in float32: the
+    model's own distribution at this step (the logits the sampler is given, before temperature and top_p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return token, float(logp[token]), _top(logp[None], k)[0]
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
