@@ -32,11 +32,13 @@ def base(request, tiny):
 
 
 def _users(base, tmp_path):
-    """[None (the bare base), a norm user, two LoRA users], each LoRA with non-zero A and B."""
+    """[None (the bare base), a norm user, two LoRA users, an (IA)^3 user], each LoRA with non-zero A and B.
+    A new per-row method adds its row here."""
     norm = load_adapted(base, data=adapter_bytes(base, 1, tmp_path), source="norm")
     loras = [load_adapted(base, data=adapter_bytes(base, s, tmp_path, scale=0.2, method="lora"), source=f"lora{s}")
              for s in (2, 3)]
-    return [None, norm, *loras]
+    ia3 = load_adapted(base, data=adapter_bytes(base, 4, tmp_path, scale=0.3, method="ia3"), source="ia3")
+    return [None, norm, *loras, ia3]
 
 
 def _state(rm, adapted):
@@ -58,12 +60,12 @@ def test_the_lora_kernel_changes_what_it_should(base, tmp_path):
     """The checks below can fail: a LoRA row differs from the base and from the other LoRA user."""
     users = _users(base, tmp_path)
     ids = PROMPTS[0]
-    a, b, c = (_alone_logits(base, u, ids) for u in (None, users[2], users[3]))
-    assert (a - b).abs().max() > 1e-2 and (b - c).abs().max() > 1e-2
+    a, b, c, d = (_alone_logits(base, u, ids) for u in (None, users[2], users[3], users[4]))
+    assert (a - b).abs().max() > 1e-2 and (b - c).abs().max() > 1e-2 and (a - d).abs().max() > 1e-2
 
 
 def test_a_mixed_batch_of_base_norm_and_lora_rows_equals_each_row_alone(base, tmp_path):
-    users = _users(base, tmp_path) * 2  # 8 rows: every kind twice, different prompts
+    users = _users(base, tmp_path) * 2  # every kind twice, different prompts
     rm = RowModel(base)
     rows = [PROMPTS[i % len(PROMPTS)] for i in range(len(users))]
     width = max(map(len, rows))
@@ -76,7 +78,7 @@ def test_a_mixed_batch_of_base_norm_and_lora_rows_equals_each_row_alone(base, tm
 def test_scores_in_a_mixed_batch_equal_each_row_alone(base, tmp_path):
     users = _users(base, tmp_path)
     rm = RowModel(base)
-    mixed = score_batch(rm, PROMPTS[:4], [_state(rm, u) for u in users])
+    mixed = score_batch(rm, PROMPTS[:len(users)], [_state(rm, u) for u in users])
     for u, p, got in zip(users, PROMPTS, mixed):
         logp = torch.log_softmax(_alone_logits(base, u, p)[:-1], -1).gather(1, torch.tensor(p[1:])[:, None]).sum()
         assert abs(got.logprob - logp.item()) / got.tokens < 1e-6
@@ -88,11 +90,11 @@ def test_decode_steps_of_mixed_rows_equal_each_row_alone(base, tmp_path, lean):
     users = _users(base, tmp_path)
     rm = RowModel(base)
     states = [_state(rm, u) for u in users]
-    logits, cache, pads = prefill(rm, PROMPTS[:4], states)
+    logits, cache, pads = prefill(rm, PROMPTS[:len(users)], states)
     dec = LeanDecoder(rm) if lean else None
     kv = dec.new_cache() if lean else BatchCache()
     kv.join(cache, pads)
-    seqs = [list(p) for p in PROMPTS[:4]]
+    seqs = [list(p) for p in PROMPTS[:len(users)]]
     batch = rm.batch(states)
     for _ in range(4):
         toks = logits.argmax(-1).tolist()
@@ -117,15 +119,15 @@ def test_rows_joining_and_leaving_the_engine_keep_their_own_greedy_tokens(base, 
     rm = RowModel(base)
     engine = Engine(rm, str, eos_id=None, max_batch=8, lean="auto" if lean else None)
     try:
-        lengths = [3, 9, 6, 12]
+        lengths = [3, 9, 6, 12, 7]
         first = [engine.submit(Job("generate", PROMPTS[i], _state(rm, u), f"u{i}", lengths[i], 0.0))
                  for i, u in enumerate(users)]
         first[0].result(60)  # row 0 has left; now two more join a running batch
-        late = [engine.submit(Job("generate", PROMPTS[4], _state(rm, users[i]), f"v{i}", 5, 0.0)) for i in (3, 1)]
+        late = [engine.submit(Job("generate", PROMPTS[2], _state(rm, users[i]), f"v{i}", 5, 0.0)) for i in (3, 4, 1)]
         for i, f in enumerate(first):
             assert f.result(60).ids == _greedy_alone(base, users[i], PROMPTS[i], lengths[i]), i
-        for i, f in zip((3, 1), late):
-            assert f.result(60).ids == _greedy_alone(base, users[i], PROMPTS[4], 5), i
+        for i, f in zip((3, 4, 1), late):
+            assert f.result(60).ids == _greedy_alone(base, users[i], PROMPTS[2], 5), i
         assert engine.stats()["largest_batch"] >= 4
     finally:
         engine.close()
@@ -135,14 +137,18 @@ def _tokens(seed, n=3000):
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_each_lora_user_in_a_fleet_equals_that_user_trained_alone(tiny):
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_each_user_in_a_fleet_equals_that_user_trained_alone(tiny, method):
+    from sharedllm.personalise import new_adapter
+
     users = {f"user{i}": _tokens(10 + i) for i in range(3)}
     cfgs = {u: replace(TrainConfig(steps=8, batch=2, seq=32), lr=1e-3 * (i + 1), seed=i) for i, u in enumerate(users)}
-    fleet = train_fleet(tiny, users, cfgs, method="lora")
+    fleet = train_fleet(tiny, users, cfgs, method=method)
     for user, tokens in users.items():
-        alone = personalise(tiny, tokens, "lora", cfgs[user])
-        assert fleet[user].method == "lora" and set(fleet[user].params) == set(alone.params)
-        moved = max(p.abs().max().item() for n, p in alone.params.items() if "lora_B" in n)  # B starts at 0
+        alone = personalise(tiny, tokens, method, cfgs[user])
+        assert fleet[user].method == method and set(fleet[user].params) == set(alone.params)
+        start = new_adapter(tiny, method, seed=cfgs[user].seed).params
+        moved = max((p - start[n]).abs().max().item() for n, p in alone.params.items())
         assert moved > 1e-3, "the adapter must move far more than the tolerance for the test to mean anything"
         diff = max((fleet[user].params[n] - alone.params[n]).abs().max().item() for n in alone.params)
         assert diff < TOL, (user, diff)
@@ -174,12 +180,12 @@ def test_a_later_batch_reuses_a_gone_batchs_gather_buffer_and_never_a_live_one(t
     users = _users(tiny, tmp_path)
     rm = RowModel(tiny)
     states = [_state(rm, u) for u in users]
-    ids = torch.tensor([PROMPTS[0][:6]] * 4)
+    ids = torch.tensor([PROMPTS[0][:6]] * 5)
     with torch.inference_mode():  # as the engine builds them: the gather goes into a reusable buffer
         keep = rm.batch(states)
     assert len(rm.kernels["lora"]._spare) == 0
     before = rm.forward(ids, keep).logits.clone()
-    for order in ([3, 2, 1, 0], [2, 3, 0, 1]) * 3:  # other batches come and go, reusing buffers
+    for order in ([3, 2, 1, 0, 4], [2, 3, 4, 0, 1]) * 3:  # other batches come and go, reusing buffers
         rm.forward(ids, [states[i] for i in order])
         gc.collect()
     assert torch.equal(rm.forward(ids, keep).logits, before)
