@@ -53,22 +53,12 @@ def train_score_save_load_generate(tiny, method, tmp_path):
     loaded.model.generate(toks[None, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 
-PEFT_PENDING = pytest.mark.xfail(strict=True, reason=(
-    "peft reads the deprecated `is_gradient_checkpointing` inside get_peft_model: src/sharedllm/adapters/lora.py "
-    "should build the PeftModel under sharedllm.compat.quiet_peft_checkpointing_probe() (that file is being "
-    "refactored; drop this mark when it does)"))
-
-
-@pytest.mark.parametrize("method", ["norm", pytest.param("lora", marks=PEFT_PENDING), "full", "steer"])
+@pytest.mark.parametrize("method", ["norm", "lora", "ia3", "full", "steer"])
 def test_training_and_generating_raise_no_deprecation(tiny, method, tmp_path):
     found = deprecations_from_sharedllm(lambda: train_score_save_load_generate(tiny, method, tmp_path))
     assert not found, "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/sharedllm/serve/compute.py passes `past_key_values=` (through adapters/rows.py's forward) to the HF "
-    "forward, deprecated for `cache=` in transformers 5.25: pass **sharedllm.compat.cache_kwargs(model, cache) "
-    "(serve/ is being refactored; drop this mark when it does)"))
 def test_a_completion_through_the_server_raises_no_deprecation(tiny, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 

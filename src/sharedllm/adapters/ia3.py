@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
 
@@ -85,7 +86,8 @@ class IA3Method:
         from peft import IA3Config as PeftIA3Config
         from peft import get_peft_model
 
-        return get_peft_model(model, PeftIA3Config(target_modules=list(self.config.targets), feedforward_modules=[]))
+        with quiet_peft_checkpointing_probe():
+            return get_peft_model(model, PeftIA3Config(target_modules=list(self.config.targets), feedforward_modules=[]))
 
     def trainable(self, model) -> dict:
         return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".ia3_l." in n}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
 
@@ -153,7 +154,8 @@ class LoraMethod:
         c = self.config
         peft_cfg = PeftLoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=0.0, target_modules=list(c.targets),
                                   bias="none")
-        return get_peft_model(model, peft_cfg)
+        with quiet_peft_checkpointing_probe():
+            return get_peft_model(model, peft_cfg)
 
     def trainable(self, model) -> dict:
         return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if "lora_" in n}

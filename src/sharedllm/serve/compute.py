@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.rows import RowBatch, RowModel, RowState
+from ..compat import cache_kwargs
 
 
 @dataclass
@@ -117,7 +118,7 @@ def prefill(rgm: RowModel, prompts: list[list[int]], gains: list[RowState]):
     ids, mask = _left_pad(prompts, rgm.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    logits = rgm.forward(ids, gains, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    logits = rgm.forward(ids, gains, attention_mask=mask, position_ids=pos, **cache_kwargs(rgm.model, cache),
                          use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, cache, [ids.shape[1] - len(p) for p in prompts]
 
@@ -127,7 +128,7 @@ def decode_step(rgm: RowModel, kv, tokens: list[int], stacked: RowBatch) -> torc
     """One token for every row of the running batch `kv` (a BatchCache): next-token logits [B, V]."""
     mask, pos = kv.step_inputs(rgm.device)
     step = torch.tensor(tokens, dtype=torch.long, device=rgm.device)[:, None]
-    return rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, past_key_values=kv.cache,
+    return rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, **cache_kwargs(rgm.model, kv.cache),
                        use_cache=True).logits[:, -1]
 
 
@@ -144,7 +145,7 @@ def generate_batch(rgm: RowModel, prompts: list[list[int]], gains: list[RowState
     out = [Generated([], "length") for _ in prompts]
     done = [m <= 0 for m in max_tokens]
     cache = DynamicCache()
-    logits = rgm.forward(ids, stacked, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    logits = rgm.forward(ids, stacked, attention_mask=mask, position_ids=pos, **cache_kwargs(rgm.model, cache),
                          use_cache=True, logits_to_keep=1).logits[:, -1]
     for _ in range(max(max_tokens, default=0)):
         nxt = []
@@ -162,6 +163,6 @@ def generate_batch(rgm: RowModel, prompts: list[list[int]], gains: list[RowState
         mask = torch.cat([mask, mask.new_ones(len(out), 1)], dim=1)
         pos = pos[:, -1:] + 1
         step = torch.tensor(nxt, dtype=torch.long, device=rgm.device)[:, None]
-        logits = rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = rgm.forward(step, stacked, attention_mask=mask, position_ids=pos, **cache_kwargs(rgm.model, cache),
                              use_cache=True).logits[:, -1]
     return out
