@@ -1,6 +1,7 @@
 """Short runs of the two fuzzers (the full 1,000-input runs are in docs/BENCHMARKS.md), and the bound on how much
 a score may depend on which other requests share its batch."""
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,17 @@ def _fuzz(script: str, n: int) -> str:
     return proc.stdout
 
 
+ISSUE_34_KINDS = ("offsets/shape", "metadata shapes", "surrogate", "unknown field", "version")
+
+
 def test_adapter_fuzzer_short_run_finds_nothing():
     table = _fuzz("fuzz_adapters.py", 100)
     assert "| 100 |" in table and "accepted-invalid" in table
+    line = next(x for x in table.splitlines() if x.startswith("by kind: "))
+    kinds = {m[1]: (int(m[2]), int(m[4])) for m in (re.fullmatch(r"(.+) (\d+) \((\d+) valid, (\d+) bad\)", part)
+                                                    for part in line[len("by kind: "):].split("; "))}
+    assert sum(n for n, _ in kinds.values()) == 100 and all(bad == 0 for _, bad in kinds.values())
+    assert all(kinds[k][0] > 0 for k in ISSUE_34_KINDS), kinds  # issue 34's kinds all ran
 
 
 def test_api_fuzzer_short_run_finds_nothing():

@@ -101,7 +101,8 @@ KNOWN_META_FIELDS = frozenset({
 # `version` (__version__ of the writer): digits and dots, an optional short suffix (0.1.0, 1.2.3rc1, 0.2.0+local)
 VERSION_FORM = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}([.+-]?[A-Za-z0-9]{1,16}){0,3}", re.ASCII)
 MAX_VERSION_CHARS = 40
-_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON \uXXXX escapes that pair up decode to one code point
+# a code point in U+D800..U+DFFF is a lone surrogate: json.loads joins a valid pair (\ud83d\ude00) into one
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def plausible_version(v) -> bool:
