@@ -169,21 +169,23 @@ class Router:
     def context_limit(self) -> int:
         return int(getattr(self.base.model.config, "max_position_embeddings", 2048))
 
-    def score(self, ids: list[int], row: RowState, user: str = "", conn=None) -> Future:
-        """`conn`: the client's socket, if known (`hangup.conn_socket`): the engine drops the job if it closes."""
+    def score(self, ids: list[int], row: RowState, user: str = "", conn=None, logprobs: int | None = None) -> Future:
+        """`conn`: the client's socket, if known (`hangup.conn_socket`): the engine drops the job if it closes.
+        `logprobs` = k: also each token's logprob and the k most likely tokens at each position (`Scored`)."""
         if len(ids) < 2:
             raise SharedLLMError("text: nothing to score (need at least one token after the first)")
-        return self.engine.submit(Job("score", ids, row, user, conn=conn))
+        return self.engine.submit(Job("score", ids, row, user, conn=conn, logprobs=logprobs))
 
     def generate(self, ids: list[int], row: RowState, max_tokens: int, temperature: float, seed, *, user: str = "",
-                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None, conn=None) -> Future:
+                 top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None, conn=None,
+                 logprobs: int | None = None, on_logprob=None) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
         return self.engine.submit(Job("generate", ids, row, user, max_tokens, temperature, seed, top_p,
-                                      tuple(stop), on_text, conn))
+                                      tuple(stop), on_text, conn, logprobs=logprobs, on_logprob=on_logprob))
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_bytes": self.cache.nbytes,

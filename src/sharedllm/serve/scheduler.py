@@ -273,6 +273,7 @@ class Engine:
         if not jobs:
             return
         self._batch(len(jobs))
+
         def run(js: list[Job]):  # per-position logprobs only for the jobs that ask (the sums are the same)
             top = [j.logprobs for j in js]
             kw = {"top": top} if any(k is not None for k in top) else {}
