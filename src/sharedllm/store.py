@@ -80,6 +80,10 @@ def store_lock(root):
         os.close(fd)  # releases the lock
 
 
+def new_token() -> str:
+    return "sk-" + secrets.token_urlsafe(32)
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -141,9 +145,10 @@ class AdapterStore:
         return data
 
     # ---- users -------------------------------------------------------------------------------------------
-    def create_user(self, name: str) -> str:
-        """Create a user and return their new bearer token (only its sha256 is stored)."""
-        token = "sk-" + secrets.token_urlsafe(32)
+    def create_user(self, name: str, token: str | None = None) -> str:
+        """Create a user and return their bearer token (only its sha256 is stored): a new one, or `token` (a
+        caller that must record the token durably before the user exists, e.g. `adapt --store`; from `new_token`)."""
+        token = token or new_token()
         with self._lock:
             try:
                 self._db.execute("INSERT INTO users VALUES (?, ?, ?)", (name, token_hash(token), time.time()))

@@ -10,7 +10,7 @@ from ..personalise import evaluate_on, personalise, save_adapted
 from ..snapshot import beside, for_method, run_key
 from ..train import DTYPES, autocast
 from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, load_for_training,
-                   method_config, train_config, train_recipe)
+                   method_config, positive_int, train_config, train_recipe)
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -29,10 +29,51 @@ def configure(p) -> None:
                    help="compute dtype of training and scoring: bf16 runs them under torch.autocast (gains and "
                         "optimizer state stay fp32; recorded in the adapter's metadata); faster on CPUs with AMX")
     add_eval_args(p)
+    add_ray_args(p)
+
+
+def add_ray_args(p) -> None:
+    g = p.add_argument_group("a fleet on a Ray cluster (with --manifest / --text and --out-dir)")
+    g.add_argument("--ray", action="store_true",
+                   help="send the users to Ray as tasks (a local instance sized to this machine, unless "
+                        "--ray-address); users whose adapter exists and verifies are skipped, a failed user is "
+                        "retried and reported, the others go on")
+    g.add_argument("--ray-address", default=None,
+                   help="join an existing cluster instead: auto (the one `ray start` made here) or ray://HOST:10001")
+    g.add_argument("--ray-workers", type=positive_int, default=None,
+                   help="CPUs of the local Ray instance (default: every core of this machine)")
+    g.add_argument("--fleet-size", type=positive_int, default=2,
+                   help="users trained in one pass per task (default 2: the fleet's best measured CPU throughput, "
+                        "docs/BENCHMARKS.md; fewer when the cluster would sit idle)")
+    g.add_argument("--task-cpus", type=positive_int, default=1, help="CPUs (torch threads) per task (default 1)")
+    g.add_argument("--retries", type=int, default=1,
+                   help="further attempts for a user whose task failed or whose worker died (default 1)")
+    g.add_argument("--store", nargs="?", const="", default=None,
+                   help="also put each adapter into this server store (`sharedllm serve --store DIR`; alone: "
+                        "serve's default store for the base), creating missing users")
+    g.add_argument("--tokens", default=None,
+                   help="where the bearer tokens of users created in the store go (default "
+                        "OUT_DIR/store_tokens.jsonl, mode 0600)")
+    g.add_argument("--replace", action="store_true",
+                   help="replace a stored adapter of another base, method or config (default: report the user)")
+    g.add_argument("--json-progress", nargs="?", const="-", default=None, metavar="FILE",
+                   help="one JSON line per event (user done, retried, failed; counts and ETA) on stderr, or "
+                        "appended to FILE")
+
+
+RAY_ONLY = ("ray_workers", "store", "tokens", "json_progress")
 
 
 def run(args) -> dict:
-    if args.manifest or args.out_dir or len(args.text) > 1:
+    ray = getattr(args, "ray", False) or getattr(args, "ray_address", None)
+    given = [k for k in RAY_ONLY if getattr(args, k, None) is not None] + (["replace"] if getattr(
+        args, "replace", False) else [])
+    if given and not ray:
+        raise SharedLLMError(f"--{given[0].replace('_', '-')} is for a fleet on Ray: add --ray (a local instance) "
+                             "or --ray-address")
+    if ray and args.retries < 0:
+        raise SharedLLMError(f"--retries {args.retries}: give 0 or more")
+    if ray or args.manifest or args.out_dir or len(args.text) > 1:
         from .adapt_many import run_many
 
         return run_many(args)
@@ -71,6 +112,10 @@ def run_one(args) -> dict:
 
 
 def render(r: dict) -> str:
+    if "store_writes" in r:
+        from .adapt_ray import render_ray
+
+        return render_ray(r)
     if "users" in r:
         from .adapt_many import render_many
 

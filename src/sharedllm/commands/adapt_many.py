@@ -83,6 +83,16 @@ def _line_manifest(raw: str, path: Path) -> dict:
     return out
 
 
+def read_entries(args) -> dict[str, dict]:
+    """{user: {"text": PATH, "lr"?: X}} from --manifest and every --text."""
+    entries = read_manifest(args.manifest) if args.manifest else {}
+    for user, e in users_from_texts(args.text).items():
+        if user in entries:
+            raise SharedLLMError(f"user {user!r} is both in the manifest and given with --text")
+        entries[user] = e
+    return entries
+
+
 def run_many(args) -> dict:
 
     if args.out or not args.out_dir:
@@ -91,11 +101,11 @@ def run_many(args) -> dict:
         fleet = ", ".join(sorted(n for n, m in METHODS.items() if m.caps.rows is not None))
         raise SharedLLMError(f"several users in one pass train the methods with a per-row kernel ({fleet}), not "
                              f"--method {args.method}; run adapt once per user for it")
-    entries = read_manifest(args.manifest) if args.manifest else {}
-    for user, e in users_from_texts(args.text).items():
-        if user in entries:
-            raise SharedLLMError(f"user {user!r} is both in the manifest and given with --text")
-        entries[user] = e
+    entries = read_entries(args)
+    if getattr(args, "ray", False) or getattr(args, "ray_address", None):
+        from .adapt_ray import run_ray
+
+        return run_ray(args, entries)
     cfg = train_config(args)
     base = load_for_training(args)
     data = {u: load_user(e["text"], base.tokenizer).check(cfg.seq, args.window) for u, e in entries.items()}
