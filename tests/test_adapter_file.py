@@ -267,6 +267,11 @@ def test_every_field_sharedllm_writes_is_known_and_its_files_parse(tiny, tmp_pat
         written |= set(wire.parse_file(data, scheme)[1])
     for dtype in (torch.float32, torch.bfloat16):
         written |= set(wire.read_file(save_adapted(adapted, tmp_path / f"{dtype}.safetensors", tiny, dtype=dtype))[1])
+    from sharedllm.choose import with_choice  # a rank-truncated LoRA (truncated_from), adapt --method auto (choice)
+
+    lora = save_adapted(personalise(tiny, ids, "lora", TrainConfig(steps=1, batch=1, seq=16)), tmp_path / "l", tiny)
+    written |= set(wire.parse_file(encode_adapter(tiny, load_adapted(tiny, lora), "rank2+int4-g32"), "r")[1])
+    written |= set(wire.parse_file(with_choice(lora.read_bytes(), {"chosen": "lora-r4"}), "c")[1])
     assert written == wire.KNOWN_META_FIELDS  # every known field is one sharedllm writes, and only those
 
 

@@ -85,6 +85,10 @@ def value_bound(meta: dict) -> float:
 FLOAT_SCHEMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
 INT8_SCHEMES = ("int8", "int8-channel", "int8-delta")
 CHANNEL_BLOCK = 64  # int8-channel: one scale per block of this many values of a 1-D vector
+# int4 group-wise: scheme -> group size (consecutive values of one tensor sharing one fp16 scale and fp16 offset)
+INT4_GROUPS = {"int4-g32": 32, "int4-g64": 64}
+INT4_SCHEMES = tuple(INT4_GROUPS)
+QUANT_SCHEMES = (*INT8_SCHEMES, *INT4_SCHEMES)
 
 # Every top-level metadata field sharedllm writes into an adapter file; a file with any other is refused.
 KNOWN_META_FIELDS = frozenset({
@@ -97,6 +101,9 @@ KNOWN_META_FIELDS = frozenset({
     # quant: int8-channel's block (adapter_int8.encode), the scheme re-encoded from (compress.encoded), and
     # the policy's decision (sharedllm compress --policy)
     "channel_block", "compressed_from", "policy",
+    # quant/lora_rank.py: the rank and alpha a rank-truncated LoRA came from (sharedllm compress --rank);
+    # choose.py: the per-user format choice, its table and rule (sharedllm adapt --method auto)
+    "truncated_from", "choice",
 })
 # `version` (__version__ of the writer): digits and dots, an optional short suffix (0.1.0, 1.2.3rc1, 0.2.0+local)
 VERSION_FORM = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}([.+-]?[A-Za-z0-9]{1,16}){0,3}", re.ASCII)
@@ -255,8 +262,8 @@ def check_adapter_meta(meta: dict, source: str) -> None:
     _need(meta, "format_version", lambda v: _is_int(v) and v == FORMAT_VERSION, str(FORMAT_VERSION), source)
     _no_unknown_fields(meta, source)
     _need(meta, "method", lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(sorted(METHODS))}", source)
-    _need(meta, "scheme", lambda v: isinstance(v, str) and (v in FLOAT_SCHEMES or v in INT8_SCHEMES),
-          f"one of {', '.join([*FLOAT_SCHEMES, *INT8_SCHEMES])}", source)
+    _need(meta, "scheme", lambda v: isinstance(v, str) and (v in FLOAT_SCHEMES or v in QUANT_SCHEMES),
+          f"one of {', '.join([*FLOAT_SCHEMES, *QUANT_SCHEMES])}", source)
     _need(meta, "params", lambda v: _is_int(v) and 0 < v < 1 << 34, "a positive integer", source)
     for key in ("base_fingerprint", "layout"):
         _need(meta, key, lambda v: isinstance(v, str), "a string", source)
@@ -292,7 +299,10 @@ def segments(shapes: list, scheme: str) -> list[int]:
     segs = []
     for shape in shapes:
         n = math.prod(shape)
-        if scheme != "int8-channel":
+        if scheme in INT4_GROUPS:  # groups of G consecutive values within each tensor (its last one shorter)
+            g = INT4_GROUPS[scheme]
+            segs += [g] * (n // g) + ([n % g] if n % g else [])
+        elif scheme != "int8-channel":
             segs.append(n)
         elif len(shape) >= 2:
             segs += [n // shape[0]] * shape[0]
@@ -319,7 +329,7 @@ def int8_reference(layout, base_state: dict | None, scheme: str) -> torch.Tensor
 def check_int8_scheme(scheme, source: str) -> None:
     if scheme not in INT8_SCHEMES:
         raise SharedLLMError(f"{source}: unknown adapter scheme {scheme!r}; known: float16, float32, "
-                             f"{', '.join(INT8_SCHEMES)}")
+                             f"{', '.join(QUANT_SCHEMES)}")
 
 
 def codes_times_scales(codes: torch.Tensor, scales: torch.Tensor, segs: list[int]) -> torch.Tensor:
@@ -347,11 +357,74 @@ def decode_int8(tensors: dict, meta: dict, layout, base_state: dict | None, sour
     return codes_times_scales(q, scales, segs) + int8_reference(layout, base_state, scheme)
 
 
+# ---- int4 group-wise schemes (int4-g32, int4-g64): the file-format part (the quantiser is quant/adapter_int4.py).
+# `adapter` is U8 [ceil(params / 2)], two codes 0..15 per byte (value 2i in the low nibble, 2i+1 in the high one;
+# an odd count leaves the last high nibble 0); `scales` and `offsets` are F16, one per group (segments): a value is
+# offset + code x scale, asymmetric so that gains near 1.0 (norm, ia3) use all 16 levels, not half of them.
+def check_int4_scheme(scheme, source: str) -> int:
+    """The group size of an int4 scheme; refuses any other scheme."""
+    if scheme not in INT4_GROUPS:
+        raise SharedLLMError(f"{source}: unknown int4 scheme {scheme!r}; known: {', '.join(INT4_SCHEMES)}")
+    return INT4_GROUPS[scheme]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [n] -> U8 [ceil(n / 2)] (low nibble first)."""
+    c = codes.to(torch.uint8).reshape(-1)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_zeros(1)])
+    return c[0::2] | (c[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int, source: str) -> torch.Tensor:
+    """U8 [ceil(n / 2)] -> codes [n] (uint8, 0..15); an odd n's unused last nibble must be 0."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 1) // 2:
+        raise SharedLLMError(f"{source}: int4 'adapter' must be flat uint8 of {(n + 1) // 2} bytes for {n} values, "
+                             f"got {packed.dtype} {list(packed.shape)}")
+    if n % 2 and n and int(packed[-1]) >> 4:
+        raise SharedLLMError(f"{source}: int4 padding nibble (the high half of the last byte) must be 0, got "
+                             f"{int(packed[-1]) >> 4}")
+    return torch.stack([packed & 0x0F, packed >> 4], 1).reshape(-1)[:n]
+
+
+def int4_values(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, segs: list[int],
+                source: str) -> torch.Tensor:
+    """offset + code x scale per group, flat fp32; scales finite and positive, offsets finite, one per group."""
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t.dtype != torch.float16 or t.dim() != 1 or t.numel() != len(segs):
+            raise SharedLLMError(f"{source}: int4 {name!r} must be flat float16 with one value per group "
+                                 f"({len(segs)}), got {t.dtype} {list(t.shape)}")
+    s, o = scales.float(), offsets.float()
+    if not torch.isfinite(s).all() or not (s > 0).all():
+        raise SharedLLMError(f"{source}: int4 scales must be finite and positive")
+    if not torch.isfinite(o).all():
+        raise SharedLLMError(f"{source}: int4 offsets must be finite")
+    codes = unpack_nibbles(packed, sum(segs), source)
+    reps = torch.tensor(segs, dtype=torch.long)
+    return torch.repeat_interleave(o, reps) + codes.float() * torch.repeat_interleave(s, reps)
+
+
+def decode_int4(tensors: dict, meta: dict, layout, source: str) -> torch.Tensor:
+    """An int4 file's tensors -> its flat fp32 adapter on `layout`, refusing anything malformed (for tensors that
+    did not come through parse_file, which checks all of this once)."""
+    scheme = meta.get("scheme")
+    check_int4_scheme(scheme, source)
+    if set(tensors) != {"adapter", "scales", "offsets"}:
+        raise SharedLLMError(f"{source}: scheme {scheme} expects tensors 'adapter', 'scales' and 'offsets', found "
+                             f"{sorted(tensors)}")
+    segs = segments([s for _, s in layout], scheme)
+    return int4_values(tensors["adapter"], tensors["scales"], tensors["offsets"], segs, source)
+
+
 def expected_tensors(meta: dict) -> dict[str, tuple[str, list]]:
     """name -> (safetensors dtype, shape) that an adapter file with this (checked) metadata must hold, in the
-    order of their data (safetensors writes the wider dtype first: an int8 file's scales, then its codes)."""
+    order of their data (safetensors writes the wider dtype first: an int8 file's scales, then its codes; an
+    int4 file's offsets, scales, then its packed codes)."""
     if meta["scheme"] in FLOAT_SCHEMES:
         return {"adapter": (FLOAT_SCHEMES[meta["scheme"]], [meta["params"]])}
+    if meta["scheme"] in INT4_GROUPS:
+        groups = [len(segments(meta["shapes"], meta["scheme"]))]
+        return {"offsets": ("F16", groups), "scales": ("F16", groups), "adapter": ("U8", [(meta["params"] + 1) // 2])}
     return {"scales": ("F32", [len(segments(meta["shapes"], meta["scheme"]))]), "adapter": ("I8", [meta["params"]])}
 
 
@@ -373,10 +446,14 @@ def _check_tensors(header: dict, meta: dict, source: str) -> None:
 
 
 def file_values(tensors: dict, meta: dict, source: str) -> torch.Tensor:
-    """The flat values a checked file itself encodes: its float tensor, or code x scale (int8; int8-delta's base
-    reference is added by decode_adapter). int8 scales must be finite and positive."""
+    """The flat values a checked file itself encodes: its float tensor, code x scale (int8; int8-delta's base
+    reference is added by decode_adapter), or offset + code x scale (int4). Scales must be finite and positive
+    (int4 offsets finite, its padding nibble 0)."""
     if meta["scheme"] in FLOAT_SCHEMES:
         return tensors["adapter"].float()
+    if meta["scheme"] in INT4_GROUPS:
+        return int4_values(tensors["adapter"], tensors["scales"], tensors["offsets"],
+                           segments(meta["shapes"], meta["scheme"]), source)
     scales = tensors["scales"].float()
     if not torch.isfinite(scales).all() or not (scales > 0).all():
         raise SharedLLMError(f"{source}: int8 scales must be finite and positive")
@@ -469,8 +546,12 @@ def decode_adapter(tensors: dict, meta: dict, layout, base_state: dict, source: 
         flat = tensors["adapter"].float()
     else:
         kept = tensors.kept_values() if isinstance(tensors, ParsedTensors) else None
-        flat = (decode_int8(tensors, meta, layout, base_state, source) if kept is None
-                else kept + int8_reference(layout, base_state, scheme))
+        if kept is not None:  # int8_reference: zero for every scheme but int8-delta
+            flat = kept + int8_reference(layout, base_state, scheme)
+        elif scheme in INT4_GROUPS:
+            flat = decode_int4(tensors, meta, layout, source)
+        else:
+            flat = decode_int8(tensors, meta, layout, base_state, source)
     if flat.numel() != meta["params"]:
         raise SharedLLMError(f"{source}: {flat.numel()} values, metadata says {meta['params']}")
     if not torch.isfinite(flat).all():
