@@ -30,6 +30,9 @@ def configure(p) -> None:
                         "optimizer state stay fp32; recorded in the adapter's metadata); faster on CPUs with AMX")
     add_eval_args(p)
     add_ray_args(p)
+    from .adapt_auto import add_auto_args
+
+    add_auto_args(p)
 
 
 def add_ray_args(p) -> None:
@@ -65,6 +68,10 @@ RAY_ONLY = ("ray_workers", "store", "tokens", "json_progress")
 
 
 def run(args) -> dict:
+    from .adapt_auto import auto_requested, run_auto
+
+    if auto_requested(args):  # --method auto: one user, the smallest good format on a dev slice
+        return run_auto(args)
     ray = getattr(args, "ray", False) or getattr(args, "ray_address", None)
     given = [k for k in RAY_ONLY if getattr(args, k, None) is not None] + (["replace"] if getattr(
         args, "replace", False) else [])
@@ -112,6 +119,10 @@ def run_one(args) -> dict:
 
 
 def render(r: dict) -> str:
+    if r.get("method") == "auto":
+        from .adapt_auto import render_auto
+
+        return render_auto(r)
     if "store_writes" in r:
         from .adapt_ray import render_ray
 
