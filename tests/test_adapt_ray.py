@@ -181,6 +181,9 @@ def test_resume_puts_an_adapter_trained_earlier_into_the_store_without_training_
     assert r["stored"] == 1 and r["trained"] == 1 and [u["user"] for u in inline.sent[-1]] == ["u1"]
     assert r["store_writes"] == 2 and r["users_created"] == 2
     check_landed(tmp_path, ["u0", "u1"], tmp_path / "S")
+    monkeypatch.setattr(ray_units, "ray_module", lambda: pytest.fail("Ray was started with nothing to train"))
+    done = run_adapt(tmp_path, "--store", str(tmp_path / "S"))
+    assert done["ok"] and done["skipped"] == 2 and done["store_writes"] == 0
 
 
 def test_a_stored_adapter_of_another_method_is_kept_unless_replace(inline, tmp_path, monkeypatch):

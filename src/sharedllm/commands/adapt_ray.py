@@ -45,7 +45,7 @@ from .. import wire
 from ..adapters import config_to_json, get_method
 from ..atomic import fsync_dir, write_bytes_atomic
 from ..errors import SharedLLMError
-from ..log import say
+from ..log import debug, say
 
 FAULT_ENV = "SHAREDLLM_ADAPT_FAULT"  # test hook: "exit-once|USER|MARKER" (the worker os._exit()s after training
 # USER's task, once) or "raise|USER" (every task holding USER raises); passed in the task spec, not the env
@@ -189,13 +189,15 @@ def run_ray(args, entries: dict) -> dict:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(out_dir / ".adapt.lock", f"--out-dir {out_dir}"))
         store = _open_store(args, stack)
-        ray = ray_units.ray_module()
-        address = args.ray_address if args.ray_address else None
-        started = ray_units.start(None if address in (None, "local") else address, num_cpus=args.ray_workers)
-        if started:
-            stack.callback(ray.shutdown)
-        run = _Run(args, entries, spec, config, store, ray, ray_units.one_line)
-        return run.go()
+
+        def connect():
+            ray = ray_units.ray_module()
+            address = args.ray_address if args.ray_address else None
+            if ray_units.start(None if address in (None, "local") else address, num_cpus=args.ray_workers):
+                stack.callback(ray.shutdown)
+            return ray
+
+        return _Run(args, entries, spec, config, store, connect, ray_units.one_line).go()
 
 
 @contextlib.contextmanager
@@ -227,9 +229,9 @@ def _open_store(args, stack):
 
 
 class _Run:
-    def __init__(self, args, entries, spec, config, store, ray, one_line):
+    def __init__(self, args, entries, spec, config, store, connect, one_line):
         self.args, self.entries, self.spec, self.config, self.store = args, entries, spec, config, store
-        self.ray, self.one_line = ray, one_line
+        self.connect, self.ray, self.one_line = connect, None, one_line
         self.out_dir = Path(args.out_dir)
         self.outcomes: dict[str, _Outcome] = {}
         self.tokens = _Tokens(Path(args.tokens) if args.tokens else self.out_dir / TOKENS_FILE) if store else None
@@ -239,28 +241,42 @@ class _Run:
 
     # ---- plan --------------------------------------------------------------------------------------------
     def go(self) -> dict:
+        """Plan (Ray is started only when the base's fingerprint needs a worker, or a user needs training), then
+        dispatch."""
         start = time.perf_counter()
-        resources = self.ray.cluster_resources()
-        say(f"{len(self.entries)} users, {self.args.method} on {self.args.base}: Ray cluster with "
-            f"{resources.get('CPU', 0):.0f} CPUs; tasks of up to {self.args.fleet_size} users, "
-            f"{self.args.task_cpus} CPU each; writing {self.out_dir}"
+        say(f"{len(self.entries)} users, {self.args.method} on {self.args.base}: writing {self.out_dir}"
             + (f" and the store {self.store.root}" if self.store else ""))
         self.fingerprint = self._fingerprint()
         todo = self._plan()
+        resources = self._ray().cluster_resources() if todo else {}
+        if todo:
+            say(f"Ray cluster with {resources.get('CPU', 0):.0f} CPUs: tasks of up to {self.args.fleet_size} users, "
+                f"{self.args.task_cpus} CPU each")
         self.progress.event("start", to_train=len(todo), skipped=len(self.entries) - len(todo),
-                            cpus=resources.get("CPU", 0), fleet_size=self.args.fleet_size)
+                            cpus=resources.get("CPU"), fleet_size=self.args.fleet_size)
         if todo:
             self._dispatch(todo)
         wall = time.perf_counter() - start
         return self._result(wall)
 
+    def _ray(self):
+        if self.ray is None:
+            self.ray = self.connect()
+        return self.ray
+
     def _fingerprint(self) -> str:
+        """The base's fingerprint without loading it here: recorded for a named base converted on this machine,
+        the tiny test base's own, else from a worker (which keeps the base it loaded for the tasks)."""
         from ..base import peek
 
         known = peek(self.args.base)
         if known:
             return known[1]
-        ref = self.ray.remote(base_fingerprint).options(**self._task_options()).remote(self.spec)
+        if self.args.base == "tiny":
+            from ..base import load_base
+
+            return load_base("tiny").fingerprint
+        ref = self._ray().remote(base_fingerprint).options(**self._task_options()).remote(self.spec)
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
@@ -335,6 +351,15 @@ class _Run:
         pending, retries = deque(todo), deque()  # fresh users; single-user tasks to try again (first)
         flight: dict = {}  # ref -> _Task
         self.progress.clock()
+        try:
+            self._loop(task, options, pending, retries, flight)
+        except BaseException:  # Ctrl-C, or the driver's own failure: what landed is kept, the rest is resumed later
+            for ref in flight:
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref, force=True)
+            raise
+
+    def _loop(self, task, options, pending: deque, retries: deque, flight: dict) -> None:
         while pending or retries or flight:
             slots = self._slots()
             while (pending or retries) and len(flight) < slots:
@@ -524,15 +549,14 @@ class _Progress:
         eta = self.eta()
         state = {"done": done, "failed": self.counts.get("failed", 0), "total": self.total,
                  "in_flight": self.in_flight, "eta_s": None if eta is None else round(eta, 1)}
-        say(self._line(kind, user, info, state))
+        (debug if kind == "skipped" else say)(self._line(kind, user, info, state))  # a rerun of 215,000: one line
         if self._file is not None:
             record = {"event": kind, **({"user": user} if user else {}),
                       "t": round(time.perf_counter() - self.t0, 3), **state, **info}
             self._file.write(json.dumps(record, default=str) + "\n")
             self._file.flush()
 
-    @staticmethod
-    def _line(kind: str, user, info: dict, state: dict) -> str:
+    def _line(self, kind: str, user, info: dict, state: dict) -> str:
         eta = state["eta_s"]
         tail = (f"[{state['done']}/{state['total']} done, {state['failed']} failed, {state['in_flight']} in flight"
                 + (f", ETA {_duration(eta)}" if eta is not None and kind != "end" else "") + "]")
@@ -550,7 +574,9 @@ class _Progress:
         elif kind == "stored":
             what = f"put into the store from {info['where']} (trained earlier)"
         elif kind == "start":
-            return f"{info['to_train']} users to train, {info['skipped']} settled already {tail}"
+            return (f"{info['to_train']} users to train, {info['skipped']} settled already "
+                    f"({self.counts.get('skipped', 0)} done before, {self.counts.get('stored', 0)} put into the store "
+                    f"from files, {self.counts.get('failed', 0)} failed) {tail}")
         else:
             return f"finished: {info['trained']} trained, {info['stored']} stored from files, {info['skipped']} " \
                    f"skipped, {info['failed']} failed in {_duration(info['wall_s'])}"
