@@ -3,6 +3,7 @@ compression scheme on the user's held-out 20 %: file bytes, tensor payload, held
 the bare base; and what `compress --policy` ships under its rule (sharedllm.rule, 2 % of the best).
 
     OMP_NUM_THREADS=1 nice python bench/lora_compress.py [--base default|qwen2.5-coder-0.5b] [--steps 100]
+    python bench/lora_compress.py --merge out/a.json out/b.json [--out merged.json]   # users run in parallel
 
 Adapters are cached under --cache (default out/lora_compress/BASE/USER.safetensors) and reused when they load on
 this base and were trained with the same steps / batch / seq / lr / seed (delete them to retrain). The result is
@@ -63,7 +64,18 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="print the table of these results (users of one base, e.g. run in parallel) and exit")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "users": {u: r for part in parts for u, r in part["users"].items()}}
+        assert all(p["base_fingerprint"] == merged["base_fingerprint"] and p["train"] == merged["train"]
+                   for p in parts), "results of other bases or train configs"
+        if args.out:
+            Path(args.out).write_text(json.dumps(merged, indent=1))
+        print(markdown(merged))
+        return
     base = load_base(args.base)
     lr = args.lr if args.lr is not None else recipe_lr("lora", base.name).lr
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=lr)
