@@ -158,6 +158,26 @@ def test_echo_with_generation_and_the_payload_lm_eval_sends(live, tiny):
                zip(lp["tokens"][len(ctx):-1], lp["token_logprobs"][len(ctx):-1], lp["top_logprobs"][len(ctx):-1]))
 
 
+def test_lm_evals_own_local_completions_client_reads_the_answers(live, tiny):
+    """lm-eval 0.4's `local-completions` payloads and parsers (the `eval` extra; skipped without it)."""
+    api = pytest.importorskip("lm_eval.models.openai_completions")
+    srv, c, toks, models, _ = live
+    try:
+        lm = api.LocalCompletionsAPI(base_url=f"{srv.url}/v1/completions", tokenizer_backend=None, model="tiny")
+    except ModuleNotFoundError as e:  # lm-eval without its `api` extra
+        pytest.skip(str(e))
+    ctx, cont = text_ids(tiny, "the cat sat on"), tiny.tokenizer.encode(" the mat")
+    r = c.post("/v1/completions", json=lm._create_payload([ctx + cont], generate=False), headers=auth(toks["lee"]))
+    ((ll, greedy),) = api.LocalCompletionsAPI.parse_logprobs(r.json(), ctxlens=[len(ctx)])
+    want = per_token(models["lee"], ctx + cont)[len(ctx) - 1:]
+    assert abs(ll - sum(want)) <= TOL * len(want) and isinstance(greedy, bool)
+    gen = lm._create_payload([ctx], generate=True, gen_kwargs={"until": ["\n"], "max_gen_toks": 8}, eos="x")
+    r = c.post("/v1/completions", json=gen, headers=auth(toks["lee"]))
+    (text,) = api.LocalCompletionsAPI.parse_generations(r.json())
+    ours = complete(c, toks, "lee", prompt=ctx, max_tokens=8, temperature=0, stop=["\n", "x"])["choices"][0]["text"]
+    assert text == ours
+
+
 def test_several_prompts_are_several_choices_each_its_own(live):
     _, c, toks, _, _ = live
     prompts = ["the cat", "a dog ran", "then"]
