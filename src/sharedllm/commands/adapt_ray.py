@@ -308,9 +308,8 @@ class _Run:
         """Users to train, in the manifest's order; settles the others (skipped, stored from D, conflicts)."""
         todo = []
         for user in self.entries:
-            local = self._local(user)
             if self.store is None:
-                if local:
+                if self._local(user):
                     self._settle(user, "skipped", where=str(self._path(user)))
                 else:
                     todo.append(user)
@@ -326,6 +325,7 @@ class _Run:
                         self._settle(user, "failed", error=f"has another adapter in the store ({e}); give "
                                                            f"--replace to train and replace it", attempts=0)
                         continue
+            local = self._local(user)  # read only when the store does not settle the user
             if local:
                 self._store(user, *local)
                 self._settle(user, "stored", where=str(self._path(user)))
