@@ -26,8 +26,8 @@ def _trained(tiny, method):
     return personalise(tiny, tokens, method, TrainConfig(steps=3, batch=2, seq=32, lr=1e-2))
 
 
-def test_registry_has_the_four_methods():
-    assert set(CASES) == {"norm", "lora", "full", "steer"}
+def test_registry_has_the_five_methods():
+    assert set(CASES) == {"norm", "lora", "ia3", "full", "steer"}
 
 
 @pytest.mark.parametrize("method", CASES)
