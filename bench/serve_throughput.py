@@ -88,7 +88,9 @@ def main() -> None:
     files = adapter_files(base, N, work / "adapters")
     users = [f"user{i}" for i in range(N)]
     prompts, texts = snippets(N, 120, seed=1), snippets(N, args.score_chars, seed=2)
-    server = ServerProcess(args.base, work / "store", args.port, "--max-batch", str(N), "--batch-window-ms", "50")
+    # --max-rows-per-user N: the `single` condition's one user may fill the batch (the default is half of it)
+    server = ServerProcess(args.base, work / "store", args.port, "--max-batch", str(N), "--batch-window-ms", "50",
+                           "--max-rows-per-user", str(N))
     res = {k: [] for k in ("gen_mixed", "gen_single", "gen_peft", "score_mixed", "score_single", "score_peft")}
     tok = {}
     with server:

@@ -49,8 +49,9 @@ def live(tiny, tmp_path, monkeypatch):
     srv.router.store.close()
 
 
-def connect(live) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", live.port))
+def connect(live, source: str = "127.0.0.1") -> socket.socket:
+    """A connection from `source` (any 127.x.y.z is a loopback address of its own: another client)."""
+    s = socket.create_connection(("127.0.0.1", live.port), source_address=(source, 0))
     s.settimeout(WAIT_S)
     return s
 
@@ -231,9 +232,20 @@ def until_accepted(live):
 
 
 @pytest.mark.parametrize("capped", [(64, 3)], indirect=True)
-def test_the_connection_over_the_per_client_cap_gets_a_json_503(capped):
+def test_the_connection_over_the_per_client_cap_gets_a_json_503(capped, monkeypatch):
     socks = held(capped, 3)
     assert "from your address" in refused(capped)["detail"]
+    other = connect(capped, "127.0.0.2")  # another address is not capped by this one's connections
+    other.sendall(request(b"/health", method=b"GET"))
+    assert other.recv(65536).startswith(b"HTTP/1.1 200")
+    # refusals linger (so that the 503 is read) at most REFUSE_LINGER_PER_CLIENT per address; beyond: cut at once
+    monkeypatch.setattr(protocol, "REFUSE_LINGER_S", WAIT_S)
+    settle(capped, 4)
+    lingering = [connect(capped) for _ in range(protocol.REFUSE_LINGER_PER_CLIENT)]
+    for s in lingering:
+        assert status_and_json(until_answered(s))[0] == 503
+    assert until_closed(connect(capped)) == b""
+    [s.close() for s in lingering + [other]]
     socks.pop().close()
     until_accepted(capped)  # one slot free again
     [s.close() for s in socks]
@@ -248,17 +260,17 @@ def test_the_connection_over_the_total_cap_gets_a_json_503_and_a_flood_beyond_is
     monkeypatch.setattr(protocol, "REFUSE_LINGER_S", WAIT_S)
     settle(capped, 4)  # the refused client above has closed
     slack = Limits(max_connections=4).refuse_slack
-    lingering = [connect(capped) for _ in range(slack)]
+    lingering = [connect(capped, f"127.0.1.{i + 1}") for i in range(slack)]  # each its own address
     for s in lingering:
-        assert status_and_json(until_closed_or_answered(s))[0] == 503
-    assert until_closed(connect(capped)) == b""  # over max + slack: cut
+        assert status_and_json(until_answered(s))[0] == 503
+    assert until_closed(connect(capped, "127.0.2.1")) == b""  # over max + slack: cut
     [s.close() for s in lingering]
     socks.pop().close()
     until_accepted(capped)
     [s.close() for s in socks]
 
 
-def until_closed_or_answered(s: socket.socket) -> bytes:
+def until_answered(s: socket.socket) -> bytes:
     """What the server sent once a whole response is in (a refused connection lingers open after its 503)."""
     out, deadline = b"", time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -326,3 +338,46 @@ def test_serve_with_a_small_open_file_limit_survives_a_flood_of_idle_sockets(tmp
     assert "lowered" in logged
     for bad in ("Too many open files", "out of system resource", "Traceback"):
         assert bad not in logged, logged[-3000:]
+
+
+def test_the_serve_command_takes_the_connection_options_and_refuses_bad_values(capsys):
+    from sharedllm.cli import build_parser
+    from sharedllm.commands.serve import limits
+
+    parser, _ = build_parser()
+    assert limits(parser.parse_args(["serve"])) == Limits()  # the documented defaults
+    args = parser.parse_args(["serve", "--keep-alive-s", "2", "--header-timeout-s", "3", "--body-timeout-s", "4.5",
+                              "--max-connections", "100", "--max-connections-per-client", "0",
+                              "--max-rows-per-user", "4"])
+    assert limits(args) == Limits(2, 3, 4.5, 100, 0) and args.max_rows_per_user == 4
+    for bad in (["--keep-alive-s", "0"], ["--body-timeout-s", "-1"], ["--header-timeout-s", "inf"],
+                ["--max-connections", "0"], ["--max-connections-per-client", "-1"], ["--max-rows-per-user", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *bad])
+        assert bad[0] in capsys.readouterr().err
+
+
+def test_a_refused_client_that_already_reset_is_cut_quietly():
+    """Seen in the idle-socket bench: a refused connection whose client had reset it before the refusal was
+    written (shutdown -> ENOTCONN) logged a traceback from connection_made. Now it is aborted, and not counted."""
+    from collections import Counter
+
+    class Gone:
+        aborted = False
+
+        def write(self, data):
+            pass
+
+        def can_write_eof(self):
+            return True
+
+        def write_eof(self):
+            raise OSError(107, "Transport endpoint is not connected")
+
+        def abort(self):
+            self.aborted = True
+
+    proto = protocol.JsonH11Protocol.__new__(protocol.JsonH11Protocol)
+    proto.limits, proto.lingering, proto.transport, proto.lingers = Limits(), Counter(), Gone(), None
+    proto._refuse(0, "127.0.0.1", "over the cap")
+    assert proto.transport.aborted and proto.refused and not proto.lingering and proto.lingers is None

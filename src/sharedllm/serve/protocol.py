@@ -10,8 +10,8 @@ uvicorn's own keep-alive timer only starts after a first response); a request he
 head, whoever reads it (else a JSON 408 if no response has started, and close; the app sees a disconnect). A
 connection over `max_connections` in this process, or over `max_connections_per_client` from one peer address (0:
 no cap), gets a JSON 503 with Retry-After and is closed (after at most `REFUSE_LINGER_S`, so that a client still
-sending its request reads the 503 instead of a reset); beyond `max_connections` + `refuse_slack` it is closed at
-once. `fit_fd_limit` keeps the caps under the process's open-file limit, so the accept loop never runs out of
+sending its request reads the 503 instead of a reset); beyond `max_connections` + `refuse_slack`, or beyond
+`REFUSE_LINGER_PER_CLIENT` refusals lingering from its address, it is closed at once. `fit_fd_limit` keeps the caps under the process's open-file limit, so the accept loop never runs out of
 descriptors ("Too many open files")."""
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from uvicorn.protocols.utils import get_remote_addr
 
 PROTOCOL = "sharedllm.serve.protocol:JsonH11Protocol"
 REFUSE_LINGER_S = 1.0  # a refused connection stays open this long at most, reading nothing, so its 503 is read
+REFUSE_LINGER_PER_CLIENT = 8  # refused connections lingering per peer address; more are closed at once
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,19 @@ class Limits:
 
     def fds_needed(self) -> int:
         """Descriptors these caps may hold at once: the connections, the refused ones lingering, the accept loop's
-        batch (accepted before any is refused) and the process's own (OWN_FDS)."""
-        return self.max_connections + self.refuse_slack + accept_backlog(self) + OWN_FDS
+        batches (asyncio accepts up to a backlog per loop pass, and a connection is refused two passes later, so
+        up to about three batches are in flight) and the process's own (OWN_FDS)."""
+        return self.max_connections + self.refuse_slack + 3 * accept_backlog(self) + OWN_FDS
 
 
-OWN_FDS = 128  # the server's own descriptors besides connections (measured: about 40 with the tiny base, idle)
+OWN_FDS = 64  # the server's own descriptors besides connections (measured: 10 with the tiny base, idle)
 
 
 def accept_backlog(limits: Limits) -> int:
-    """uvicorn's `backlog`: the listen queue, and the most connections asyncio accepts per loop wake-up."""
-    return min(2048, max(64, limits.max_connections // 2))
+    """uvicorn's `backlog`: the listen queue, and the most connections asyncio accepts per loop wake-up. As long as
+    the cap: a burst of connects waits in the kernel's queue (no descriptor) instead of having its SYNs dropped,
+    which would cost every client caught in it a 1 s (then 3 s, 7 s) retransmission."""
+    return min(2048, max(16, limits.max_connections))
 
 
 def fit_fd_limit(limits: Limits) -> tuple[Limits, str | None]:
@@ -113,8 +117,11 @@ class JsonH11Protocol(H11Protocol):
         self.timeout_keep_alive = self.limits.keep_alive_s  # uvicorn's own timer, after each response
         if not hasattr(server_state, "_sharedllm_peers"):
             server_state._sharedllm_peers = Counter()  # open, accepted connections per peer address
+            server_state._sharedllm_lingering = Counter()  # refused connections still open, per peer address
         self.peers: Counter = server_state._sharedllm_peers
+        self.lingering: Counter = server_state._sharedllm_lingering
         self.peer: str | None = None  # counted in `peers` while open
+        self.lingers: str | None = None  # counted in `lingering` while open
         self.refused = False
         self._head_timer = self._body_timer = self._linger = None
 
@@ -126,10 +133,10 @@ class JsonH11Protocol(H11Protocol):
         host = peer[0] if peer else ""
         lim = self.limits
         if open_now >= lim.max_connections:
-            self._refuse(open_now, f"this server has {open_now} connections open, its limit; retry later")
+            self._refuse(open_now, host, f"this server has {open_now} connections open, its limit; retry later")
         elif lim.max_connections_per_client and self.peers[host] >= lim.max_connections_per_client:
-            self._refuse(open_now, f"{self.peers[host]} connections are open from your address, this server's "
-                                   f"limit per client; reuse a connection or retry later")
+            self._refuse(open_now, host, f"{self.peers[host]} connections are open from your address, this "
+                                         f"server's limit per client; reuse a connection or retry later")
         else:
             self.peer = host
             self.peers[host] += 1
@@ -137,14 +144,21 @@ class JsonH11Protocol(H11Protocol):
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
 
-    def _refuse(self, open_now: int, detail: str) -> None:
+    def _refuse(self, open_now: int, host: str, detail: str) -> None:
         self.refused = True
-        if open_now >= self.limits.max_connections + self.limits.refuse_slack:
+        if (open_now >= self.limits.max_connections + self.limits.refuse_slack
+                or self.lingering[host] >= REFUSE_LINGER_PER_CLIENT):
             self.transport.abort()  # a flood: no descriptor spent on politeness
             return
-        self.transport.write(_json_response(503, b"Service Unavailable", detail, (b"retry-after", b"1")))
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        try:
+            self.transport.write(_json_response(503, b"Service Unavailable", detail, (b"retry-after", b"1")))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except OSError:  # the client has already reset the connection (ENOTCONN): nothing to say
+            self.transport.abort()
+            return
+        self.lingers = host
+        self.lingering[host] += 1
         self._linger = self.loop.call_later(REFUSE_LINGER_S, self.transport.close)
 
     def connection_lost(self, exc) -> None:
@@ -152,11 +166,13 @@ class JsonH11Protocol(H11Protocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = self._linger = None
-        if self.peer is not None:
-            self.peers[self.peer] -= 1
-            if self.peers[self.peer] <= 0:
-                del self.peers[self.peer]
-            self.peer = None
+        for counter, attr in ((self.peers, "peer"), (self.lingering, "lingers")):
+            host = getattr(self, attr)
+            if host is not None:
+                counter[host] -= 1
+                if counter[host] <= 0:
+                    del counter[host]
+                setattr(self, attr, None)
         super().connection_lost(exc)
 
     # ---- requests: head and body deadlines ---------------------------------------------------------------
