@@ -11,13 +11,14 @@
    the ratios. A completion needs a decode row: ann holds at most `--max-rows-per-user` of them (default half of
    `--max-batch`), so bob's is admitted at the next admission instead of waiting for one of her 1,000-token rows
    to end. `--uncapped` runs everything again on a server with `--max-rows-per-user` = `--max-batch` (one user may
-   fill the batch: the behaviour before the cap), with at most 2 victim completions (each waits for a flood row to end).
+   fill the batch: the behaviour before the cap), with at most 2 victim completions (each waits for a flood row
+   to end).
 3. Every flood socket is closed at once; /health is polled until no row is generating: how many decode steps
    ran after the disconnect and how many flood rows were still computing 1 s later.
    Also the server's own count: the most decode steps any row ran after its cancellation (`cancel_lag_steps_max`).
-Targets: victim p99 under flood <= 3x unflooded p99 (scores and completions); flood rows stop within one decode step of their client's
-close (the engine polls every row's socket before each step; see `sharedllm.serve.hangup`). The 32 closes are
-sent one after another, so a step boundary can fall between the first and the last: "steps after disconnect"
+Targets: victim p99 under flood <= 3x unflooded p99 (scores and completions); flood rows stop within one decode
+step of their client's close (the engine polls every row's socket before each step; see `sharedllm.serve.hangup`).
+The 32 closes are sent one after another, so a step boundary can fall between the first and the last: "steps after disconnect"
 counts from the first close to the last row gone, and from the /health read just before the closes, so it also
 counts any step that ran while that read's answer was on its way back (`before_read_s`): an upper bound.
 """
@@ -60,7 +61,8 @@ def p(xs: list[float], q: float) -> float:
     return sorted(xs)[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def completion_latencies(c: httpx.Client, token: str, n: int, max_tokens: int, steps: list | None = None) -> list[float]:
+def completion_latencies(c: httpx.Client, token: str, n: int, max_tokens: int,
+                         steps: list | None = None) -> list[float]:
     """Latencies of n short completions one after another; `steps` gets the decode steps the server ran during each
     (from /health before and after, outside the timed part): what the victim waited in steps, not seconds."""
     out = []

@@ -20,8 +20,8 @@ Per scenario: the normal client's p50/p99 latency alone (before and after, poole
 window starts once a first request after the attacker's initial burst of 1,000 connects is answered: that one
 waits behind the burst, and its time is reported apart), the ratios, how many of its requests got 200 / 503 / a
 transport error, the server's file descriptors idle, at most during the attack and after it, what the attacker
-held, and the CPU seconds per second of the server (alone and attacked) and of the attacker. The loopback /8 lets one machine stand in for many
-client addresses.
+held, and the CPU seconds per second of the server (alone and attacked) and of the attacker. The loopback /8 lets
+one machine stand in for many client addresses.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Request bodies, read defensively: a size limit checked from Content-Length and again while the body streams
 in (before anything is parsed), a read timeout per chunk (a client that declares more than it sends is cut
 off; the whole body's deadline is the protocol's, `protocol.Limits.body_timeout_s`), strict JSON (no NaN/Infinity,
-no duplicate keys, valid UTF-8 with no lone surrogates) and a pydantic model whose errors come back as a 422 that is itself valid JSON (the offending input is never echoed)."""
+no duplicate keys, valid UTF-8 with no lone surrogates) and a pydantic model whose errors come back as a 422 that
+is itself valid JSON (the offending input is never echoed)."""
 from __future__ import annotations
 
 import asyncio

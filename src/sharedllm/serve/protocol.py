@@ -11,8 +11,9 @@ head, whoever reads it (else a JSON 408 if no response has started, and close; t
 connection over `max_connections` in this process, or over `max_connections_per_client` from one peer address (0:
 no cap), gets a JSON 503 with Retry-After and is closed (after at most `REFUSE_LINGER_S`, so that a client still
 sending its request reads the 503 instead of a reset); beyond `max_connections` + `refuse_slack`, or beyond
-`REFUSE_LINGER_PER_CLIENT` refusals lingering from its address, it is closed at once. `fit_fd_limit` keeps the caps under the process's open-file limit, so the accept loop never runs out of
-descriptors ("Too many open files")."""
+`REFUSE_LINGER_PER_CLIENT` refusals lingering from its address, it is closed at once. `fit_fd_limit` keeps the
+caps under the process's open-file limit, so the accept loop never runs out of descriptors ("Too many open
+files")."""
 from __future__ import annotations
 
 import json
