@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sharedllm import wire
-from sharedllm.adapters import METHODS, AdapterMethod, NoConfig, config_from_json, get_method, register
+from sharedllm.adapters import (METHODS, AdapterMethod, Capabilities, NoConfig, config_from_json, get_method,
+                                register)
 from sharedllm.adapters.lora import LoraConfig
 from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
@@ -16,6 +17,7 @@ from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
 class _Fake:
     name = "norm"
+    caps = Capabilities()
 
     def __init__(self, config=NoConfig()):
         self.config = config

@@ -282,6 +282,9 @@ def test_stats_count_a_cancelled_row_once_and_tell_active_from_generating_rows(t
             s = e.stats()
             assert s["active_rows"] - s["generating_rows"] in (0, 1)  # the cancelled row, until it is dropped
         short.result(60)
+        deadline = time.monotonic() + 60  # the finished row leaves the batch right after its result is set
+        while e.stats()["active_rows"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         s = e.stats()
         assert s["cancelled_rows"] == 1 and s["active_rows"] == s["generating_rows"] == 0
         assert metrics.rows_dropped._value.get() == 1
