@@ -272,6 +272,11 @@ def test_every_field_sharedllm_writes_is_known_and_its_files_parse(tiny, tmp_pat
     lora = save_adapted(personalise(tiny, ids, "lora", TrainConfig(steps=1, batch=1, seq=16)), tmp_path / "l", tiny)
     written |= set(wire.parse_file(encode_adapter(tiny, load_adapted(tiny, lora), "rank2+int4-g32"), "r")[1])
     written |= set(wire.parse_file(with_choice(lora.read_bytes(), {"chosen": "lora-r4"}), "c")[1])
+    from sharedllm.quant import lora_joint  # a joint core file (compress --joint: joint)
+
+    one = load_adapted(tiny, lora)
+    _, cores, errors = lora_joint.compress_cohort({"u": one}, 2)
+    written |= set(wire.parse_file(lora_joint.core_bytes(one, cores["u"], "0" * 64, 2, errors["u"]), "j")[1])
     assert written == wire.KNOWN_META_FIELDS  # every known field is one sharedllm writes, and only those
 
 

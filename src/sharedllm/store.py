@@ -4,6 +4,8 @@ Layout under the store folder:
     index.sqlite                  users (name, sha256 of their bearer token) and adapters (user -> file sha256, meta)
     adapters/ab/abcdef....safetensors   the exact bytes each user uploaded, named by their sha256
     admin_token                   generated admin token (mode 0600) when SHAREDLLM_ADMIN_TOKEN is unset
+    shared/<sha256>.safetensors   shared bases of jointly compressed LoRAs (PUT /v1/shared/SHA; quant/lora_joint.py),
+                                  content-addressed, written once, never indexed or swept
 
 Writes go file first (temp, fsync, rename, fsync dir), index second (one SQLite transaction), so an index row
 never names a missing file. Deletes go index first, file second. A crash can therefore leave only a stray temp
@@ -137,6 +139,23 @@ class AdapterStore:
             path = self.path_of(sha)
             path.unlink(missing_ok=True)
             fsync_dir(path.parent)
+
+    @property
+    def shared(self):
+        """The folder of shared-bases files (created by the first put_shared)."""
+        return self.root / "shared"
+
+    def put_shared(self, sha: str, data: bytes) -> Path:
+        """Store a shared-bases file as shared/<sha>.safetensors (the caller has verified sha and content)."""
+        with self._lock, store_lock(self.root):
+            fresh = not self.shared.exists()
+            self.shared.mkdir(mode=0o700, exist_ok=True)
+            if fresh:
+                fsync_dir(self.root)
+            path = self.shared / f"{sha}{SUFFIX}"
+            if not (path.is_file() and path.stat().st_size == len(data)):
+                write_bytes_atomic(path, data)
+            return path
 
     def read(self, sha: str) -> bytes:
         data = self.path_of(sha).read_bytes()

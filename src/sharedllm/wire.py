@@ -104,6 +104,8 @@ KNOWN_META_FIELDS = frozenset({
     # quant/lora_rank.py: the rank and alpha a rank-truncated LoRA came from (sharedllm compress --rank);
     # choose.py: the per-user format choice, its table and rule (sharedllm adapt --method auto)
     "truncated_from", "choice",
+    # quant/lora_joint.py: a core file of a jointly compressed LoRA cohort (sharedllm compress --joint)
+    "joint",
 })
 # `version` (__version__ of the writer): digits and dots, an optional short suffix (0.1.0, 1.2.3rc1, 0.2.0+local)
 VERSION_FORM = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}([.+-]?[A-Za-z0-9]{1,16}){0,3}", re.ASCII)
@@ -277,9 +279,45 @@ def check_adapter_meta(meta: dict, source: str) -> None:
         _need(meta, "channel_block", lambda v: _is_int(v) and v == CHANNEL_BLOCK, str(CHANNEL_BLOCK), source)
     if "method_config" in meta:  # absent in files written before method configs were recorded: the default
         config_from_json(meta["method"], meta["method_config"], source)
+    if "joint" in meta:
+        _check_joint(meta, source)
     if "version" in meta:
         _need(meta, "version", plausible_version, f"a package version like 0.1.0 (digits and dots, at most "
               f"{MAX_VERSION_CHARS} characters)", source)
+
+
+# A joint core file (quant/lora_joint.py): `joint` names the cohort's shared bases by their file's sha256 and
+# records the joint rank K (every tensor of the file is a K x K core), the source LoRA's rank and alpha, and the
+# user's relative error; its method_config is the LoRA it materialises (rank min(K, source rank)).
+MAX_JOINT_RANK = 64
+JOINT_FIELDS = ("shared_sha256", "rank", "source_rank", "source_alpha", "rel_error")
+SHA256_FORM = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_joint(meta: dict, source: str) -> None:
+    j = meta["joint"]
+    if not isinstance(j, dict) or set(j) != set(JOINT_FIELDS):
+        raise SharedLLMError(f"{source}: metadata field 'joint' must be an object with exactly the fields "
+                             f"{', '.join(JOINT_FIELDS)}")
+    checks = {"shared_sha256": (lambda v: isinstance(v, str) and SHA256_FORM.fullmatch(v) is not None,
+                                "a sha256 (64 lowercase hex digits)"),
+              "rank": (lambda v: _is_int(v) and 1 <= v <= MAX_JOINT_RANK, f"an integer in 1..{MAX_JOINT_RANK}"),
+              "source_rank": (lambda v: _is_int(v) and 1 <= v <= 4096, "an integer in 1..4096"),
+              "source_alpha": (lambda v: _is_number(v) and v > 0, "a positive number"),
+              "rel_error": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")}
+    for key, (ok, what) in checks.items():
+        if not ok(j[key]):
+            raise SharedLLMError(f"{source}: metadata field 'joint'/{key!r} must be {what} (got {str(j[key])[:40]!r})")
+    k, cfg = j["rank"], meta.get("method_config")
+    if meta["method"] != "lora" or not isinstance(cfg, dict) or cfg.get("rank") != min(k, j["source_rank"]):
+        raise SharedLLMError(f"{source}: a joint core file must be method 'lora' with a method_config of rank "
+                             f"min(joint rank, source rank) = {min(k, j['source_rank'])}")
+    if any(s != [k, k] for s in meta["shapes"]):
+        raise SharedLLMError(f"{source}: a joint core file of rank {k} holds {k} x {k} cores only (metadata shapes)")
 
 
 def _no_unknown_fields(meta: dict, source: str) -> None:

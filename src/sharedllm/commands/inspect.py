@@ -13,7 +13,7 @@ from .. import wire
 from ..errors import SharedLLMError
 
 HELP = "describe an adapter or base file: kind, method, params, bytes, dtype, fingerprints (INVALID if refused)"
-KINDS = {"sharedllm-adapter": "adapter", "sharedllm-ternary-base": "base"}
+KINDS = {"sharedllm-adapter": "adapter", "sharedllm-ternary-base": "base", "sharedllm-lora-bases": "shared bases"}
 
 
 def configure(p) -> None:
@@ -42,16 +42,25 @@ def run(args) -> dict:
             wire.parse_file(data, str(path))
             if args.base:
                 _against_base(args, data, str(path))
+        if out["kind"] == "shared bases":  # compress --joint's shared file: strict parse (binding with --base)
+            from ..quant import lora_joint
+
+            lora_joint.parse_shared(data, str(path), _base(args).fingerprint if args.base else None)
     except SharedLLMError as e:
         return {**_salvage(data), **out, "ok": False, "invalid": str(e)}
     return {**out, "ok": True}
 
 
-def _against_base(args, data: bytes, source: str) -> None:
+def _base(args):
     from ..base import load_base
+
+    return load_base(args.base, args.device)
+
+
+def _against_base(args, data: bytes, source: str) -> None:
     from ..personalise import load_adapted
 
-    load_adapted(load_base(args.base, args.device), data=data, source=source)
+    load_adapted(_base(args), data=data, source=source, shared_dirs=[Path(source).parent])
 
 
 def _salvage(data: bytes) -> dict:
@@ -67,7 +76,7 @@ def _salvage(data: bytes) -> dict:
 
 
 def render(r: dict) -> str:
-    keys = ["kind", "method", "method_config", "scheme", "params", "bytes", "dtype", "compute_dtype", "bits_per_weight",
+    keys = ["kind", "method", "method_config", "scheme", "joint", "rank", "users", "params", "bytes", "dtype", "compute_dtype", "bits_per_weight",
             "fingerprint", "base_fingerprint", "source_fingerprint"]
     lines = [f"{k:18s} {r[k]}" for k in keys if k in r and r[k] is not None]
     if not r["ok"]:

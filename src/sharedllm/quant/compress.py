@@ -13,7 +13,7 @@ from ..errors import SharedLLMError
 from ..personalise import Adapted, evaluate_on, load_adapted
 from . import adapter_int4, adapter_int8, lora_rank, policy
 
-DROPPED_ON_REENCODE = ("scheme", "channel_block", "policy")  # metadata that describes the old encoding
+DROPPED_ON_REENCODE = ("scheme", "channel_block", "policy", "joint")  # metadata that describes the old encoding
 SCHEMES = (policy.RAW, *adapter_int8.SCHEMES, *adapter_int4.SCHEMES)
 POLICY_RANK_SCHEMES = (policy.RAW, "int4-g64")  # what a rank-truncated candidate of the policy is written as
 

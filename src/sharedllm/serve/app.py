@@ -200,6 +200,19 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
             raise _http(e) from None
         return rec.to_json()
 
+    @app.put("/v1/shared/{sha256}", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def put_shared(sha256: str, request: Request) -> dict:
+        """Admin: the shared bases of jointly compressed LoRAs (`compress --joint`), named by their sha256; users'
+        core files naming them can be uploaded after."""
+        if principal(request) != ADMIN:
+            raise HTTPException(403, "only the admin token can store shared bases")
+        data = await read_body(request, router.max_shared_bytes, "shared bases upload", read_timeout_s)
+        try:
+            return await run_in_threadpool(router.put_shared, sha256, data)
+        except SharedLLMError as e:
+            raise _http(e) from None
+
     @app.get("/v1/users/{user}/adapter")
     def get_adapter(user: str, request: Request) -> dict:
         owner(request, user)
