@@ -24,6 +24,7 @@ from ..adapters.rows import RowModel, RowState
 from ..arch import Base
 from ..errors import SharedLLMError
 from ..log import say
+from ..quant import lora_joint
 from ..store import AdapterStore
 from .fastdecode import LeanDecoder, unsupported
 from .scheduler import Busy, Engine, Job  # noqa: F401  (Busy: re-exported for the app)
@@ -81,6 +82,7 @@ class Router:
         self.model = RowModel(base)
         self._layouts: dict = {}  # (method, config) -> its tensors' (name, shape) on this base
         self.max_adapter_bytes = max_adapter_bytes or _largest_adapter_bytes(self.model)
+        self.max_shared_bytes = lora_joint.max_shared_bytes(self.model.linear_shapes)
         self.cache = LRU(cache_bytes)
         self._base_state = dict(base.model.named_parameters())
         self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
@@ -105,7 +107,8 @@ class Router:
             raise SharedLLMError(f"{source}: method {method.name!r} is refused; this server serves the methods "
                                  f"that can share a batch row by row: {served}")
         wire.check_binding(meta, self.base.fingerprint, source)
-        named = wire.decode_adapter(tensors, meta, self.layout(method), self._base_state, source)
+        named = lora_joint.decode(tensors, meta, self.layout(method), self._base_state, source, [self.store.shared],
+                                  self.base.fingerprint)  # a joint core file: its LoRA, from the stored bases
         try:
             row = self.model.row(named, method.name, method.config)
         except SharedLLMError as e:
@@ -124,6 +127,15 @@ class Router:
         rec = self.store.put(user, data, meta)
         self.cache.put(rec.sha256, _with_sha(row, rec.sha256))
         return rec
+
+    def put_shared(self, sha256: str, data: bytes) -> dict:
+        """Store the shared bases of jointly compressed LoRAs (their core files are then uploaded as adapters)."""
+        source = f"shared bases {sha256[:16]}"
+        if len(data) > self.max_shared_bytes:
+            raise TooLarge(f"{source}: {len(data)} bytes is over this server's limit of {self.max_shared_bytes}")
+        shared = lora_joint.check_upload(data, sha256, self.base.fingerprint, source)
+        self.store.put_shared(sha256, data)
+        return {"sha256": sha256, "bytes": len(data), "rank": shared.rank, "sites": len(shared.sites)}
 
     def file_meta(self, sha256: str) -> dict:
         """The full metadata in a stored adapter's header (the index keeps only a few fields per row)."""
