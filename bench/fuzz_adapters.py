@@ -17,6 +17,9 @@ edits, dtype relabelling, special payload values, odd __metadata__, odd header k
 mismatches (a tensor longer or shorter than its shape or than the metadata, offsets swapped or moved between
 tensors), metadata shapes that move tensor boundaries, lone surrogates anywhere in the metadata or the header
 (keys or values, nested), unknown top-level fields, versions (valid, invalid, absent).
+
+Seeds also include joint core files (`compress --joint`, issue 32 item 2) with their shared files beside the mutants:
+a mutant core file must be refused, or load as its materialised LoRA and pass the same oracle.
 """
 from __future__ import annotations
 
@@ -261,16 +264,17 @@ def meta_wrong(data: bytes, original: bytes) -> bool:
             or (m["shapes"], m["params"]) != (o["shapes"], o["params"]))
 
 
-def wrongly_accepted(base, data: bytes, original: bytes, payload_edit: bool) -> bool:
+def wrongly_accepted(base, data: bytes, original: bytes, payload_edit: bool, shared_dirs=()) -> bool:
     """An oracle independent of the parser: a mutant that loads must hold the original's tensor dtypes, finite
     values within +-MAX_GAIN, (unless only its payload was edited) exactly the original's values, and metadata
     that passes `meta_wrong`."""
-    got = flat_of(load_adapted(base, data=data, source="mutant"))
+    got = flat_of(load_adapted(base, data=data, source="mutant", shared_dirs=shared_dirs))
     if dtypes(data) != dtypes(original) or not torch.isfinite(got).all() or got.abs().max() > wire.MAX_GAIN:
         return True
     if meta_wrong(data, original):
         return True
-    return not payload_edit and not torch.equal(got, flat_of(load_adapted(base, data=original, source="seed")))
+    seed = load_adapted(base, data=original, source="seed", shared_dirs=shared_dirs)
+    return not payload_edit and not torch.equal(got, flat_of(seed))
 
 
 def printable(text: str) -> bool:
@@ -287,7 +291,7 @@ def judge(base, path: Path, text: Path) -> dict:
     the server would answer it with a 500)."""
     out = {}
     try:
-        load_adapted(base, data=path.read_bytes(), source=str(path))
+        load_adapted(base, data=path.read_bytes(), source=str(path), shared_dirs=[path.parent])
         out["load"] = "ok"
     except SharedLLMError as e:
         out["load"] = "refused" if printable(str(e)) else f"crash unprintable refusal {ascii(str(e))[:100]}"
@@ -332,6 +336,29 @@ def seeds(base, tmp: Path) -> list[bytes]:
     return files
 
 
+def joint_seeds(base, tmp: Path) -> list[bytes]:
+    """Joint core files (`compress --joint` of three LoRAs at joint rank 4 and 8); their shared files stay in `tmp`,
+    beside the mutants, where loading (and inspect, and eval) looks for them."""
+    from sharedllm.quant import lora_joint
+
+    src = tmp / "cohort"
+    src.mkdir()
+    for i in range(3):
+        a = new_adapter(base, "lora")
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in a.params.values():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        save_adapted(a, src / f"u{i}.safetensors", base, info={"user_text": f"u{i}.txt"})
+    files = []
+    for k in (4, 8):
+        lora_joint.compress_dir(base, src, tmp / f"joint{k}", k)
+        for f in (tmp / f"joint{k}").glob("shared-*.safetensors"):
+            (tmp / f.name).write_bytes(f.read_bytes())
+        files.append((tmp / f"joint{k}" / "u0.safetensors").read_bytes())
+    return files
+
+
 def run(n: int, seed: int) -> dict:
     base = load_base("tiny")
     rng = random.Random(seed)
@@ -341,7 +368,7 @@ def run(n: int, seed: int) -> dict:
         tmp = Path(d)
         text = tmp / "user.txt"
         text.write_text("the cat sat on the mat and ran away from the dog. " * 40)
-        good = seeds(base, tmp)
+        good = seeds(base, tmp) + joint_seeds(base, tmp)
         for i in range(n):
             original, kind = rng.choice(good), rng.randrange(len(KINDS))
             data, payload_edit = mutate(rng, original, kind)
@@ -354,7 +381,7 @@ def run(n: int, seed: int) -> dict:
             counts["tracebacks"] += r["inspect_tb"] or r["eval_tb"]
             loads = r["load"] == "ok"
             disagree = loads != (r["eval"] == 0) or loads != (r["inspect"] == 0)
-            bad = disagree or (loads and wrongly_accepted(base, data, original, payload_edit))
+            bad = disagree or (loads and wrongly_accepted(base, data, original, payload_edit, [tmp]))
             counts["accepted-invalid"] += bad
             counts["valid mutants" if loads else "refused"] += 1
             row = by_kind[KINDS[kind]]
