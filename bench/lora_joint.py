@@ -33,6 +33,9 @@ from sharedllm.recipes import recipe_lr  # noqa: E402
 from sharedllm.train import TrainConfig  # noqa: E402
 
 USERS_215K = 215_000
+# a second user of each genre (trained on first use, cached beside lora_compress.py's): --users with all six
+USERS = {**USERS, "programmer2": "programmer/flask.txt", "novelist2": "novelist/shelley_frankenstein.txt",
+         "scientist2": "scientist/arxiv_cond_mat.txt"}
 
 
 def margins(ppl: dict) -> dict:
@@ -51,7 +54,7 @@ def confusion(base, models: dict, heldout: dict, window: int, tokens: int) -> di
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="default")
-    ap.add_argument("--users", default=",".join(USERS))
+    ap.add_argument("--users", default="programmer,novelist,scientist")
     ap.add_argument("--ranks", default="4,8,12")
     ap.add_argument("--iters", type=int, default=2, help="alternating steps whose error is also reported")
     ap.add_argument("--steps", type=int, default=100)
