@@ -312,11 +312,12 @@ def judge(base, path: Path, text: Path) -> dict:
 
 
 SEEDS = [("norm", "raw"), ("norm", "int8"), ("norm", "int8-channel"), ("norm", "int8-delta"), ("lora", "raw"),
-         ("lora", "int8-channel")]
+         ("lora", "int8-channel"), ("lora", "int4-g32"), ("ia3", "raw"), ("ia3", "int8-channel")]
 
 
 def seeds(base, tmp: Path) -> list[bytes]:
-    """Valid files of every scheme (norm, and LoRA raw and int8-channel), with the metadata training writes."""
+    """Valid files of every scheme (norm; LoRA raw, int8-channel and int4-g32; (IA)^3 raw and int8-channel),
+    with the metadata training writes."""
     files = []
     for i, (method, scheme) in enumerate(SEEDS):
         a = new_adapter(base, method)

@@ -34,6 +34,19 @@ NUMBERS = [0, -1, 1, 2 ** 31, 2 ** 63, 2 ** 64, -(2 ** 64), 10 ** 400, 1e308, -1
            None, [], {}]
 STRINGS = ["", "a", "\ud800", "x\udfff", "\x00", "é" * 3000, "../../etc/passwd", "ann", "bob", "a" * 70000,
            "\u202e", "ann\n", 5, None]
+TINY = [1e-300, 1e-46, 5e-324, 1 - 1e-17, False]  # floats that round to 0 or 1 in float32, and a boolean
+MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "system"}], [{"role": "robot", "content": "x"}],
+            [{"role": "user", "content": ["a"]}], [{"role": "user", "content": "\ud800"}] * 3, [], [None]]
+# protocol-level requests uvicorn's parser (or the app's front layer) must answer with a JSON 4xx
+RAW = [b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+       b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+       b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n",
+       b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+       b"GET /v1/completions/ HTTP/1.1\r\nHost: x\r\n\r\n",
+       b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+       b"BREW /v1/score HTTP/1.1\r\nHost: x\r\n\r\n",
+       b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+       b"POST /v1/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"]
 NAMES = ["ann\n", "../x", "..", ".", "a/b", "%2e%2e", "a" * 65, "", " ", "ann ", "é", "\x00", "x\ud800", "ok_1",
          "a@b.c", 5, None, ["x"]]
 
@@ -49,16 +62,21 @@ def hostile_body(rng) -> tuple[bytes, bool]:
         return rng.choice([b"", b"{", b"[]", b"null", b"NaN", b'{"text": NaN}', b'{"prompt": Infinity}',
                            b'{"text": "a", "text": "b"}', b"\xff\xfe{}", b"[" * 10000, b'{"text": "\\ud800"}',
                            bytes(rng.randrange(256) for _ in range(40))]), False
-    body = {rng.choice(["text", "prompt"]): rng.choice(STRINGS)}
+    field = rng.choice(["text", "prompt", "messages"])
+    body = {field: rng.choice(STRINGS + (MESSAGES if field == "messages" else []))}
     for _ in range(rng.randrange(4)):
-        key = rng.choice(["max_tokens", "temperature", "top_p", "seed", "user", "adapter", "model", "extra"])
-        body[key] = rng.choice(NUMBERS + STRINGS)
+        key = rng.choice(["max_tokens", "temperature", "top_p", "seed", "user", "adapter", "model", "extra",
+                          "stream", "n", "stop", "logprobs", "echo", "ignore_eos", "stream_options"])
+        body[key] = rng.choice(NUMBERS + STRINGS + TINY + [[], ["a"] * 9, {"include_usage": "yes"}])
     return _dump(body), True
 
 
 def valid_body(rng, path: str) -> bytes:
     if path.endswith("score"):
         return _dump({"text": rng.choice(["the cat sat", "a b c d", "hello world"]), "adapter": "user"})
+    if path.endswith("chat/completions"):
+        return _dump({"messages": [{"role": "user", "content": "hi"}], "max_tokens": rng.randint(1, 4),
+                      "temperature": rng.choice([0, 0.7]), "ignore_eos": rng.choice([True, False])})
     return _dump({"prompt": "the", "max_tokens": rng.randint(1, 4), "temperature": rng.choice([0, 0.7]),
                   "seed": rng.randrange(2 ** 64), "top_p": rng.choice([1.0, 0.9])})
 
@@ -81,9 +99,11 @@ class Fuzzer:
         rng = self.rng
         who = rng.choice(["ann", "bob", "cy", None, "forged", "admin"])
         token = {"forged": "sk-" + "A" * 43, "admin": ADMIN, None: None}.get(who, self.tok.get(who))
-        k = rng.randrange(5)
+        k = rng.randrange(6)
+        if k == 5:  # protocol-level: duplicate / negative / non-numeric lengths, NUL in a header, odd methods
+            return "RAW", "(raw)", {}, rng.choice(RAW), "4xx", False
         if k == 0:  # model endpoints with hostile bodies
-            path = rng.choice(["/v1/score", "/v1/completions"])
+            path = rng.choice(["/v1/score", "/v1/completions", "/v1/chat/completions"])
             body, maybe = hostile_body(rng) if rng.random() < 0.8 else (valid_body(rng, path), True)
             ok_caller = who in ("ann", "bob", "cy")
             return "POST", path, self._auth(token), body, ("any" if maybe and ok_caller else "4xx"), False
@@ -116,6 +136,8 @@ class Fuzzer:
 
     def send(self, method, path, headers, body):
         try:
+            if method == "RAW":
+                return self._raw_bytes(body)
             if "content-length" in headers:  # a lying Content-Length needs a raw request
                 return self._raw(method, path, headers, body)
             r = self.c.request(method, path, headers=headers, content=body)
@@ -124,13 +146,17 @@ class Fuzzer:
             return 0, f"client error {type(e).__name__}"
 
     def _raw(self, method, path, headers, body):
-        import socket
-
         host, port = self.c.base_url.host, self.c.base_url.port
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
+        return self._raw_bytes(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def _raw_bytes(self, request: bytes):
+        import socket
+
+        host, port = self.c.base_url.host, self.c.base_url.port
         with socket.create_connection((host, port), timeout=60) as s:
-            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            s.sendall(request)
             got = b""
             while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < _length(got):
                 chunk = s.recv(65536)

@@ -290,3 +290,20 @@ def test_stats_count_a_cancelled_row_once_and_tell_active_from_generating_rows(t
         assert metrics.rows_dropped._value.get() == 1
     finally:
         e.close()
+
+
+def test_ignore_eos_keeps_a_row_generating_past_the_end_of_text_token(tiny, users):
+    """vLLM's `ignore_eos`: a row whose greedy continuation emits the end-of-text token stops there by default and
+    runs on to max_tokens with ignore_eos (its tokens then equal the unstopped continuation alone)."""
+    want = alone(users[0], PROMPTS[0], 6)
+    e = Engine(RowModel(tiny), tiny.tokenizer.decode, eos_id=want[2], max_batch=8)  # the 3rd greedy token ends it
+    try:
+        stopped, kept = gen(e, users[0], PROMPTS[0], 6, "u0"), gen(e, users[0], PROMPTS[0], 6, "u0", ignore_eos=True)
+        for j in (stopped, kept):
+            e.submit(j)
+        a, b = stopped.future.result(timeout=120), kept.future.result(timeout=120)
+    finally:
+        e.close()
+    first = want.index(want[2])  # where that token first appears
+    assert (a.ids, a.finish_reason) == (want[:first + 1], "stop")
+    assert (b.ids, b.finish_reason) == (want, "length")

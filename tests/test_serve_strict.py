@@ -61,7 +61,7 @@ def test_extreme_sampling_answers_200_through_the_server(server, two_users, stre
 WRONG_TYPES = [("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 5.0), ("temperature", "0.5"),
                ("temperature", True), ("seed", "12"), ("seed", 3.0), ("seed", True), ("stream", "false"),
                ("stream", 0), ("stream", "no"), ("n", True), ("top_p", "1"), ("top_p", False), ("n", 1.0),
-               ("stream_options", {"include_usage": 1})]
+               ("stream_options", {"include_usage": 1}), ("ignore_eos", "true"), ("ignore_eos", 1)]
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -77,7 +77,7 @@ def test_a_wrong_typed_field_is_a_422_naming_it(server, two_users, path, field, 
 
 @pytest.mark.parametrize("field, value", [("temperature", 1), ("temperature", 0), ("top_p", 1), ("max_tokens", 2),
                                           ("seed", 5), ("stream", False), ("n", 1),
-                                          ("stream_options", {"include_usage": True})])
+                                          ("stream_options", {"include_usage": True}), ("ignore_eos", True)])
 def test_the_right_types_are_still_accepted(server, two_users, field, value):
     toks, _ = two_users
     body = {"prompt": "the", "max_tokens": 2, field: value}

@@ -1,4 +1,5 @@
 """Several real server processes on one store: an upload through one is served by the other at once."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -84,3 +85,58 @@ def test_serve_workers_n_starts_n_processes_on_one_port(tiny, tmp_path):
         finally:
             stop(proc)
     assert open(tmp_path / "w.log").read().count("Started server process") == 2
+
+
+RACE_REPLACES = 1000
+
+
+def test_two_workers_race_replace_against_reads(tiny, tmp_path):
+    """Issue 34: with `--workers 2` on one store, the owner replaces their adapter 1,000 times (a LoRA and a norm
+    file, alternating) while the owner and the admin read it back: every read is a 200 with exactly one of the two
+    files (never a half-replaced one) or a 404, and no request anywhere is a 5xx."""
+    import threading
+
+    store = tmp_path / "store"
+    files = [adapter_bytes(tiny, 4, tmp_path, method="lora"), adapter_bytes(tiny, 5, tmp_path)]
+    records = {hashlib.sha256(f).hexdigest(): (len(f), m) for f, m in zip(files, ("lora", "norm"))}
+    statuses, bad = {}, []
+    lock = threading.Lock()
+
+    def note(r, what):
+        with lock:
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code >= 500 or (what == "get" and r.status_code == 200 and not whole(r.json())):
+                bad.append((what, r.status_code, r.content[:200]))
+
+    def whole(rec):  # the record of one of the two files, all of it (sha256, size and method agree)
+        return records.get(rec.get("sha256")) == (rec.get("bytes"), rec.get("method"))
+
+    with open(tmp_path / "w.log", "w") as log:
+        proc, url = serve(store, log, "--workers", "2")
+        try:
+            token = httpx.post(f"{url}/v1/users", json={"user": "ann"}, headers=auth(ADMIN)).json()["token"]
+            done = threading.Event()
+
+            def writer():
+                with httpx.Client(timeout=60) as c:
+                    for i in range(RACE_REPLACES):
+                        note(c.put(f"{url}/v1/users/ann/adapter", content=files[i % 2], headers=auth(token)), "put")
+                done.set()
+
+            def reader(who):
+                with httpx.Client(timeout=60) as c:
+                    while not done.is_set():
+                        note(c.get(f"{url}/v1/users/ann/adapter", headers=auth(who)), "get")
+
+            threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(t,))
+                                                            for t in (token, ADMIN)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            stop(proc)
+    assert bad == []
+    assert statuses.get(200, 0) >= RACE_REPLACES + 2  # every replace acknowledged, and reads happened
+    assert set(statuses) <= {200, 404}, statuses
+    assert "Traceback" not in open(tmp_path / "w.log").read()

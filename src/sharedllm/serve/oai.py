@@ -47,6 +47,8 @@ class Sampling(BaseModel):
     user: str | None = Field(None, max_length=64, description="if given, must be the authenticated user")
     model: str | None = Field(None, max_length=256)
     adapter: Literal["user", "none"] = Field("user", description='"none" = the bare base, explicitly')
+    ignore_eos: StrictBool = Field(False, description="vLLM's extension: keep generating past the end-of-text token "
+                                                      "until max_tokens or a stop string (benchmarks)")
 
     @field_validator("stop")
     @classmethod
@@ -215,8 +217,8 @@ class Call:
             if self.max_tokens > 0:
                 self.gen = self.router.generate(self.ids, self.gains, self.max_tokens, b.temperature, b.seed,
                                                 user=self.who, top_p=b.top_p, stop=tuple(b.stop or ()),
-                                                on_text=on_text, conn=self.conn, logprobs=self.k,
-                                                on_logprob=on_logprob)
+                                                ignore_eos=b.ignore_eos, on_text=on_text, conn=self.conn,
+                                                logprobs=self.k, on_logprob=on_logprob)
                 futs.append(self.gen)
         except BaseException:
             for f in futs:

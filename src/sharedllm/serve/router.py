@@ -190,14 +190,15 @@ class Router:
 
     def generate(self, ids: list[int], row: RowState, max_tokens: int, temperature: float, seed, *, user: str = "",
                  top_p: float = 1.0, stop: tuple[str, ...] = (), on_text=None, conn=None,
-                 logprobs: int | None = None, on_logprob=None) -> Future:
+                 logprobs: int | None = None, on_logprob=None, ignore_eos: bool = False) -> Future:
         if len(ids) + max_tokens > self.context_limit():
             raise SharedLLMError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens is over the model's "
                                  f"context of {self.context_limit()}")
         if not ids:
             raise SharedLLMError("prompt: empty prompt on a tokenizer without a BOS token")
         return self.engine.submit(Job("generate", ids, row, user, max_tokens, temperature, seed, top_p,
-                                      tuple(stop), on_text, conn, logprobs=logprobs, on_logprob=on_logprob))
+                                      tuple(stop), on_text, conn, logprobs=logprobs, on_logprob=on_logprob,
+                                      ignore_eos=ignore_eos))
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "cache_entries": len(self.cache), "cache_bytes": self.cache.nbytes,

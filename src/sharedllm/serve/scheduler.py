@@ -67,6 +67,7 @@ class Job:
     # through `on_logprob` (engine thread, before the text that token completes); None: none of that
     logprobs: int | None = None
     on_logprob: Callable[[tuple], None] | None = None
+    ignore_eos: bool = False  # the end-of-text token does not end the row (it is decoded like any other)
 
 
 @dataclass
@@ -351,7 +352,7 @@ class Engine:
         now = time.monotonic()
         (self.metrics.first_token if len(row.ids) == 1 else self.metrics.next_token)(now - row.t_last)
         row.t_last = now
-        if self.eos_id is not None and tok == self.eos_id:
+        if self.eos_id is not None and tok == self.eos_id and not job.ignore_eos:
             piece, done = row.tail.finish(), True
             row.finish = "stop"
         else:
