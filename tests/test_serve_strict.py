@@ -263,3 +263,13 @@ def test_a_malformed_chunk_after_the_app_started_is_a_json_400_and_no_traceback(
     assert watched.done.wait(60), "the app never finished the request"
     watched.stop()
     assert not watched.tracebacks(), watched.tracebacks()
+
+
+def test_transfer_encoding_with_content_length_is_a_json_400_and_a_close(watched):
+    """Both framings at once (a request-smuggling shape, RFC 9112 6.1): refused, and the connection closed (a
+    pipelined request behind it is never answered), not served by Transfer-Encoding's framing."""
+    first = b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
+    raw = _send(watched.live.port, first + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert "Transfer-Encoding" in _json_400(raw)["detail"]
+    assert b"connection: close" in raw.lower()

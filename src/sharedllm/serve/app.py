@@ -112,6 +112,10 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http":
+                names = {k for k, _ in scope["headers"]}
+                if b"transfer-encoding" in names and b"content-length" in names:  # a smuggling shape (RFC 9112 6.1)
+                    return await JSONResponse({"detail": "request has both Transfer-Encoding and Content-Length"},
+                                              status_code=400, headers={"Connection": "close"})(scope, receive, send)
                 scope[CONN] = conn_socket(receive)
             await self.app(scope, receive, send)
 
