@@ -27,7 +27,7 @@ def _trained(tiny, method):
 
 
 def test_registry_has_the_five_methods():
-    assert set(CASES) == {"norm", "lora", "ia3", "full", "steer", "vera", "loraxs"}
+    assert set(CASES) == {"norm", "lora", "ia3", "full", "steer", "vera", "loraxs", "road"}
 
 
 @pytest.mark.parametrize("method", CASES)

@@ -181,4 +181,4 @@ def load_state(params: dict, tensors: dict[str, torch.Tensor], source: str = "ad
         p.copy_(t.to(p.dtype))
 
 
-from . import full, ia3, lora, loraxs, norm, steer, vera  # noqa: E402,F401  (each file registers its method)
+from . import full, ia3, lora, loraxs, norm, road, steer, vera  # noqa: E402,F401  (each file registers its method)
