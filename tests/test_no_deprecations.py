@@ -53,7 +53,7 @@ def train_score_save_load_generate(tiny, method, tmp_path):
     loaded.model.generate(toks[None, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 
-@pytest.mark.parametrize("method", ["norm", "lora", "ia3", "full", "steer"])
+@pytest.mark.parametrize("method", ["norm", "lora", "ia3", "full", "steer", "vera", "loraxs", "road"])
 def test_training_and_generating_raise_no_deprecation(tiny, method, tmp_path):
     found = deprecations_from_sharedllm(lambda: train_score_save_load_generate(tiny, method, tmp_path))
     assert not found, "\n".join(found)

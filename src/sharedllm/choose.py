@@ -70,8 +70,11 @@ def parse_format(text: str) -> Format:
         if not hasattr(config, "rank"):
             raise SharedLLMError(f"candidate {text[:40]!r}: method {method.name!r} has no rank")
         rank = int(m["rank"]) if m["rank"] is not None else config.rank
-        scale = config.alpha / config.rank
-        config = dataclasses.replace(config, rank=rank, alpha=max(1, round(scale * rank)))
+        if hasattr(config, "alpha"):  # LoRA: alpha scales with the rank; vera, loraxs: a rank alone
+            scale = config.alpha / config.rank
+            config = dataclasses.replace(config, rank=rank, alpha=max(1, round(scale * rank)))
+        else:
+            config = dataclasses.replace(config, rank=rank)
     spec = spec_name(*parse_spec(m["spec"])) if m["spec"] else RAW
     head = f"{method.name}-r{config.rank}" if hasattr(config, "rank") else method.name
     return Format(head if spec == RAW else f"{head}+{spec}", method.name, config, spec)
