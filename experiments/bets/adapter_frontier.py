@@ -1,0 +1,688 @@
+"""adapter_frontier: which per-user format is user-specific on real chat users, at what size (issue 31, item 2;
+pre-registered 2026-12-07 before any unit ran; the verdict is at 0.5B, `--base qwen2.5-coder-0.5b`).
+
+Per method, on the 12 chat senders (the verdict) and on four same-kind pairs of the clean users (a side verdict):
+each user's own adapter on every user's eval texts and on general text (the confusion matrix, as chat_scale), the
+bare base, and an adapter trained at the same lr on uniform random tokens in the own adapter's place (the control);
+each method's lr is chosen on the dev senders' dev slices (a small grid per method, chat_scale's rule), never on an
+eval text. The methods (METHODS): norm; norm plus (IA)^3's FFN-intermediate scaling (`norm_ia3ff`: every RMSNorm
+gain and one (IA)^3 vector on up_proj's output, trained together; a bet-local method, registered only while its
+units run, so it has no per-row kernel and is not served); (IA)^3 on all seven linears; RoAd (road_1); VeRA (r 256,
+A and B regenerated from the config's seed, never saved per user); LoRA-XS (r 16, SVD bases of the base's weights,
+never saved); LoRA-r1 (alpha 2: LoRA-r4's scale alpha/r = 2); LoRA-r4 (alpha 8); and **hierarchical** (`hier`): one
+LoRA-r4 trained on the pooled training text of the cohort (the group: every user of that cohort) at LoRA-r4's chosen
+lr for SHARED_STEPS_FACTOR x the budget, merged into a private copy of the base (the product has no hierarchical
+adapter: this is the minimum, in the bet), then a per-user norm adapter on that merged base; a user's per-user part
+is judged against the other users' per-user parts on the same shared adapter, the shared adapter alone and the bare
+base. Two non-adapter baselines: **in-context** (`incontext`: the user's own most recent training tokens, as many as
+fit the model's window (at most IC_CONTEXT tokens with the eval window), as a prefix when scoring each 256-token eval
+window; only the window's tokens are scored, the same tokens an adapter is scored on) and its control (another
+user's text as the prefix: the off-diagonal of its confusion matrix).
+
+Bytes per user: the scored fp16 adapter file; the int8 file of the same adapter (`sharedllm compress --scheme int8`)
+is written and counted but not scored. The hierarchical adapter's per-user bytes are its per-user part's (the shared
+file is counted once per group, recorded apart). CPU-seconds: the training loop's process CPU time (sidecar).
+
+`adapter_frontier_screen` (its own module) runs the same code on 6 senders with fewer steps, one dev sender and the
+random-token control for 2 senders, on the default base (issue 31, item 5's screen): a screen, not the verdict.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from sharedllm.bets.cells import ppl, scored, select, values
+from sharedllm.bets.common import GENERAL, AdapterSpec, _save, _trained, adapter_path, snapshot_key
+from sharedllm.bets.harness import grade, main, not_run
+from sharedllm.bets.spec import Bet
+
+from .chat_cohort import USERS, name
+from .chat_scale import DEV_USERS
+
+# ---- the methods: registry name, method config, lr grid (fixed before running) ----
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NORM_GRID = [5e-4, 2e-3, 5e-3]
+LORA_GRID = [2e-4, 1e-3, 3e-3]
+METHODS = {  # in run order: the KB-scale ones first, LoRA after, hierarchical (needs LoRA-r4's lr) last
+    "norm": ("norm", None, NORM_GRID),
+    "loraxs": ("loraxs", None, [2e-4, 1e-3, 5e-3]),
+    "ia3_all": ("ia3", {"targets": list(ALL)}, [1e-3, 5e-3, 2e-2]),
+    "vera": ("vera", None, [2e-3, 1e-2, 4e-2]),
+    "road": ("road", None, NORM_GRID),
+    "norm_ia3ff": ("norm_ia3ff", None, NORM_GRID),
+    "lora_r1": ("lora", {"rank": 1, "alpha": 2}, LORA_GRID),
+    "lora_r4": ("lora", None, LORA_GRID),
+    "hier": ("norm", None, NORM_GRID),  # the per-user part; the shared part: LoRA-r4 at lora_r4's chosen lr
+}
+BASELINES = ("incontext",)
+SHARED_STEPS_FACTOR = 2
+IC_CONTEXT = 8192  # tokens in all (prefix + eval window) for the in-context baseline, or the model's window if less
+SIZE_LIMIT = 256 * 1024  # bytes per user (the scored fp16 file)
+CLEAN_PAIRS = ["programmer/cpython_asyncio", "programmer/requests", "novelist/austen_pride_and_prejudice",
+               "novelist/dickens_tale_of_two_cities", "scientist/arxiv_astro_ph", "scientist/arxiv_cond_mat",
+               "heterogeneous/speeches_clinton_sotu", "heterogeneous/speeches_reagan_sotu"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one bet of this module runs (the full bet, or the screen)."""
+    chat: tuple
+    clean: tuple
+    dev: tuple
+    steps: int | None  # None: the bets' budget (TrainConfig: 100 steps, batch 2 x 256)
+    eval_len: int | None  # tokens per eval text; None: the bets' 2,048
+    random_users: int | None  # the random-token control for the first N users of each cohort; None: all
+    screen: bool
+
+
+FULL = Plan(chat=tuple(USERS), clean=tuple(CLEAN_PAIRS), dev=tuple(DEV_USERS), steps=None, eval_len=None,
+            random_users=None, screen=False)
+SCREEN = Plan(chat=tuple(USERS[:6]), clean=(), dev=("chat/sender_0f9fe1f8",), steps=50, eval_len=1024,
+              random_users=2, screen=True)
+QUICK_USERS = 3
+
+HYPOTHESIS = ("At 0.5B (qwen2.5-coder-0.5b), with each method's lr chosen on this base's dev slices, some adapter "
+              "method of <= 256 KiB per user (fp16 file) makes each chat sender's own adapter >= 5 % lower held-out "
+              "ppl than every other sender's adapter of the same method and than the bare base for >= 2/3 of the 12 "
+              "chat senders, with every own adapter's general-text ppl <= 1.05x the base's.")
+CRITERIA = {
+    "margin": 0.05, "size_limit_bytes": SIZE_LIMIT,
+    "methods": {k: {"method": m, "config": c, "grid": g} for k, (m, c, g) in METHODS.items()},
+    "baselines": {"incontext": f"own most recent training tokens as a prefix, prefix + window <= {IC_CONTEXT} "
+                               "tokens or the model's window; control: another sender's text as the prefix"},
+    "hier": f"shared LoRA-r4 on the cohort's pooled training text at lora_r4's chosen lr, {SHARED_STEPS_FACTOR}x "
+            "the steps, merged into a copy of the base; per-user norm on top; rivals: other users' per-user parts on "
+            "the same shared adapter, the shared adapter alone, the bare base",
+    "lr_choice": "per method, the grid lr with the lowest mean over the dev senders of log(dev ppl / base dev ppl); "
+                 "ties -> the smaller lr; a choice at the grid's edge is reported, the grid is not extended",
+    "win": "own ppl <= (1 - margin) x min(every other user's adapter of the same method, base) pooled over the 3 "
+           "eval texts (hier: also the shared adapter alone)",
+    "eligible": "an adapter method (not a baseline) whose largest own fp16 file is <= size_limit_bytes",
+    "STRICT": {"min_fraction_of_users_won": 2 / 3, "users": len(USERS), "max_general_ratio": 1.05},
+    "LENIENT": {"above_fraction_of_users_won": 0.5, "max_general_ratio": 1.10},
+    "CATASTROPHIC": {"max_fraction_of_users_won": 0.25},
+    "verdict_rule": "STRICT: some eligible method meets STRICT's fraction over every declared chat sender and every "
+                    "own adapter's general ppl / base's <= its bound; LENIENT: some eligible method wins for more "
+                    "than LENIENT's fraction with general <= its bound; CATASTROPHIC: every eligible method measured "
+                    "wins for <= CATASTROPHIC's fraction (or none is eligible)",
+    "side": "per method, the same tiers on its own matrix (no size bound); the clean same-kind pairs by the verdict "
+            "rule; in-context by the per-method tiers",
+    "controls": "random-token adapters in the own adapter's place, by the verdict rule",
+    "screen_out": "screen only: a method is screened out (run last at 0.5B) if it wins for no sender and its median "
+                  "own-vs-best-other margin is < 2 %, or some own adapter's general ppl is > 1.25x the base's, or "
+                  "another method with no more bytes per user has a higher median margin and wins for at least as "
+                  "many senders",
+    "expected": "not judged, written before running: FAIL at 0.5B (chat_scale's 0.5B norm and the clean corpora: the "
+                "same-kind rival does almost as well); in-context ahead of every adapter on own-vs-base",
+}
+EPS = 1e-9
+
+
+# ---- the bet-local composite method: norm gains plus (IA)^3 on up_proj ----
+
+@dataclass(frozen=True)
+class NormIA3Config:
+    ia3_targets: tuple = ("up_proj",)
+
+
+class NormIA3FF:
+    """Every RMSNorm gain and one (IA)^3 vector scaling up_proj's output (the FFN intermediate), trained together."""
+    name = "norm_ia3ff"
+
+    def __init__(self, config: NormIA3Config = NormIA3Config()):
+        from sharedllm.adapters import Capabilities
+
+        self.config, self.caps = config, Capabilities()
+
+    def attach(self, model):
+        from sharedllm.adapters import get_method
+        from sharedllm.adapters.ia3 import IA3Config
+
+        return get_method("ia3", IA3Config(targets=self.config.ia3_targets)).attach(model)
+
+    def trainable(self, model) -> dict:
+        from sharedllm.adapters import get_method
+        from sharedllm.adapters.ia3 import PREFIX
+        from sharedllm.arch import norm_modules
+
+        norms = {f"{n.removeprefix(PREFIX)}.weight": m.weight for n, m in norm_modules(model).items()}
+        return {**norms, **get_method("ia3").trainable(model)}
+
+
+@contextlib.contextmanager
+def registered(key: str):
+    """norm_ia3ff in the registry while its units run (train, load, score), and out of it afterwards."""
+    from sharedllm.adapters import METHODS as REGISTRY
+
+    if METHODS[key][0] != "norm_ia3ff" or "norm_ia3ff" in REGISTRY:
+        yield
+        return
+    REGISTRY["norm_ia3ff"] = NormIA3FF()
+    try:
+        yield
+    finally:
+        REGISTRY.pop("norm_ia3ff", None)
+
+
+# ---- the run ----
+
+def plan_of(ctx, plan: Plan) -> Plan:
+    if not ctx.quick:
+        return plan
+    return replace(plan, chat=tuple(USERS[:QUICK_USERS]), clean=tuple(CLEAN_PAIRS[:2]) if plan.clean else (),
+                   dev=(USERS[0],), steps=None, eval_len=None, random_users=2 if plan.screen else None)
+
+
+def grid(ctx, key: str) -> list:
+    return METHODS[key][2][:2] if ctx.quick else METHODS[key][2]
+
+
+def make_run(plan0: Plan):
+    def run(ctx) -> list:
+        plan = plan_of(ctx, plan0)
+        if plan.eval_len and not ctx.quick:
+            ctx.text_len = plan.eval_len  # fixed in the plan (scored texts, dev slice and cache keys follow it)
+        ctx.notes.update(notes(ctx, plan))
+        cohorts = [("chat", list(plan.chat))] + ([("clean", list(plan.clean))] if plan.clean else [])
+        cells = ctx.unit("dev/base", lambda: [scored(*ctx.score_dev(None, u), kind="dev", method="none", lr=0.0,
+                                                     adapter="base", user=name(u)) for u in plan.dev])
+        for cohort, users in cohorts:
+            cells += base_rows(ctx, cohort, users)
+        for cohort, users in cohorts:
+            cells += incontext(ctx, cohort, users)
+        lrs = {}
+        for key in METHODS:
+            cells += screen_units(ctx, plan, key, lrs)
+            if ctx.deferred and not all_dev(cells, plan, key, ctx):
+                break  # Ray enumeration: the later methods wait on this choice
+            lrs[key] = chosen_lr(cells, key)
+            for cohort, users in cohorts:
+                cells += matrix(ctx, plan, cohort, users, key, lrs)
+        ctx.notes["chosen_lrs"] = lrs
+        for key in lrs:
+            for cohort, users in cohorts:
+                cells += randoms(ctx, plan, cohort, users, key, lrs)
+        return cells
+    return run
+
+
+def notes(ctx, plan: Plan) -> dict:
+    cfg = ctx.train_config(0)
+    steps = plan.steps or cfg.steps
+    out = {"steps": steps, "dev_users": [name(u) for u in plan.dev],
+           "cohorts": {"chat": [name(u) for u in plan.chat], "clean": [name(u) for u in plan.clean]},
+           "random_control_users": plan.random_users or "all", "shared_steps": SHARED_STEPS_FACTOR * steps,
+           "lr_source": "each method's dev-slice grid on this base (no recommended lr used)",
+           "norm_ia3ff": "bet-local method (registered only while its units run): no per-row kernel, not servable",
+           "hier": "bet code: shared LoRA-r4 merged into a private copy of the base, per-user norm on top (no product "
+                   "code for hierarchical adapters)",
+           "int8_bytes": "the int8 (per tensor) file of each own adapter is counted, not scored"}
+    if plan.screen:
+        out["screen"] = ("a SCREEN (issue 31 item 5), not the verdict: the verdict is bet adapter_frontier at 0.5B; "
+                         f"{len(plan.chat)} senders, {steps} steps, {ctx.text_len} tokens per eval text, one dev "
+                         f"sender, random-token control for the first {plan.random_users} senders")
+        if not ctx.quick:
+            out["screen_base_note"] = "run on the base given (default: smollm2-135m); the hypothesis is about 0.5B"
+    return out
+
+
+def all_dev(cells: list, plan: Plan, key: str, ctx) -> bool:
+    dev = select(cells, kind="dev", method=key)
+    return len(dev) == len(grid(ctx, key)) * len(plan.dev)
+
+
+def train_cfg(ctx, plan: Plan, lr: float, factor: int = 1):
+    cfg = ctx.train_config(0, lr)
+    return replace(cfg, steps=(plan.steps or cfg.steps) * factor) if (plan.steps or factor > 1) else cfg
+
+
+def train_file(ctx, plan: Plan, rel: str, key: str, lr: float, tokens=None, tag: str = "", base=None,
+               factor: int = 1) -> Path:
+    """The cached adapter of `rel` for method `key` at `lr` (trained once, like ctx.adapter, with the method's
+    config and the plan's steps); its sidecar records the training CPU seconds."""
+    from sharedllm.personalise import personalise
+    from sharedllm.snapshot import beside, for_method
+
+    method, config, _ = METHODS[key] if key != "shared" else ("lora", None, None)
+    base = base or ctx.base
+    cfg, dtype = train_cfg(ctx, plan, lr, factor), ctx.opts.dtype
+    suffix = f"_{key}" if key not in ("norm", "lora_r4", "shared") else ""
+    path = adapter_path(base, rel, method, cfg, suffix + tag, ctx.opts.out, dtype)
+    ctx.seeds_used.add(0)
+    if _trained(path, dtype):
+        return path
+    tokens = ctx.data(rel).train if tokens is None else tokens
+    spec = AdapterSpec(rel, tokens, cfg, suffix + tag)
+    snapshot = for_method(method, beside(path), {**snapshot_key(base, [spec], method, dtype), "config": config})
+    adapted = personalise(base, tokens.to(base.device), method, cfg, label=f"{rel} {key}{tag}", method_config=config,
+                          dtype=dtype, snapshot=snapshot)
+    _save(adapted, path, base, spec, method, dtype, cpu_s=round(adapted.result.cpu_s, 1), frontier_method=key)
+    snapshot.clear()
+    return path
+
+
+def footprint(ctx, path: Path, base=None) -> dict:
+    """fp16 file bytes, int8 file bytes (not scored), trainable numbers, training wall and CPU seconds."""
+    from sharedllm.personalise import load_adapted
+    from sharedllm.quant.compress import encode_adapter
+
+    base = base or ctx.base
+    side = json.loads(path.with_suffix(".json").read_text())
+    int8 = len(encode_adapter(base, load_adapted(base, path), "int8"))
+    return {"bytes": path.stat().st_size, "int8_bytes": int8, "params": side["params"],
+            "train_s": round(side["wall_s"], 1), "cpu_s": side.get("cpu_s", side.get("fleet", {}).get("cpu_s"))}
+
+
+def base_rows(ctx, cohort: str, users: list) -> list:
+    cells = []
+    for u in users:
+        cells += ctx.unit(f"base/{name(u)}", lambda u=u: ctx.score_cells(
+            None, u, kind="confusion", method="none", adapter="base", user=name(u), lr=0.0, cohort=cohort))
+    return cells + ctx.unit(f"base/general/{cohort}", lambda: ctx.score_cells(
+        None, GENERAL, kind="general", method="none", adapter="base", user="general", lr=0.0, cohort=cohort))
+
+
+def screen_units(ctx, plan: Plan, key: str, lrs: dict) -> list:
+    cells = []
+    for lr in grid(ctx, key):
+        for u in plan.dev:
+            cells += ctx.unit(f"dev/{key}/lr{lr:g}/{name(u)}", lambda u=u, lr=lr: dev_unit(ctx, plan, key, u, lr,
+                                                                                            lrs))
+    return cells
+
+
+def dev_unit(ctx, plan: Plan, key: str, u: str, lr: float, lrs: dict) -> list:
+    with registered(key):
+        c, path = where(ctx, plan, key, u, lr, lrs, "chat")
+        cell = scored(*c.score_dev(path, u), kind="dev", method=key, lr=lr, adapter=name(u), user=name(u))
+        c.release()
+    return [cell]
+
+
+def hier_ctx(ctx, plan: Plan, cohort: str, lrs: dict):
+    """The context on the base with the cohort's shared LoRA-r4 merged in (built once per run and cohort)."""
+    users = list(plan.chat if cohort == "chat" else plan.clean)
+    shared = shared_file(ctx, plan, cohort, users, lrs["lora_r4"])
+    memo = ctx.notes.setdefault("hier_shared", {})
+    if str(shared) not in _MERGED:
+        _MERGED[str(shared)] = ctx.rebased(merged_base(ctx.base, shared))
+    memo[cohort] = {"shared_file": shared.name, "shared_bytes": shared.stat().st_size,
+                    "merged_fingerprint": _MERGED[str(shared)].base.fingerprint}
+    return _MERGED[str(shared)], shared
+
+
+_MERGED: dict = {}
+
+
+def shared_file(ctx, plan: Plan, cohort: str, users: list, lr: float) -> Path:
+    pooled = torch.cat([ctx.data(u).train for u in users])
+    group = hashlib.sha256("|".join(users).encode()).hexdigest()[:10]
+    return train_file(ctx, plan, f"_groups/{cohort}-{group}", "shared", lr, tokens=pooled, factor=SHARED_STEPS_FACTOR)
+
+
+def merged_base(base, shared: Path):
+    """A private copy of `base` with the shared LoRA merged into its weights; its fingerprint binds it to the base
+    and to the shared file (sha256 of both), so per-user parts trained on it load on it alone."""
+    from sharedllm.arch import Base, freeze
+    from sharedllm.personalise import load_adapted
+
+    private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
+                   name=base.name, meta=dict(base.meta))
+    merged = freeze(load_adapted(private, shared).model.merge_and_unload())
+    sha = hashlib.sha256(shared.read_bytes()).hexdigest()
+    fp = hashlib.sha256(f"{base.fingerprint}+{sha}".encode()).hexdigest()
+    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=fp, name=base.name,
+                meta={**base.meta, "merged_shared": sha})
+
+
+def where(ctx, plan, key, u, lr, lrs, cohort, tokens=None, tag=""):
+    """(the context whose base the adapter is on, the adapter's path)."""
+    if key == "hier":
+        c, _ = hier_ctx(ctx, plan, cohort, lrs)
+        return c, train_file(c, plan, u, key, lr, tokens=tokens, tag=tag)
+    return ctx, train_file(ctx, plan, u, key, lr, tokens=tokens, tag=tag)
+
+
+def matrix(ctx, plan: Plan, cohort: str, users: list, key: str, lrs: dict) -> list:
+    lr = lrs[key]
+    cells = []
+    if key == "hier":
+        cells += ctx.unit(f"{cohort}/hier/shared", lambda: shared_row(ctx, plan, cohort, users, lrs))
+    for a in users:
+        cells += ctx.unit(f"{cohort}/{key}/lr{lr:g}/{name(a)}", lambda a=a: matrix_row(ctx, plan, cohort, users, key,
+                                                                                        a, lrs))
+    return cells
+
+
+def matrix_row(ctx, plan, cohort, users, key, a, lrs) -> list:
+    lr, cells = lrs[key], []
+    with registered(key):
+        c, path = where(ctx, plan, key, a, lr, lrs, cohort)
+        own = footprint(c, path, c.base)
+        for u in users:
+            cells += c.score_cells(path, u, kind="confusion", method=key, adapter=name(a), user=name(u), lr=lr,
+                                   cohort=cohort, **(own if u == a else {}))
+        cells += c.score_cells(path, GENERAL, kind="general", method=key, adapter=name(a), user="general", lr=lr,
+                               cohort=cohort)
+        c.release()
+    return cells
+
+
+def shared_row(ctx, plan, cohort, users, lrs) -> list:
+    _, shared = hier_ctx(ctx, plan, cohort, lrs)
+    cells = []
+    for u in users:
+        cells += ctx.score_cells(shared, u, kind="confusion", method="hier", adapter="shared", user=name(u),
+                                 lr=lrs["lora_r4"], cohort=cohort)
+    cells += ctx.score_cells(shared, GENERAL, kind="general", method="hier", adapter="shared", user="general",
+                             lr=lrs["lora_r4"], cohort=cohort, bytes=shared.stat().st_size)
+    ctx.release()
+    return cells
+
+
+def randoms(ctx, plan, cohort, users, key, lrs) -> list:
+    lr, cells = lrs[key], []
+    for u in users[:plan.random_users or len(users)]:
+        cells += ctx.unit(f"random/{cohort}/{key}/lr{lr:g}/{name(u)}", lambda u=u: random_unit(
+            ctx, plan, cohort, u, key, lrs))
+    return cells
+
+
+def random_unit(ctx, plan, cohort, u, key, lrs) -> list:
+    with registered(key):
+        c, path = where(ctx, plan, key, u, lrs[key], lrs, cohort, tokens=ctx.random_tokens(u), tag="_random")
+        cells = c.score_cells(path, u, kind="random", method=key, adapter=name(u), user=name(u), lr=lrs[key],
+                              cohort=cohort)
+        c.release()
+    return cells
+
+
+# ---- the in-context baseline ----
+
+def ic_prefix_len(ctx, rel: str) -> int:
+    window = ctx.window + 1
+    limit = min(IC_CONTEXT, int(getattr(ctx.base.model.config, "max_position_embeddings", IC_CONTEXT)))
+    return min(limit - window, len(ctx.data(rel).train))
+
+
+def incontext(ctx, cohort: str, users: list) -> list:
+    cells = []
+    for a in users:
+        cells += ctx.unit(f"{cohort}/incontext/{name(a)}", lambda a=a: incontext_row(ctx, cohort, users, a))
+    return cells
+
+
+def incontext_row(ctx, cohort: str, users: list, a: str) -> list:
+    """User a's most recent training tokens as the prefix of every eval window of every user (and general text)."""
+    from sharedllm.compat import cache_kwargs
+    from transformers import DynamicCache
+
+    model, n = ctx.base.model, ic_prefix_len(ctx, a)
+    prefix = ctx.data(a).train[-n:].to(ctx.base.device)
+    state: dict = {}
+
+    def cache():
+        if "c" not in state:
+            c = DynamicCache()
+            with torch.no_grad(), ctx.autocast():
+                for s in range(0, n, 512):
+                    model(input_ids=prefix[None, s:s + 512], use_cache=True, **cache_kwargs(model, c))
+            state["c"] = c
+        return state["c"]
+
+    def score(rel: str, i: int) -> tuple[float, int]:
+        key = f"incontext|{a}|P{n}|{rel}|{i}/{ctx.n_texts}x{ctx.text_len}|w{ctx.window}{ctx._dtype_key}"
+        hit = ctx.cache.get(key)
+        if hit is None:
+            total, count = 0.0, 0
+            for w in ctx.windows(ctx.texts(rel)[i]).to(ctx.base.device):
+                c = cache()
+                with torch.no_grad(), ctx.autocast():
+                    logits = model(input_ids=w[None, :-1], use_cache=True, **cache_kwargs(model, c)).logits
+                total += torch.nn.functional.cross_entropy(logits[0].float(), w[1:], reduction="sum").item()
+                count += len(w) - 1
+                c.crop(-(len(w) - 1))  # back to the prefix alone (transformers 5: tokens to remove, negative)
+                assert c.get_seq_length() == n, (c.get_seq_length(), n)
+            hit = [total, count]
+            ctx.cache.put(key, hit)
+        return float(hit[0]), int(hit[1])
+
+    cells = []
+    for u in users + [GENERAL]:
+        kind, user = ("general", "general") if u == GENERAL else ("confusion", name(u))
+        for i in range(ctx.n_texts):
+            cells.append(scored(*score(u, i), kind=kind, method="incontext", adapter=name(a), user=user, lr=0.0,
+                                cohort=cohort, text=i, **({"prefix_tokens": n, "bytes": 0} if u == a else {})))
+    state.clear()
+    ctx.cache.flush()
+    return cells
+
+
+# ---- pure functions of the cells: the lr choice, the per-method numbers, the verdicts ----
+
+def dev_score(cells: list, key: str, lr: float) -> float:
+    dev = select(cells, kind="dev")
+    users = values(dev, "user", method=key)
+    return sum(math.log(ppl(dev, method=key, lr=lr, user=u) / ppl(dev, adapter="base", user=u))
+               for u in users) / len(users)
+
+
+def chosen_lr(cells: list, key: str) -> float:
+    lrs = sorted(values(cells, "lr", kind="dev", method=key))
+    return min(lrs, key=lambda lr: (round(dev_score(cells, key, lr), 12), lr))
+
+
+def cohort_cells(cells: list, cohort: str, key: str) -> list:
+    """The method's confusion cells in the cohort, with the base row."""
+    return [c for c in cells if c.get("cohort") == cohort and c["kind"] == "confusion"
+            and c["method"] in (key, "none")]
+
+
+def measured(cells: list, cohort: str) -> list:
+    """Methods (and baselines) whose own cell is there for every user of the cohort."""
+    users = values(select(cells, kind="confusion", method="none", cohort=cohort), "user")
+    out = []
+    for key in list(METHODS) + list(BASELINES):
+        own = {c["user"] for c in select(cells, kind="confusion", method=key, cohort=cohort) if c["adapter"] == c["user"]}
+        if users and own >= set(users):
+            out.append(key)
+    return out
+
+
+def stats(cells: list, cohort: str, key: str, margin: float) -> dict:
+    """Per user: own ppl, lead over the best rival of the same method (not the base), gain over the base, won."""
+    conf = cohort_cells(cells, cohort, key)
+    users = values(select(conf, method="none"), "user")
+    per = {}
+    for u in users:
+        own = ppl(conf, user=u, adapter=u, method=key)
+        others = [ppl(conf, user=u, adapter=a, method=key) for a in values(conf, "adapter", user=u, method=key)
+                  if a != u]
+        base = ppl(conf, user=u, adapter="base")
+        per[u] = {"own": own, "lead": 1 - own / min(others) if others else float("nan"), "gain": 1 - own / base,
+                  "won": all(own <= (1 - margin) * r for r in others + [base])}
+    own_cells = [c for c in conf if c["method"] == key and c["adapter"] == c["user"] and "bytes" in c]
+    gen = select(cells, kind="general", cohort=cohort)
+    gbase = ppl(gen, method="none")
+    ratios = [ppl(gen, method=key, adapter=a) / gbase for a in values(gen, "adapter", method=key) if a in per]
+    return {"users": per, "fraction": sum(p["won"] for p in per.values()) / max(len(per), 1),
+            "bytes": max((c["bytes"] for c in own_cells), default=None),
+            "int8_bytes": max((c.get("int8_bytes") or 0 for c in own_cells), default=None),
+            "params": max((c.get("params") or 0 for c in own_cells), default=None),
+            "cpu_s": statistics.median([c["cpu_s"] for c in own_cells if c.get("cpu_s") is not None] or [float("nan")]),
+            "general": max(ratios) if ratios else None,
+            "median_lead": statistics.median([p["lead"] for p in per.values()]) if per else float("nan")}
+
+
+def eligible(s: dict, key: str, criteria: dict) -> bool:
+    return key in METHODS and s["bytes"] is not None and s["bytes"] <= criteria["size_limit_bytes"]
+
+
+def tiers(s: dict, criteria: dict, n_declared: int | None) -> tuple[bool, bool, bool]:
+    """(STRICT, LENIENT, CATASTROPHIC) of one method's numbers; n_declared: users STRICT needs (None: any)."""
+    f, g = s["fraction"], s["general"] if s["general"] is not None else math.inf
+    strict = (f >= criteria["STRICT"]["min_fraction_of_users_won"] - EPS and g <= criteria["STRICT"]["max_general_ratio"]
+              and (n_declared is None or len(s["users"]) >= n_declared))
+    lenient = f > criteria["LENIENT"]["above_fraction_of_users_won"] + EPS and g <= criteria["LENIENT"]["max_general_ratio"]
+    return strict, lenient, f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + EPS
+
+
+def rule(cells: list, criteria: dict, cohort: str = "chat", n_declared: int | None = None) -> str:
+    """The verdict rule over the eligible methods measured in the cohort."""
+    keys = [key for key in measured(cells, cohort) if key in METHODS]
+    if not keys:
+        raise KeyError(f"no adapter method measured in cohort {cohort}")
+    judged = [tiers(s, criteria, n_declared) for key in keys
+              for s in [stats(cells, cohort, key, criteria["margin"])] if eligible(s, key, criteria)]
+    return grade(any(t[0] for t in judged), any(t[1] for t in judged), all(t[2] for t in judged))
+
+
+def make_verdict(plan: Plan):
+    def verdict(cells: list, criteria: dict) -> str:
+        return rule(cells, criteria, "chat", len(plan.chat) if plan.screen else criteria["STRICT"]["users"])
+    return verdict
+
+
+def method_tier(cells: list, criteria: dict, cohort: str, key: str) -> str:
+    return grade(*tiers(stats(cells, cohort, key, criteria["margin"]), criteria, None))
+
+
+def side_verdicts(cells: list, criteria: dict) -> dict:
+    out = {f"{key} alone (no size bound)": method_tier(cells, criteria, "chat", key)
+           for key in measured(cells, "chat")}
+    if select(cells, cohort="clean"):
+        out["the clean same-kind pairs, by the verdict rule"] = rule(cells, criteria, "clean")
+    return out
+
+
+def random_as_own(cells: list, key: str, cohort: str) -> list:
+    """The method's cells with each user's own adapter replaced by its random-token adapter (users that have one);
+    the footprint and general cells stay the real adapter's."""
+    rand = select(cells, kind="random", method=key, cohort=cohort)
+    users = values(rand, "user")
+    keep = [c for c in cells if not (c.get("cohort") == cohort and c["kind"] == "confusion" and c["method"] == key
+                                     and c["adapter"] == c["user"])]
+    keep = [c for c in keep if not (c.get("cohort") == cohort and c["kind"] == "confusion" and c["user"] not in users)]
+    own = {c["user"]: c for c in select(cells, kind="confusion", method=key, cohort=cohort)
+           if c["adapter"] == c["user"] and "bytes" in c}
+    return keep + [{**c, "kind": "confusion", **{k: own[c["user"]][k] for k in ("bytes", "int8_bytes", "params",
+                                                                                 "cpu_s") if c["user"] in own
+                                                  and k in own[c["user"]] and c["text"] == 0}} for c in rand]
+
+
+def controls(cells: list, criteria: dict) -> dict:
+    keys = [k for k in measured(cells, "chat") if k in METHODS and select(cells, kind="random", method=k, cohort="chat")]
+    if not keys:
+        return {"random-token adapters as the senders' own": not_run("no random-token cells")}
+    out = {}
+    for k in keys:
+        judged = random_as_own(cells, k, "chat")
+        s = stats(judged, "chat", k, criteria["margin"])
+        out[f"{k} adapter of random tokens as the sender's own"] = grade(*tiers(s, criteria, None))
+    return out
+
+
+def screen_out(cells: list, criteria: dict, cohort: str = "chat") -> dict:
+    """method -> why it is screened out (the pre-registered screen rule), for the measured adapter methods."""
+    s = {k: stats(cells, cohort, k, criteria["margin"]) for k in measured(cells, cohort) if k in METHODS}
+    out = {}
+    for k, v in s.items():
+        won = sum(p["won"] for p in v["users"].values())
+        if won == 0 and v["median_lead"] < 0.02:
+            out[k] = f"wins for no sender, median margin {100 * v['median_lead']:.1f} % < 2 %"
+        elif v["general"] is not None and v["general"] > 1.25:
+            out[k] = f"general ppl x{v['general']:.2f} > 1.25"
+        else:
+            better = [o for o, w in s.items() if o != k and w["bytes"] <= v["bytes"]
+                      and w["median_lead"] > v["median_lead"]
+                      and sum(p["won"] for p in w["users"].values()) >= won]
+            if better:
+                out[k] = f"dominated by {better[0]} (no more bytes, higher median margin, at least as many wins)"
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def method_line(cells: list, cohort: str, key: str) -> str:
+    s = stats(cells, cohort, key, CRITERIA["margin"])
+    leads = [p["lead"] for p in s["users"].values()]
+    gains = [p["gain"] for p in s["users"].values()]
+    won = sum(p["won"] for p in s["users"].values())
+    lr = "" if key in BASELINES else f" lr {chosen_lr(cells, key):g}"
+    size = "" if key in BASELINES else (f", {s['bytes']:,} B fp16 / {s['int8_bytes']:,} B int8, "
+                                        f"{s['params']:,} numbers, {s['cpu_s']:.0f} CPU-s")
+    gen = f", general x{s['general']:.3f}" if s["general"] is not None else ""
+    return (f"{key}{lr}: won {won}/{len(s['users'])}, vs base {_pct(min(gains))} to {_pct(max(gains))} %, vs best "
+            f"other {_pct(min(leads))} to {_pct(max(leads))} % (median {_pct(s['median_lead'])}){gen}{size}")
+
+
+def make_summary(plan: Plan):
+    def summary(cells: list) -> str:
+        parts = [method_line(cells, "chat", k) for k in measured(cells, "chat")]
+        if plan.screen:
+            out = screen_out(cells, CRITERIA)
+            parts.append("screened out: " + ("; ".join(f"{k} ({v})" for k, v in out.items()) or "none"))
+        return "; ".join(parts) if parts else "no method measured yet"
+    return summary
+
+
+def pareto_points(result: dict, cohort: str = "chat") -> list:
+    """(method, fp16 bytes per user, median / min / max own-vs-best-other margin) per measured method: the plot."""
+    cells, out = result["cells"], []
+    for key in measured(cells, cohort):
+        s = stats(cells, cohort, key, result["criteria"]["margin"])
+        leads = [p["lead"] for p in s["users"].values()]
+        out.append((key, s["bytes"] or 0, s["median_lead"], min(leads), max(leads)))
+    return out
+
+
+def pareto_plot(result: dict, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    from .figures import save
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, size, mid, lo, hi in pareto_points(result):
+        x = max(size, 1)  # in-context stores nothing per user: drawn at 1 byte
+        ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt="o", capsize=3)
+        ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(100 * result["criteria"]["margin"], ls="--", lw=0.8, color="grey")
+    ax.axvline(result["criteria"]["size_limit_bytes"], ls=":", lw=0.8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (fp16 file; in-context at 1)")
+    ax.set_ylabel("own vs best other user's, % lower ppl")
+    ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+def make_plots(bet_id: str, filename: str):
+    def plots(results: dict, folder: Path) -> list:
+        r = results.get(bet_id)
+        if r is None:
+            return []
+        return [pareto_plot(r, folder / filename, f"{bet_id} ({r['config']['base']}): median and range over senders")]
+    return plots
+
+
+def make_bet(bet_id: str, plan: Plan, hypothesis: str, criteria: dict) -> Bet:
+    return Bet(id=bet_id, slug=bet_id, version=1, hypothesis=hypothesis, criteria=criteria, run=make_run(plan),
+               verdict=make_verdict(plan), summary=make_summary(plan), side_verdicts=side_verdicts,
+               controls=controls)
+
+
+BET = make_bet("adapter_frontier", FULL, HYPOTHESIS, CRITERIA)
+plots = make_plots("adapter_frontier", "adapter_frontier_pareto.png")
+
+if __name__ == "__main__":
+    raise SystemExit(main(BET))
