@@ -530,9 +530,10 @@ def eligible(s: dict, key: str, criteria: dict) -> bool:
 def tiers(s: dict, criteria: dict, n_declared: int | None) -> tuple[bool, bool, bool]:
     """(STRICT, LENIENT, CATASTROPHIC) of one method's numbers; n_declared: users STRICT needs (None: any)."""
     f, g = s["fraction"], s["general"] if s["general"] is not None else math.inf
-    strict = (f >= criteria["STRICT"]["min_fraction_of_users_won"] - EPS and g <= criteria["STRICT"]["max_general_ratio"]
-              and (n_declared is None or len(s["users"]) >= n_declared))
-    lenient = f > criteria["LENIENT"]["above_fraction_of_users_won"] + EPS and g <= criteria["LENIENT"]["max_general_ratio"]
+    strict = (f >= criteria["STRICT"]["min_fraction_of_users_won"] - EPS
+              and g <= criteria["STRICT"]["max_general_ratio"] + EPS and (n_declared is None or len(s["users"]) >= n_declared))
+    lenient = (f > criteria["LENIENT"]["above_fraction_of_users_won"] + EPS
+               and g <= criteria["LENIENT"]["max_general_ratio"] + EPS)
     return strict, lenient, f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + EPS
 
 
