@@ -122,3 +122,14 @@ def test_adapt_reports_its_lr_and_where_it_came_from(capsys, user_text, tmp_path
     assert main(["adapt", "--text", str(user_text), "--out", str(out), "--base", "tiny", "--steps", "2", "--seq",
                  "32", "--window", "32", "--recipe", "catalogue"]) == 0
     assert "lr 5e-05 (catalogue" in capsys.readouterr().out
+
+
+def test_methods_the_bet_has_not_run_get_their_screened_lr_marked_as_a_screening_choice():
+    from sharedllm.recipes import SCREENED_LR
+
+    assert not set(SCREENED_LR[DEFAULT_BASE]) & set(RECOMMENDED_LR[DEFAULT_BASE])  # the bet's lrs come first
+    for method, lr in SCREENED_LR[DEFAULT_BASE].items():
+        r = recipe_lr(method, DEFAULT_BASE)
+        assert r.name == "recommended" and r.lr == lr and "screening choice" in r.note and "transferred" not in r.note
+        assert "transferred" in recipe_lr(method, "qwen2.5-coder-0.5b").note
+        assert recipe_lr(method, DEFAULT_BASE, "catalogue").lr == CATALOGUE_LR
