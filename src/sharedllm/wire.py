@@ -313,7 +313,10 @@ def _check_joint(meta: dict, source: str) -> None:
         if not ok(j[key]):
             raise SharedLLMError(f"{source}: metadata field 'joint'/{key!r} must be {what} (got {str(j[key])[:40]!r})")
     k, cfg = j["rank"], meta.get("method_config")
-    if meta["method"] != "lora" or not isinstance(cfg, dict) or cfg.get("rank") != min(k, j["source_rank"]):
+    from .adapters import METHODS
+
+    low_rank = meta["method"] in METHODS and METHODS[meta["method"]].caps.low_rank
+    if not low_rank or not isinstance(cfg, dict) or cfg.get("rank") != min(k, j["source_rank"]):
         raise SharedLLMError(f"{source}: a joint core file must be method 'lora' with a method_config of rank "
                              f"min(joint rank, source rank) = {min(k, j['source_rank'])}")
     if any(s != [k, k] for s in meta["shapes"]):

@@ -33,6 +33,7 @@ class Capabilities:
     max_value: float = 64.0  # |value| bound the file parser enforces
     periodic_snapshot: bool = True  # training snapshots every few minutes (False: only on SIGTERM; too large)
     frozen_bf16: bool = False  # may train with the base's matmul weights held in bf16 (nothing it trains is one)
+    low_rank: bool = False  # its change per site is s B A in PEFT's lora_A / lora_B tensors (compress --rank, --joint)
 
 
 @runtime_checkable

@@ -142,7 +142,7 @@ class LoraRows:
 
 class LoraMethod:
     name = "lora"
-    caps = Capabilities(rows=LoraRows, export="peft")
+    caps = Capabilities(rows=LoraRows, export="peft", low_rank=True)
 
     def __init__(self, config: LoraConfig = LoraConfig()):
         self.config = config

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from .. import __version__, wire
-from ..adapters import adapter_state, config_from_json, config_to_json
+from ..adapters import METHODS, adapter_state, config_from_json, config_to_json
 from ..adapters.lora import LoraConfig
 from ..atomic import write_bytes_atomic
 from ..errors import SharedLLMError
@@ -171,7 +171,7 @@ def read_cohort(base, files) -> dict:
     for path in files:
         tensors, meta = wire.read_file(path)
         wire.check_binding(meta, base.fingerprint, str(path))
-        if meta["method"] != "lora":
+        if not (meta["method"] in METHODS and METHODS[meta["method"]].caps.low_rank):
             raise SharedLLMError(f"{path}: --joint compresses LoRA adapters; this one is {meta['method']!r}")
         config = config_from_json("lora", meta.get("method_config", {}), str(path))
         if config not in layouts:
