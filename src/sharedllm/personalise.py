@@ -75,8 +75,8 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
                  shared_dirs=()) -> Adapted:
     """Load an adapter file (or its bytes) onto `base`, refusing wrong bases, layouts and values. A joint core file
     (`compress --joint`) loads as its materialised LoRA, its shared bases found by sha256 in the file's own folder
-    or in `shared_dirs` (quant/lora_joint.py)."""
-    from .quant import lora_joint
+    or in `shared_dirs` (quant/joint_files.py)."""
+    from .quant import joint_files
 
     source = source or str(path)
     tensors, meta = wire.parse_file(data, source) if data is not None else wire.read_file(path)
@@ -84,7 +84,7 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
     adapted = new_adapter(base, meta.get("method", "?"), config=meta.get("method_config"))
     base_state = dict(base.model.named_parameters())
     dirs = ([Path(path).parent] if path is not None else []) + [Path(d) for d in shared_dirs]
-    named = lora_joint.decode(tensors, meta, wire.layout_of(adapted.params), base_state, source, dirs,
+    named = joint_files.decode(tensors, meta, wire.layout_of(adapted.params), base_state, source, dirs,
                               base.fingerprint)
     load_state(adapted.params, named, source)
     adapted.meta = meta

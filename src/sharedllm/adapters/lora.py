@@ -18,6 +18,7 @@ from . import Capabilities, register
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."
+A_KEY, B_KEY = ".lora_A.default.weight", ".lora_B.default.weight"  # PEFT's tensor names of a site's A and B
 
 
 @dataclass(frozen=True)

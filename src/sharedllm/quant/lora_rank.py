@@ -20,10 +20,9 @@ import dataclasses
 import torch
 
 from ..adapters import adapter_state, load_state
-from ..adapters.lora import LoraConfig
+from ..adapters.lora import A_KEY, B_KEY, LoraConfig  # noqa: F401  (A_KEY, B_KEY: re-exported)
 from ..errors import SharedLLMError
 
-A_KEY, B_KEY = ".lora_A.default.weight", ".lora_B.default.weight"
 
 
 def truncatable(adapted) -> bool:
