@@ -14,13 +14,18 @@ from sharedllm.serve.protocol import PROTOCOL
 ADMIN = "test-admin-token-0123456789abcdefghij"
 
 
-def adapter_bytes(base, seed: int, tmp_path, scale: float = 0.3, method: str = "norm") -> bytes:
-    """A norm adapter for `base` whose gains differ from the base's (seeded), as the CLI would save it."""
-    adapted = new_adapter(base, method)
+def moved(adapted, scale: float = 0.3, seed: int = 0):
+    """`adapted` with every trainable value moved by seeded noise of size `scale` (in place; returned)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapted.params.values():
             p.add_(scale * torch.randn(p.shape, generator=g))
+    return adapted
+
+
+def adapter_bytes(base, seed: int, tmp_path, scale: float = 0.3, method: str = "norm") -> bytes:
+    """An adapter of `method` for `base` whose values differ from a fresh one's (seeded), as the CLI would save it."""
+    adapted = moved(new_adapter(base, method), scale, seed)
     path = tmp_path / f"{method}-{seed}.safetensors"
     save_adapted(adapted, path, base)
     return path.read_bytes()

@@ -13,13 +13,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-
-def _moved(adapted, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapted.params.values():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return adapted
+from .serve_kit import moved
 
 
 def test_the_bases_are_the_weights_truncated_svd_with_fixed_signs(tiny):
@@ -41,7 +35,7 @@ def test_the_bases_are_the_weights_truncated_svd_with_fixed_signs(tiny):
 
 def test_delta_w_is_us_r_vt_and_only_r_is_saved(tiny, tmp_path):
     cfg = LoraXSConfig(rank=4, targets=("v_proj", "up_proj"))
-    adapted = _moved(new_adapter(tiny, "loraxs", config=cfg))
+    adapted = moved(new_adapter(tiny, "loraxs", config=cfg), scale=0.05)
     assert adapted.n_params == 2 * 2 * 16 and all(p.shape == (4, 4) for p in adapted.params.values())
     lin = adapted.model.model.layers[0].self_attn.v_proj
     us, vt = svd_bases(lin.weight, 4)
@@ -66,7 +60,7 @@ def test_a_fresh_loraxs_row_is_the_base_exactly_and_rows_of_two_ranks_share_a_ba
     state = rm.row({n: p.detach() for n, p in fresh.params.items()}, "loraxs", fresh.config)
     base = rm.forward(ids, [rm.base_row] * 3).logits
     assert torch.equal(rm.forward(ids, [state] * 3).logits, base)
-    users = [_moved(new_adapter(tiny, "loraxs", config=c), scale=0.2, seed=i) for i, c in
+    users = [moved(new_adapter(tiny, "loraxs", config=c), scale=0.2, seed=i) for i, c in
              enumerate([LoraXSConfig(), LoraXSConfig(rank=4, targets=("q_proj", "down_proj")), LoraXSConfig()])]
     states = [rm.row({n: p.detach() for n, p in u.params.items()}, "loraxs", u.config) for u in users]
     mixed = rm.forward(ids, states).logits

@@ -13,13 +13,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter
 
-
-def _moved(adapted, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapted.params.values():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return adapted
+from .serve_kit import moved
 
 
 def test_a_pair_is_rotated_by_its_angle_and_scaled_by_its_alpha():
@@ -44,7 +38,7 @@ def test_fresh_rows_are_the_base_exactly_and_rows_of_two_group_sizes_share_a_bat
     state = rm.row({n: p.detach() for n, p in fresh.params.items()}, "road", fresh.config)
     base = rm.forward(ids, [rm.base_row] * 3).logits
     assert torch.equal(rm.forward(ids, [state] * 3).logits, base)
-    users = [_moved(new_adapter(tiny, "road", config=c), seed=i) for i, c in
+    users = [moved(new_adapter(tiny, "road", config=c), seed=i) for i, c in
              enumerate([RoadConfig(), RoadConfig("road_4", 8, ("q_proj", "down_proj")), RoadConfig("road_2")])]
     states = [rm.row({n: p.detach() for n, p in u.params.items()}, "road", u.config) for u in users]
     mixed = rm.forward(ids, states).logits

@@ -15,13 +15,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-
-def _moved(adapted, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapted.params.values():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return adapted
+from .serve_kit import moved
 
 
 def test_the_shared_projections_are_peft_s_and_are_not_in_the_file(tiny, tmp_path):
@@ -48,15 +42,15 @@ def test_a_fresh_vera_row_is_the_base_exactly_and_a_trained_one_is_not(tiny):
     assert torch.equal(rm.forward(ids, [state, state]).logits, base)
     with torch.no_grad():
         assert torch.equal(fresh.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
-    moved = _moved(new_adapter(tiny, "vera"))
-    state = rm.row({n: p.detach() for n, p in moved.params.items()}, "vera", moved.config)
+    trained = moved(new_adapter(tiny, "vera"))
+    state = rm.row({n: p.detach() for n, p in trained.params.items()}, "vera", trained.config)
     assert (rm.forward(ids, [state, rm.base_row]).logits[0] - base[0]).abs().max() > 1e-2
 
 
 def test_rows_of_two_vera_configs_share_a_batch(tiny, tmp_path):
     """Rows with other seeds or ranks use their own projections in one batch, each equal to its model alone."""
     rm = RowModel(tiny)
-    users = [_moved(new_adapter(tiny, "vera", config=c), seed=i) for i, c in
+    users = [moved(new_adapter(tiny, "vera", config=c), seed=i) for i, c in
              enumerate([VeraConfig(), VeraConfig(rank=16, seed=3, targets=("k_proj", "up_proj")), VeraConfig()])]
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
     states = [rm.row({n: p.detach() for n, p in u.params.items()}, "vera", u.config) for u in users]

@@ -14,6 +14,7 @@ import torch
 from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
+from .kernel import LinearRows
 
 TARGETS = ("k_proj", "v_proj", "up_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,7 +31,7 @@ class IA3Config:
             raise SharedLLMError(f"(IA)^3 targets must be among {', '.join(ALL)}, got {self.targets!r}")
 
 
-class IA3Rows:
+class IA3Rows(LinearRows):
     """The (IA)^3 kernel: per linear site, the rows that scale it and their vectors [b', N], stacked per batch."""
 
     def __init__(self, rm):
@@ -60,12 +61,6 @@ class IA3Rows:
             view[site] = (torch.tensor(rows, device=self.device), torch.stack([v for _, v in members]),
                           rows == list(range(len(states))))
         return view
-
-    def gain(self, view, index: int):
-        return None
-
-    def touches(self, view: dict, site: str) -> bool:
-        return site in view
 
     def linear(self, view: dict, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if site not in view:

@@ -15,6 +15,7 @@ import torch
 from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
+from .kernel import LinearRows, row_groups
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."
@@ -56,7 +57,7 @@ class LoraState:
     layout: tuple
 
 
-class LoraRows:
+class LoraRows(LinearRows):
     """The LoRA kernel: the LoRA rows' flat vectors gathered once per batch composition (one copy per layout),
     every site's A^T and s B^T a view into that [rows, P] tensor."""
 
@@ -78,7 +79,7 @@ class LoraRows:
             site, _, kind = name.partition(".lora_")
             if kind != "A.default.weight":
                 continue
-            b = named.get(f"{site}.lora_B.default.weight")
+            b = named.get(site + B_KEY)
             if site not in self.shapes or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
                 raise SharedLLMError(f"LoRA tensor {name[:60]!r}: not a decoder linear this base runs per row")
             (r, k), n = a.shape, b.shape[0]
@@ -92,19 +93,12 @@ class LoraRows:
 
     def batch(self, states: list) -> dict:
         """site -> [(rows, A [b', K, r], B [b', r, N], all rows in order?)], one entry per layout present."""
-        groups: dict = {}
-        for b, st in enumerate(states):
-            if st is not None:
-                groups.setdefault(st.layout, []).append((b, st))
         view = _View()
-        for members in groups.values():
-            rows = [b for b, _ in members]
-            everyone = rows == list(range(len(states)))
-            idx = torch.tensor(rows, device=self.device)
-            flats = self._gather([st.flat for _, st in members], view)  # the one copy of this batch composition
-            for site, (oa, k, r, ob, n) in members[0][1].sites.items():
-                a = flats[:, oa: oa + k * r].view(len(rows), k, r)
-                b = flats[:, ob: ob + r * n].view(len(rows), r, n)
+        for _, idx, members, everyone in row_groups(states, lambda st: st.layout, self.device):
+            flats = self._gather([st.flat for st in members], view)  # the one copy of this batch composition
+            for site, (oa, k, r, ob, n) in members[0].sites.items():
+                a = flats[:, oa: oa + k * r].view(len(members), k, r)
+                b = flats[:, ob: ob + r * n].view(len(members), r, n)
                 view.setdefault(site, []).append((idx, a, b, everyone))
         return view
 
@@ -125,12 +119,6 @@ class LoraRows:
     def _give_back(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._spare = ([buf] + self._spare)[:SPARE_BUFFERS]
-
-    def gain(self, view, index: int):
-        return None
-
-    def touches(self, view: dict, site: str) -> bool:
-        return site in view
 
     def linear(self, view: dict, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for rows, a, b, everyone in view.get(site, ()):

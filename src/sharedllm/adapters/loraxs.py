@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import SharedLLMError
 from . import Capabilities, register
+from .kernel import LinearRows, row_groups
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARAM = "loraxs_R"
@@ -124,7 +125,7 @@ class XSState:
     rank: int
 
 
-class LoraXSRows:
+class LoraXSRows(LinearRows):
     """The LoRA-XS kernel: per batch, the LoRA-XS rows grouped by rank; per targeted site, their R^T stacked once
     [b', r, r]; V_r^T and U_r S_r shared by the group (the base's own SVD, computed once per site and rank)."""
 
@@ -163,26 +164,13 @@ class LoraXSRows:
 
     def batch(self, states: list) -> dict:
         """site -> [(rows, V_r^T [r, K], U_r S_r [N, r], R^T [b', r, r], all rows in order?)], one per rank."""
-        groups: dict = {}
-        for i, st in enumerate(states):
-            if st is not None:
-                groups.setdefault(st.rank, []).append((i, st))
         view: dict = {}
-        for rank, members in groups.items():
-            rows = [i for i, _ in members]
-            everyone = rows == list(range(len(states)))
-            idx = torch.tensor(rows, device=self.device)
-            for site in members[0][1].sites:
+        for rank, idx, members, everyone in row_groups(states, lambda st: st.rank, self.device):
+            for site in members[0].sites:
                 us, vt = self._basis(site, rank)
-                rt = torch.stack([st.sites[site] for _, st in members]).transpose(1, 2)
+                rt = torch.stack([st.sites[site] for st in members]).transpose(1, 2)
                 view.setdefault(site, []).append((idx, vt, us, rt, everyone))
         return view
-
-    def gain(self, view, index: int):
-        return None
-
-    def touches(self, view: dict, site: str) -> bool:
-        return site in view
 
     def linear(self, view: dict, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for rows, vt, us, rt, everyone in view.get(site, ()):

@@ -23,6 +23,7 @@ import torch
 from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
+from .kernel import LinearRows, row_groups
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # numbers of theta (and of alpha) per output element
@@ -77,7 +78,7 @@ class RoadState:
     group_size: int
 
 
-class RoadRows:
+class RoadRows(LinearRows):
     """The RoAd kernel: per linear site, the rows that rotate it and their two vectors [b', N], stacked per batch
     (one entry per group size present)."""
 
@@ -108,26 +109,13 @@ class RoadRows:
 
     def batch(self, states: list) -> dict:
         """site -> [(rows, first [b', N], second [b', N], group_size, all rows in order?)], one per group size."""
-        groups: dict = {}
-        for i, st in enumerate(states):
-            if st is not None:
-                groups.setdefault(st.group_size, []).append((i, st))
         view: dict = {}
-        for g, members in groups.items():
-            rows = [i for i, _ in members]
-            everyone = rows == list(range(len(states)))
-            idx = torch.tensor(rows, device=self.device)
-            for site in members[0][1].sites:
-                first = torch.stack([st.sites[site][0] for _, st in members])
-                second = torch.stack([st.sites[site][1] for _, st in members])
+        for g, idx, members, everyone in row_groups(states, lambda st: st.group_size, self.device):
+            for site in members[0].sites:
+                first = torch.stack([st.sites[site][0] for st in members])
+                second = torch.stack([st.sites[site][1] for st in members])
                 view.setdefault(site, []).append((idx, first, second, g, everyone))
         return view
-
-    def gain(self, view, index: int):
-        return None
-
-    def touches(self, view: dict, site: str) -> bool:
-        return site in view
 
     def linear(self, view: dict, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for rows, first, second, g, everyone in view.get(site, ()):

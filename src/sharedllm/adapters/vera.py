@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..compat import quiet_peft_checkpointing_probe
 from ..errors import SharedLLMError
 from . import Capabilities, register
+from .kernel import LinearRows, row_groups
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."
@@ -85,7 +86,7 @@ class VeraState:
     key: tuple  # (seed, rank, in_max, out_max)
 
 
-class VeraRows:
+class VeraRows(LinearRows):
     """The VeRA kernel: per batch, the VeRA rows grouped by shared projections; per targeted site, the group's
     d [b', r] and b [b', N] stacked once, the GEMMs with A and B shared by the group."""
 
@@ -121,28 +122,15 @@ class VeraRows:
 
     def batch(self, states: list) -> dict:
         """site -> [(rows, A_K [r, K], B_N [N, r], d [b', r], b [b', N], all rows in order?)], one per key."""
-        groups: dict = {}
-        for i, st in enumerate(states):
-            if st is not None:
-                groups.setdefault(st.key, []).append((i, st))
         view: dict = {}
-        for key, members in groups.items():
-            rows = [i for i, _ in members]
-            everyone = rows == list(range(len(states)))
-            idx = torch.tensor(rows, device=self.device)
+        for key, idx, members, everyone in row_groups(states, lambda st: st.key, self.device):
             a, b = self._projections(key)
-            for site in members[0][1].sites:
+            for site in members[0].sites:
                 k, n = self.shapes[site]
-                d = torch.stack([st.sites[site][0] for _, st in members])
-                bv = torch.stack([st.sites[site][1] for _, st in members])
+                d = torch.stack([st.sites[site][0] for st in members])
+                bv = torch.stack([st.sites[site][1] for st in members])
                 view.setdefault(site, []).append((idx, a[:, :k], b[:n, :], d, bv, everyone))
         return view
-
-    def gain(self, view, index: int):
-        return None
-
-    def touches(self, view: dict, site: str) -> bool:
-        return site in view
 
     def linear(self, view: dict, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for rows, a, b, d, bv, everyone in view.get(site, ()):
