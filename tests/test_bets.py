@@ -87,6 +87,9 @@ def test_report_from_quick_results(res_dir, tmp_path):
     assert {"confusion_matrix.png", "loss_curves.png", "pareto.png", "scale_confusion_matrix.png",
             "scale_protocol.png"} <= names
     assert all((tmp_path / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    text = (tmp_path / "REPORT.md").read_text()  # the bets' own sections, from the quick results
+    assert "## The chat cohort across sizes" in text and "## adapter_frontier_screen on tiny" in text
+    assert "| qwen2.5-coder-1.5b | chat_scale | not run yet |" in text
 
 
 def test_cli_bet_and_bets(out_dir, tmp_path, capsys):

@@ -262,3 +262,23 @@ def test_committed_frontier_results_are_rejudged(bet_id):
             assert all(math.isfinite(c["nll"]) and c["tokens"] > 0 for c in cells if "nll" in c)
             for key in af.measured(cells, "chat"):
                 assert 0.0 <= af.stats(cells, "chat", key, bet.criteria["margin"])["fraction"] <= 1.0
+
+
+def test_report_section_from_a_checkpoint(tmp_path):
+    """A screen part-way: a provisional table of the methods measured so far and a provisional Pareto plot."""
+    pytest.importorskip("matplotlib")
+    cells = cohort(6, {"norm": {"wins": 4, "bytes": 100}, "lora_r4": {"wins": 1, "bytes": LIMIT * 8}})
+    cells += cohort(6, {"road": {"wins": 5, "bytes": 200}})[-1:]  # road: a dev cell only, no matrix yet
+    part = tmp_path / "partial" / "adapter_frontier_screen.json"
+    part.parent.mkdir()
+    part.write_text(json.dumps({"stamp": {}, "units": {"a": {"cells": cells}, "b": {"cells": []}}}))
+    lines = af.make_section("adapter_frontier_screen", af.SCREEN)(tmp_path, tmp_path / "plots", tmp_path)
+    head = next(x for x in lines if x.startswith("## "))
+    assert "PROVISIONAL: 2 units checkpointed" in head and "smollm2-135m-instruct" in head
+    rows = {x.split("|")[1].strip(): [c.strip() for c in x.split("|")[1:-1]] for x in lines if x.startswith("| ")}
+    assert set(rows) == {"method", "norm", "lora_r4"}  # road has no matrix yet
+    assert rows["norm"][2] == "100 / 50" and rows["norm"][4] == "4/6" and rows["lora_r4"][4] == "1/6"
+    assert rows["lora_r4"][-1].startswith("screened out: ") and rows["norm"][-1] == "kept"
+    plot = tmp_path / "plots" / "adapter_frontier_screen_smollm2-135m-instruct_provisional.png"
+    assert plot.read_bytes()[:4] == b"\x89PNG" and any(plot.name in x for x in lines)
+    assert af.make_section("adapter_frontier", af.FULL)(tmp_path, tmp_path / "plots", tmp_path) == []

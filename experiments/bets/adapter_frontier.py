@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -676,6 +676,69 @@ def make_plots(bet_id: str, filename: str):
     return plots
 
 
+FRONTIER_COLUMNS = ("method", "lr", "bytes/user fp16 / int8", "trainable numbers", "own wins >= 5 %",
+                    "own vs best other (median, range)", "own vs base (median, range)", "general (worst own)",
+                    "CPU-s/adapter", "screen rule")
+
+
+def frontier_rows(cells: list, criteria: dict, screen: bool, cohort: str = "chat") -> list:
+    """One row per measured method (and baseline) of the cohort; the screen rule's call where it is a screen."""
+    out = screen_out(cells, criteria, cohort) if screen else {}
+    rows = []
+    for key in measured(cells, cohort):
+        s = stats(cells, cohort, key, criteria["margin"])
+        leads = [p["lead"] for p in s["users"].values()]
+        gains = [p["gain"] for p in s["users"].values()]
+        baseline = key in BASELINES
+        rows.append({"method": key, "lr": "" if baseline else f"{chosen_lr(cells, key):g}",
+                     "bytes/user fp16 / int8": "0 (the user's text)" if baseline else
+                     f"{s['bytes']:,} / {s['int8_bytes']:,}",
+                     "trainable numbers": "" if baseline else f"{s['params']:,}",
+                     "own wins >= 5 %": f"{sum(p['won'] for p in s['users'].values())}/{len(s['users'])}",
+                     "own vs best other (median, range)": f"{_pct(s['median_lead'])} % ({_pct(min(leads))} to "
+                                                           f"{_pct(max(leads))})",
+                     "own vs base (median, range)": f"{_pct(statistics.median(gains))} % ({_pct(min(gains))} to "
+                                                     f"{_pct(max(gains))})",
+                     "general (worst own)": f"x{s['general']:.3f}" if s["general"] is not None else "",
+                     "CPU-s/adapter": "" if baseline else f"{s['cpu_s']:.0f}",
+                     "screen rule": ("screened out: " + out[key]) if key in out else ("kept" if screen and not baseline
+                                                                                     else "")})
+    return rows
+
+
+def make_section(bet_id: str, plan: Plan):
+    """REPORT.md's section of bet `bet_id`: its table (and, for a run in progress, a provisional Pareto plot) per
+    base it ran on, from the result or from the units checkpointed so far."""
+    def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
+        from sharedllm.bets.report import runs_of
+
+        lines = []
+        for run in runs_of(results_dir, bet_id):
+            criteria = run.result["criteria"] if run.result else CRITERIA
+            rows = frontier_rows(run.cells, criteria, plan.screen)
+            if not rows:
+                continue
+            state = (f"**{run.result['verdict']}**" if run.result else
+                     f"in progress, PROVISIONAL: {len(run.units)} units checkpointed; the screen rule and any verdict "
+                     "wait for every method")
+            lines += ["", f"## {bet_id} on {run.base} ({run.dtype}): {state}", "",
+                      "Per method at its dev-chosen lr: the chat senders' own adapters against every other sender's "
+                      "adapter of the same method and the bare base (a win: >= 5 % lower held-out ppl than every "
+                      "rival); in-context: the sender's own most recent training text as a prefix, against another "
+                      "sender's text as the prefix. Bytes: the own adapter's file.", "",
+                      "| " + " | ".join(FRONTIER_COLUMNS) + " |", "|" + "---|" * len(FRONTIER_COLUMNS)]
+            lines += ["| " + " | ".join(r[c] for c in FRONTIER_COLUMNS) + " |" for r in rows]
+            if run.partial:
+                Path(plots_dir).mkdir(parents=True, exist_ok=True)
+                plot = pareto_plot({"cells": run.cells, "criteria": criteria},
+                                   Path(plots_dir) / f"{bet_id}_{run.base}_provisional.png",
+                                   f"{bet_id} ({run.base}) PROVISIONAL, {len(run.units)} units: median and range "
+                                   "over senders")
+                lines += ["", f"![{plot.stem}]({os.path.relpath(plot, root)})"]
+        return lines
+    return report_section
+
+
 def make_bet(bet_id: str, plan: Plan, hypothesis: str, criteria: dict) -> Bet:
     return Bet(id=bet_id, slug=bet_id, version=1, hypothesis=hypothesis, criteria=criteria, run=make_run(plan),
                verdict=make_verdict(plan), summary=make_summary(plan), side_verdicts=side_verdicts,
@@ -684,6 +747,7 @@ def make_bet(bet_id: str, plan: Plan, hypothesis: str, criteria: dict) -> Bet:
 
 BET = make_bet("adapter_frontier", FULL, HYPOTHESIS, CRITERIA)
 plots = make_plots("adapter_frontier", "adapter_frontier_pareto.png")
+report_section = make_section("adapter_frontier", FULL)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

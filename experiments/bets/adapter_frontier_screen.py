@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sharedllm.bets.harness import main
 
-from .adapter_frontier import CRITERIA, SCREEN, make_bet, make_plots
+from .adapter_frontier import CRITERIA, SCREEN, make_bet, make_plots, make_section
 
 HYPOTHESIS = ("Screen of adapter_frontier (default base unless --base, 6 chat senders, 50 steps): some adapter method "
               "of <= 256 KiB per user (fp16 file) makes each sender's own adapter >= 5 % lower held-out ppl than "
@@ -23,6 +23,7 @@ CRITERIA = {**CRITERIA, "STRICT": {**CRITERIA["STRICT"], "users": len(SCREEN.cha
             "screen": "a screen on fewer senders and steps; the verdict is adapter_frontier's at 0.5B"}
 BET = make_bet("adapter_frontier_screen", SCREEN, HYPOTHESIS, CRITERIA)
 plots = make_plots("adapter_frontier_screen", "adapter_frontier_screen_pareto.png")
+report_section = make_section("adapter_frontier_screen", SCREEN)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))

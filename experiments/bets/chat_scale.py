@@ -24,6 +24,8 @@ checkpoint (results/other/<base>-bf16/partial/chat_scale.json) that a later run 
 from __future__ import annotations
 
 import math
+import statistics
+from pathlib import Path
 
 from sharedllm.bets.cells import confusion_outcomes, one, ppl, scored, select, values
 from sharedllm.bets.common import GENERAL
@@ -283,6 +285,121 @@ def summary(cells: list) -> str:
     return (f"lr chosen on {len(DEV_USERS)} dev senders' dev slices (mean log dev ppl ratio to the base) {dev}; "
             + "; ".join(_method_line(cells, m) for m in METHODS)
             + f"; LoRA beats norm for {lora}/{len(users)}; bytes norm {sizes['norm']:,}, LoRA {sizes['lora']:,}")
+
+
+# ---- REPORT.md: the chat cohort across sizes (chat_cohort at 135M, this bet on each larger base) ----
+
+SIZES = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")  # the larger bases issue 31 asks for
+COLUMNS = ("base", "bet (lr source)", "status", "norm lr", "norm: own wins >= 5 %", "norm own vs base",
+           "norm own vs best other", "general (worst own norm)", "LoRA-r4 lr", "LoRA: own wins >= 5 %",
+           "LoRA vs base", "LoRA beats norm", "real norm vs random-token norm")
+
+
+def _median(xs: list) -> str:
+    return f"{100 * statistics.median(xs):+.1f} % ({100 * min(xs):+.1f} to {100 * max(xs):+.1f})"
+
+
+def matrix_numbers(conf: list) -> dict:
+    """A confusion matrix's per-user numbers: wins, own ppl, gain over the base, lead over the best other adapter."""
+    users = values(select(conf, adapter="base"), "user")
+    own = {u: ppl(conf, user=u, adapter=u) for u in users}
+    lead = [1 - own[u] / min(ppl(conf, user=u, adapter=a) for a in values(conf, "adapter", user=u)
+                             if a not in (u, "base")) for u in users]
+    won = sum(w for w, _ in confusion_outcomes(conf, CRITERIA["margin"]).values())
+    return {"users": users, "own": own, "won": f"{won}/{len(users)}", "lead": _median(lead),
+            "gain": _median([1 - own[u] / ppl(conf, user=u, adapter="base") for u in users])}
+
+
+def complete(cells: list, method: str) -> bool:
+    """The method's matrix has a row for every sender with a base row (a checkpoint may hold only some)."""
+    users = set(values(select(cells, kind="confusion", method="none"), "user"))
+    return bool(users) and set(values(select(cells, kind="confusion", method=method), "adapter")) >= users
+
+
+def dev_done(cells: list, method: str) -> bool:
+    """Every grid lr's dev units are in (each: the dev sender's slice and general text's), with the base's."""
+    return len(select(cells, kind="dev", method=method)) == 2 * len(GRID[method]) * len(DEV_USERS) \
+        and bool(select(cells, kind="dev", method="none"))
+
+
+def scale_row(run) -> dict:
+    """One chat_scale run (a result, or a checkpoint: what its units already show) as a row of the table."""
+    cells, row = run.cells, {"base": run.base, "bet (lr source)": "chat_scale (dev-slice grid on this base)"}
+    if run.partial:
+        dev = sum(dev_done(cells, m) for m in METHODS)
+        row["status"] = f"partial: {len(run.units)} units (dev screen {dev}/{len(METHODS)} methods)"
+    else:
+        row["status"] = f"**{run.result['verdict']}** ({run.dtype})"
+    for m, label in (("norm", "norm"), ("lora", "LoRA-r4")):
+        if not dev_done(cells, m):
+            done = [lr for lr in GRID[m] if len(select(cells, kind="dev", method=m, lr=lr)) == 2 * len(DEV_USERS)]
+            row[f"{label} lr"] = "dev: " + (", ".join(f"{lr:g} {dev_score(cells, m, lr):+.3f}" for lr in done)
+                                            or "none yet")
+            continue
+        lr = chosen_lr(cells, m)
+        row[f"{label} lr"] = f"{lr:g}" + (" (grid edge)" if lr in (min(GRID[m]), max(GRID[m])) else "")
+        if complete(cells, m):
+            numbers = matrix_numbers(matrix(cells, m))
+            if m == "norm":
+                row.update({"norm: own wins >= 5 %": numbers["won"], "norm own vs base": numbers["gain"],
+                            "norm own vs best other": numbers["lead"]})
+                general = general_ratios(cells, "norm")
+                row["general (worst own norm)"] = f"x{max(general.values()):.3f}" if general else ""
+            else:
+                row.update({"LoRA: own wins >= 5 %": numbers["won"], "LoRA vs base": numbers["gain"]})
+    if complete(cells, "norm") and complete(cells, "lora") and dev_done(cells, "lora"):
+        own = {m: {u: ppl(cells, kind="confusion", method=m, adapter=u, user=u) for u in values(
+            select(cells, kind="confusion", method="lora"), "user")} for m in METHODS}
+        row["LoRA beats norm"] = f"{sum(own['lora'][u] < own['norm'][u] for u in own['lora'])}/{len(own['lora'])}"
+    rand = values(cells, "user", kind="random", method="norm")
+    if rand and complete(cells, "norm") and dev_done(cells, "norm"):
+        own = {u: ppl(cells, kind="confusion", method="norm", adapter=u, user=u) for u in rand}
+        row["real norm vs random-token norm"] = _median([1 - own[u] / ppl(cells, kind="random", method="norm", user=u)
+                                                         for u in rand])
+    return row
+
+
+def cohort_row(run) -> dict:
+    """chat_cohort's result (the default base, lr_sensitivity's tuned lrs transferred) in the same columns."""
+    from .chat_cohort import matrix_at, tuned_norm_lr
+
+    cells = run.cells
+    if run.partial:
+        return {"base": run.base, "bet (lr source)": "chat_cohort", "status": f"partial: {len(run.units)} units"}
+    lr = tuned_norm_lr(cells)
+    numbers = matrix_numbers(matrix_at(cells, lr))
+    lora = run.result["config"].get("tuned_lrs", {}).get("lora")
+    lora_ppl = {u: ppl(cells, kind="lora", user=u, lr=lora) for u in numbers["users"]} if lora else {}
+    row = {"base": run.base, "bet (lr source)": "chat_cohort (lr_sensitivity's tuned lrs)",
+           "status": f"**{run.result['verdict']}** ({run.dtype})", "norm lr": f"{lr:g}",
+           "norm: own wins >= 5 %": numbers["won"], "norm own vs base": numbers["gain"],
+           "norm own vs best other": numbers["lead"], "general (worst own norm)": "not scored",
+           "LoRA-r4 lr": f"{lora:g}" if lora else "", "LoRA: own wins >= 5 %": "not measured",
+           "real norm vs random-token norm": "not run"}
+    if lora_ppl:
+        base = {u: ppl(cells, kind="confusion", adapter="base", user=u) for u in numbers["users"]}
+        row["LoRA vs base"] = _median([1 - lora_ppl[u] / base[u] for u in numbers["users"]])
+        row["LoRA beats norm"] = f"{sum(lora_ppl[u] < numbers['own'][u] for u in numbers['users'])}/{len(lora_ppl)}"
+    return row
+
+
+def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
+    """REPORT.md's chat-cohort section: the 12 real chat senders at each size, finished or as far as checkpointed."""
+    from sharedllm.bets.report import runs_of
+
+    runs = runs_of(results_dir, "chat_scale")
+    rows = [cohort_row(r) for r in runs_of(results_dir, "chat_cohort")] + [scale_row(r) for r in runs]
+    rows += [{"base": b, "bet (lr source)": "chat_scale", "status": "not run yet"} for b in SIZES
+             if b not in {r.base for r in runs}]
+    lines = ["", "## The chat cohort across sizes", "",
+             "The 12 real chat senders (data/corpora/chat): each sender's own adapter against every other sender's "
+             "adapter of the same method and the bare base, on that sender's three held-out eval texts; a win is "
+             ">= 5 % lower ppl than every rival. Percentages: median (range) over senders of 1 - ppl(own) / "
+             "ppl(comparison). chat_cohort took the default base's lrs from lr_sensitivity; chat_scale chooses each "
+             "method's lr on the base's own dev slices (3 dev senders). A run in progress shows what its checkpointed "
+             "units already give (an lr choice needs every dev unit, a matrix every row; blank: not yet).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
 
 
 BET = Bet(id="chat_scale", slug="chat_scale", version=1, hypothesis=HYPOTHESIS, criteria=CRITERIA, run=run,

@@ -20,6 +20,7 @@ from sharedllm import registry
 from sharedllm.base import load_base
 from sharedllm.bets.cells import beats, best_other_adapter, confusion_outcomes, ppl, select, values
 from sharedllm.bets.harness import Bet, MissingDependency, grade, main, not_run
+from sharedllm.bets.report import runs_of
 from sharedllm.errors import SharedLLMError
 
 from .common import adapter_cells, footprint, in_fleets
@@ -478,11 +479,6 @@ def trend_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def _partial_cells(path: Path) -> list:
-    units = json.loads(path.read_text()).get("units", {})
-    return [c for u in units.values() for c in u["cells"]]
-
-
 def _dtype(dtype: str) -> str:
     """The status suffix " (bf16)" of a run in a compute dtype other than fp32 (--dtype), else nothing."""
     return f" ({dtype})" if dtype != "fp32" else ""
@@ -501,21 +497,13 @@ def scale_runs(results_dir: Path) -> list:
     """A ScaleRun for the default base's result and each results/other/<base>/ run (a finished result, else its
     checkpoint), in order of base size."""
     runs = []
-    for folder in [Path(results_dir)] + sorted(Path(results_dir, "other").glob("*")):
-        done, part = folder / "scale_protocol.json", folder / "partial" / "scale_protocol.json"
-        if done.is_file():
-            r = json.loads(done.read_text())
-            dtype = r["config"].get("dtype", "fp32")
-            status = r["verdict"] + (" (incomplete)" if r.get("incomplete") else "") + _dtype(dtype)
-            runs.append(ScaleRun(r["config"]["base"], status, r["cells"], dtype))
-        elif part.is_file():
-            data = json.loads(part.read_text())
-            dtype = data.get("stamp", {}).get("dtype", "fp32")
-            base = folder.name.removesuffix(f"-{dtype}")  # other/<base>-bf16/
-            runs.append(ScaleRun(base, f"partial: {len(data.get('units', {}))} units{_dtype(dtype)}",
-                                 _partial_cells(part), dtype, partial=True))
-    size = {nb.name: nb.params for nb in registry.BASES.values()}
-    return sorted(runs, key=lambda run: size.get(run.base, 0))
+    for run in runs_of(results_dir, "scale_protocol"):
+        if run.partial:
+            status = f"partial: {len(run.units)} units{_dtype(run.dtype)}"
+        else:
+            status = run.result["verdict"] + (" (incomplete)" if run.result.get("incomplete") else "") + _dtype(run.dtype)
+        runs.append(ScaleRun(run.base, status, run.cells, run.dtype, partial=run.partial))
+    return runs
 
 
 def trend_rows(runs: list, norm_bytes: dict | None = None) -> list:

@@ -9,6 +9,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from sharedllm.atomic import write_text_atomic
 from sharedllm.errors import SharedLLMError
@@ -38,6 +39,41 @@ def load_results(folder: Path) -> dict:
         if path is not None:
             out[bet_id] = json.loads(path.read_text())
     return out
+
+
+class Run(NamedTuple):
+    """One run of a bet on one base: its finished result, else its checkpoint (result None, the units so far)."""
+    base: str
+    dtype: str
+    cells: list
+    result: dict | None = None
+    units: tuple = ()
+
+    @property
+    def partial(self) -> bool:
+        return self.result is None
+
+
+def runs_of(results_dir: Path, module: str) -> list:
+    """Every run of bet module `module`: `results_dir` (the default base) and each results/other/<base>[-dtype]/
+    folder, a finished result where there is one, else its checkpoint (partial/<module>.json); by base size."""
+    from sharedllm import registry
+
+    runs = []
+    for folder in [Path(results_dir)] + sorted(Path(results_dir, "other").glob("*")):
+        done, part = folder / f"{module}.json", folder / "partial" / f"{module}.json"
+        if done.is_file():
+            r = json.loads(done.read_text())
+            runs.append(Run(r["config"]["base"], r["config"].get("dtype", "fp32"), r["cells"], r))
+        elif part.is_file():
+            data = json.loads(part.read_text())
+            dtype = data.get("stamp", {}).get("dtype", "fp32")
+            base = folder.name.removesuffix(f"-{dtype}") if folder != Path(results_dir) else \
+                registry.resolve("default").name
+            units = data.get("units", {})
+            runs.append(Run(base, dtype, [c for u in units.values() for c in u.get("cells", [])], None, tuple(units)))
+    size = {nb.name: nb.params for nb in registry.BASES.values()}
+    return sorted(runs, key=lambda run: size.get(run.base, 0))
 
 
 def dtype_note(r: dict) -> str:

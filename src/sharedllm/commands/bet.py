@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "run a catalogue bet by id (13, 37, 46, 49, 52-55, 58, 60, 61, 63, scale_protocol); results are reused"
+HELP = ("run a pre-registered bet by id (e.g. 49, scale_protocol, chat_scale; `sharedllm bets list` lists them); "
+        "results and checkpointed units are reused")
 
 
 def add_bets_dir(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,116 @@
+"""Bet chat_scale: the lr choice on the dev slices, the verdict rule at its boundaries on constructed cells, and the
+report's chat-cohort table from a finished result or from a checkpoint part-way through."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+
+from sharedllm.bets.cells import scored
+from sharedllm.bets.harness import get_bet
+
+cs = importlib.import_module("experiments.bets.chat_scale")
+name = importlib.import_module("experiments.bets.chat_cohort").name
+BET = get_bet("chat_scale")
+SENDERS = [name(u) for u in cs.USERS]
+DEV = [name(u) for u in cs.DEV_USERS]
+T = 1000
+
+
+def cell(p: float, **kw) -> dict:
+    return scored(math.log(p) * T, T, text=0, **kw)
+
+
+def dev_cells(best: dict, methods=cs.METHODS) -> list:
+    """The dev screen: base ppl 10 on every dev slice; each grid lr 9, the `best` lr of each method 8."""
+    out = [cell(10.0, kind="dev", method="none", lr=0.0, adapter="base", user=u) for u in DEV]
+    out.append(cell(20.0, kind="dev", method="none", lr=0.0, adapter="base", user="general"))
+    for m in methods:
+        for lr in cs.GRID[m]:
+            for u in DEV:
+                p = 8.0 if lr == best[m] else 9.0
+                out += [cell(p, kind="dev", method=m, lr=lr, adapter=u, user=u, bytes=100, params=50, train_s=1.0),
+                        cell(20.0, kind="dev", method=m, lr=lr, adapter=u, user="general")]
+    return out
+
+
+def matrix_cells(method: str, lr: float, wins: int, general: float = 1.0, rows: int | None = None) -> list:
+    """The method's confusion rows (the first `rows` senders' adapters): own 6 % below every rival for the first
+    `wins` senders, 4 % for the others; rivals 9; general ppl 20 x `general`."""
+    out = []
+    for i, a in enumerate(SENDERS[:rows]):
+        for u in SENDERS:
+            p = 9.0 * (1 - (0.06 if i < wins else 0.04)) if a == u else 9.0
+            out.append(cell(p, kind="confusion", method=method, adapter=a, user=u, lr=lr))
+        out.append(cell(20.0 * general, kind="general", method=method, adapter=a, user="general", lr=lr))
+    return out
+
+
+def base_cells() -> list:
+    return [cell(10.0, kind="confusion", method="none", adapter="base", user=u, lr=0.0) for u in SENDERS] + \
+        [cell(20.0, kind="general", method="none", adapter="base", user="general", lr=0.0)]
+
+
+BEST = {"norm": 2e-3, "lora": 2e-4}
+
+
+def full(norm_wins: int, lora_wins: int = 12, general: float = 1.0) -> list:
+    return dev_cells(BEST) + base_cells() + matrix_cells("norm", BEST["norm"], norm_wins, general) + \
+        matrix_cells("lora", BEST["lora"], lora_wins)
+
+
+@pytest.mark.parametrize("wins,want", [(11, "STRICT_PASS"), (10, "LENIENT_PASS"), (7, "LENIENT_PASS"), (6, "FAIL"),
+                                       (4, "FAIL"), (3, "CATASTROPHIC")])
+def test_verdict_at_its_boundaries(wins, want):  # 11/12 >= 0.9 > 10/12; 7/12 > 1/2 = 6/12; 3/12 <= 1/4 < 4/12
+    assert BET.verdict(full(wins), BET.criteria) == want
+
+
+def test_the_lr_is_chosen_on_the_dev_slices_and_the_matrix_must_be_at_it():
+    cells = full(12)
+    assert cs.chosen_lr(cells, "norm") == 2e-3 and cs.chosen_lr(cells, "lora") == 2e-4
+    moved = dev_cells({"norm": 5e-3, "lora": 2e-4}) + base_cells() + matrix_cells("norm", 2e-3, 12)
+    with pytest.raises(AssertionError, match="dev slices choose 0.005"):
+        cs.matrix(moved, "norm")
+    tie = dev_cells({"norm": None, "lora": None})  # every lr scores the same: the smaller one
+    assert cs.chosen_lr(tie, "norm") == min(cs.GRID["norm"])
+
+
+def test_side_verdicts_judge_lora_and_the_general_text_bound():
+    sides = BET.side_verdicts(full(12, lora_wins=2, general=1.06), BET.criteria)
+    assert list(sides.values()) == ["CATASTROPHIC", "LENIENT_PASS"]  # LoRA 2/12; norm 12/12 but general 1.06 > 1.05
+
+
+def write_checkpoint(folder, cells: list, units: int) -> None:
+    part = folder / "other" / "qwen2.5-coder-0.5b-bf16" / "partial" / "chat_scale.json"
+    part.parent.mkdir(parents=True)
+    part.write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {
+        f"unit{i}": {"cells": cells if i == 0 else []} for i in range(units)}}))
+
+
+def table(lines: list) -> dict:
+    head = next(x for x in lines if x.startswith("| base |"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    return {r[0]: dict(zip(cols, r)) for r in ([c.strip() for c in x.strip("|").split("|")]
+                                               for x in lines if x.startswith("| ") and x != head)}
+
+
+def test_report_table_from_a_checkpoint_part_way(tmp_path):
+    cells = dev_cells(BEST, methods=("norm",)) + base_cells() + matrix_cells("norm", BEST["norm"], 8, rows=5)
+    write_checkpoint(tmp_path, cells, 9)
+    rows = table(cs.report_section(tmp_path, tmp_path / "plots", tmp_path))
+    row = rows["qwen2.5-coder-0.5b"]
+    assert row["status"] == "partial: 9 units (dev screen 1/2 methods)"
+    assert row["norm lr"] == "0.002" and row["norm: own wins >= 5 %"] == ""  # 5 of 12 rows: no numbers yet
+    assert row["LoRA-r4 lr"] == "dev: none yet"
+    assert rows["qwen2.5-coder-1.5b"]["status"] == "not run yet"
+
+
+def test_report_table_once_the_matrices_are_in(tmp_path):
+    write_checkpoint(tmp_path, full(8, lora_wins=3), 40)
+    row = table(cs.report_section(tmp_path, tmp_path / "plots", tmp_path))["qwen2.5-coder-0.5b"]
+    assert row["norm: own wins >= 5 %"] == "8/12" and row["LoRA: own wins >= 5 %"] == "3/12"
+    assert row["norm own vs best other"].startswith("+6.0 % (+4.0 to +6.0)")
+    assert row["norm own vs base"].startswith("+15.4 %")  # 1 - 9 x 0.94 / 10, the median of 8 wins and 4 others
+    assert row["general (worst own norm)"] == "x1.000" and row["LoRA beats norm"] == "0/12"
