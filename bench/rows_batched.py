@@ -1,9 +1,11 @@
 """Per-row adapters in one batch vs one at a time, on the engine (no HTTP), side by side in one run.
 
-For each kind of row (base-only, norm, LoRA-r4 on all seven projections), N users each with their own adapter
+For each kind of row (base-only, then every method with a per-row kernel: norm, LoRA-r4 on all seven projections,
+(IA)^3, VeRA, LoRA-XS, RoAd, each at its default config), N users each with their own adapter
 (seeded perturbations of a fresh adapter: the kernel's cost does not depend on the values) generate T greedy
 tokens from 32-token prompts: all N submitted at once to one continuous-batching engine, then the same N one
-after another. Prints aggregate tok/s for each and the ratios (batched / one at a time; LoRA / norm; LoRA / base),
+after another. Prints aggregate tok/s for each and the ratios (batched / one at a time; each method / norm and /
+base),
 and the cost of building a batch's per-row views (once per batch composition) next to one decode step.
 
     PYTHONPATH=src python bench/rows_batched.py --base qwen2.5-coder-0.5b --users 8 --tokens 32 --threads 2
@@ -23,7 +25,14 @@ from sharedllm.serve.scheduler import Engine, Job
 
 from machine import describe
 
-KINDS = ("base", "norm", "lora")
+
+
+def kinds() -> list:
+    """base, then every registered method that runs per row (Capabilities.rows)."""
+    from sharedllm.adapters import METHODS
+
+    found = [name for name, m in METHODS.items() if m.caps.rows is not None]
+    return ["base"] + sorted(found, key=lambda name: (name != "norm", name != "lora", name))
 
 
 def states(rm: RowModel, base, kind: str, n: int) -> list:
@@ -75,7 +84,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=None, help="comma-separated (default: base and every per-row method)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load_base(args.base)
@@ -88,7 +97,7 @@ def main() -> None:
     result = {}
     try:
         run(engine, states(rm, base, "base", 2), ps, 4, True)  # warm-up
-        for kind in args.kinds.split(","):
+        for kind in args.kinds.split(",") if args.kinds else kinds():
             rows = states(rm, base, kind, args.users)
             together = run(engine, rows, ps, args.tokens, True)
             alone = run(engine, rows, ps, args.tokens, False)
@@ -97,14 +106,15 @@ def main() -> None:
                             "batch_build_ms": build_ms(rm, rows),
                             "mb_per_user": rows[0].nbytes / 1e6}
             r = result[kind]
-            print(f"{kind:5s} batched {r['batched_tok_s']:7.2f} tok/s   one at a time {r['alone_tok_s']:7.2f} tok/s"
+            print(f"{kind:6s} batched {r['batched_tok_s']:7.2f} tok/s   one at a time {r['alone_tok_s']:7.2f} tok/s"
                   f"   batched / alone {r['ratio']:5.2f}x   view build {r['batch_build_ms']:7.1f} ms"
                   f"   {r['mb_per_user']:.2f} MB/user (fp32)")
     finally:
         engine.close()
-    for a, b in (("lora", "norm"), ("lora", "base"), ("norm", "base")):
-        if a in result and b in result:
-            print(f"{a} / {b} batched throughput: {result[a]['batched_tok_s'] / result[b]['batched_tok_s']:.2f}x")
+    for b in ("norm", "base"):
+        for a in (k for k in result if k not in (b, "base")):
+            if b in result:
+                print(f"{a} / {b} batched throughput: {result[a]['batched_tok_s'] / result[b]['batched_tok_s']:.2f}x")
     print(json.dumps({"base": base.name, "users": args.users, "tokens": args.tokens, "threads": args.threads,
                       "machine": describe(), "result": result}))
 
