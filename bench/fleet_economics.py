@@ -1,5 +1,6 @@
 """Fleet economics (issue 32 item 5): per base and per-user format, bytes per user, the 215,000-user fleet's
-storage, CPU-minutes to train one user, and held-out ppl relative to the raw adapter, from committed measurements.
+storage, CPU-minutes to train one user, held-out ppl relative to the raw adapter and decode throughput served in a
+mixed batch relative to norm adapters', from committed measurements.
 
     python bench/fleet_economics.py [--users 215000] [--json]
 
@@ -32,6 +33,9 @@ CPU_S_PER_STEP = {
     ("qwen2.5-coder-1.5b", "lora-r4"): (19.6, "BENCHMARKS '1.5B in bf16': bench/base_steps.py, bf16, 1 thread"),
 }
 TRAIN_STEP_RESULT = "train_step_{base}.json"  # bench/train_step.py's printed JSON: per row its cpu_s_per_step
+METHOD_BYTES = "method_bytes_{base}.json"  # bench/method_bytes.py: every method's files at its default config
+ROWS_METHODS = "rows_methods_{base}.json"  # bench/rows_batched.py: 16 users batched, every per-row method
+ROW_NAME = {"norm fp16": "norm", "lora-r4 fp16": "lora"}
 
 
 def human(n: float) -> str:
@@ -58,15 +62,47 @@ def cpu_minutes(base: str, fmt: str) -> tuple[str, str]:
     return "not measured", ""
 
 
+def served(base: str, method: str | None) -> str:
+    """Decode throughput of 16 users of this method in one batch over 16 norm users' (bench/rows_batched.py)."""
+    r = (load(ROWS_METHODS.format(base=base)) or {}).get("result", {})
+    if method is None or method not in r or "norm" not in r:
+        return ""
+    return f"{r[method]['batched_tok_s'] / r['norm']['batched_tok_s']:.2f}x ({ROWS_METHODS.format(base=base)})"
+
+
+def method_rows(base: str, users: int) -> list[dict]:
+    """The KB-scale methods beside norm and LoRA: file bytes measured at their default configs."""
+    found = load(METHOD_BYTES.format(base=base))
+    if not found:
+        return []
+    out = []
+    for method, m in found["methods"].items():
+        if method in ("norm", "lora"):
+            continue
+        out.append({"base": base, "format": f"{method} fp16 (default config, {m['numbers']:,} numbers; int8 file "
+                                            f"{m['int8_bytes']:,} B)",
+                    "bytes": m["fp16_bytes"], "fleet": m["fp16_bytes"] * users,
+                    "bytes_src": f"measured: {METHOD_BYTES.format(base=base)}", "cpu_min": "not measured",
+                    "cpu_src": "", "ppl_vs_raw": "1 (raw)", "ppl_src": "",
+                    "served": served(base, method) if m["per_row"] else "not served per row"})
+    return out
+
+
 def rows(users: int) -> list[dict]:
     out = []
     for base, trainable in TRAINABLE.items():
         for fmt in ("norm", "lora-r4"):
             nbytes = 2 * trainable[fmt] + HEADER[fmt]
+            src = "measured: the file" if base == "smollm2-135m-instruct" else "arithmetic"
+            measured = (load(METHOD_BYTES.format(base=base)) or {}).get("methods", {}).get(ROW_NAME[f"{fmt} fp16"])
+            if measured:
+                nbytes, src = measured["fp16_bytes"], f"measured: {METHOD_BYTES.format(base=base)}"
             cpu, cpu_src = cpu_minutes(base, fmt)
             out.append({"base": base, "format": f"{fmt} fp16", "bytes": nbytes, "fleet": nbytes * users,
-                        "bytes_src": "measured: the file" if base == "smollm2-135m-instruct" else "arithmetic",
-                        "cpu_min": cpu, "cpu_src": cpu_src, "ppl_vs_raw": "1 (raw)", "ppl_src": ""})
+                        "bytes_src": src,
+                        "cpu_min": cpu, "cpu_src": cpu_src, "ppl_vs_raw": "1 (raw)", "ppl_src": "",
+                        "served": served(base, ROW_NAME[f"{fmt} fp16"])})
+        out += method_rows(base, users)
         comp = load(f"lora_compress_{base}.json")
         if comp:  # each user gets what `compress --policy` ships for them
             chosen = [u["schemes"][u["policy"]] for u in comp["users"].values()]
@@ -99,18 +135,20 @@ def rows(users: int) -> list[dict]:
             out.append({"base": base, "format": "lora-r4, joint core K = 4", "bytes": core, "fleet": core * users,
                         "bytes_src": "arithmetic; + shared bases once", "cpu_min": "", "cpu_src": "",
                         "ppl_vs_raw": "not measured", "ppl_src": ""})
+    for r in out:  # compressed and joint LoRAs are served as the LoRA they decode to
+        r.setdefault("served", served(r["base"], "lora") if r["format"].startswith("lora-r4") else "")
     return out
 
 
 def markdown(table: list[dict], users: int) -> str:
-    lines = [f"| base | format | bytes / user | {users:,} users | CPU-min / user (100 steps) | held-out ppl / raw |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [f"| base | format | bytes / user | {users:,} users | CPU-min / user (100 steps) | held-out ppl / raw | "
+             "served, 16 users batched / norm's |", "|---|---|---:|---:|---:|---|---|"]
     for r in table:
         b = "not measured" if r["bytes"] is None else f"{r['bytes']:,.0f} ({r['bytes_src']})"
         f = "" if r["fleet"] is None else human(r["fleet"])
         cpu = f"{r['cpu_min']} ({r['cpu_src']})" if r["cpu_src"] else r["cpu_min"]
         ppl = f"{r['ppl_vs_raw']} ({r['ppl_src']})" if r["ppl_src"] else r["ppl_vs_raw"]
-        lines.append(f"| {r['base']} | {r['format']} | {b} | {f} | {cpu} | {ppl} |")
+        lines.append(f"| {r['base']} | {r['format']} | {b} | {f} | {cpu} | {ppl} | {r.get('served', '')} |")
     return "\n".join(lines)
 
 
