@@ -114,3 +114,54 @@ def test_report_table_once_the_matrices_are_in(tmp_path):
     assert row["norm own vs best other"].startswith("+6.0 % (+4.0 to +6.0)")
     assert row["norm own vs base"].startswith("+15.4 %")  # 1 - 9 x 0.94 / 10, the median of 8 wins and 4 others
     assert row["general (worst own norm)"] == "x1.000" and row["LoRA beats norm"] == "0/12"
+
+
+# ---- what is committed: a result is judged by the module and by an independent rule; a checkpoint parses ----
+
+def independent(cells: list, criteria: dict) -> str:
+    """chat_scale's verdict written again from the criteria: the dev choice, then norm's matrix, from raw nll."""
+    def pp(rows):
+        return math.exp(sum(c["nll"] for c in rows) / sum(c["tokens"] for c in rows))
+
+    def sel(**w):
+        return [c for c in cells if all(c.get(k) == x for k, x in w.items())]
+
+    dev_users = criteria["dev_users"]
+    score = {lr: sum(math.log(pp(sel(kind="dev", method="norm", lr=lr, user=u)) /
+                              pp(sel(kind="dev", method="none", user=u))) for u in dev_users)
+             for lr in criteria["grid"]["norm"]}
+    lr = min(score, key=lambda x: (round(score[x], 12), x))
+    users = sorted({c["user"] for c in sel(kind="confusion", method="none")})
+    won = 0
+    for u in users:
+        own = pp(sel(kind="confusion", method="norm", lr=lr, adapter=u, user=u))
+        rivals = [pp(sel(kind="confusion", method="norm", lr=lr, adapter=a, user=u))
+                  for a in {c["adapter"] for c in sel(kind="confusion", method="norm", user=u)} if a != u]
+        won += own <= (1 - criteria["margin"]) * min(rivals + [pp(sel(kind="confusion", method="none", user=u))])
+    f = won / len(users)
+    if f <= 0.25 + 1e-9:
+        return "CATASTROPHIC"
+    if f >= 0.9 - 1e-9 and len(users) >= criteria["STRICT"]["users"]:
+        return "STRICT_PASS"
+    return "LENIENT_PASS" if f > 0.5 + 1e-9 else "FAIL"
+
+
+@pytest.mark.parametrize("wins", [11, 8, 6, 2])
+def test_independent_rule_agrees_on_constructed_cells(wins):
+    cells = full(wins)
+    assert BET.verdict(cells, BET.criteria) == independent(cells, json.loads(json.dumps(BET.criteria)))
+
+
+def test_committed_chat_scale_results_are_rejudged():
+    from sharedllm.bets import report
+    from sharedllm.bets.catalogue import current
+
+    for run in report.runs_of(current().results, "chat_scale"):
+        if run.result is not None:  # a finished run: verdict and side verdicts are the module's and the rule's
+            r = run.result
+            assert r["criteria"] == json.loads(json.dumps(BET.criteria)) and r["config"]["quick"] is False
+            assert r["verdict"] == BET.verdict(r["cells"], r["criteria"]) == independent(r["cells"], r["criteria"])
+            assert r["side_verdicts"] == report.side_verdicts(r)
+        else:  # units so far: well-formed cells, and the report's row builds from them
+            assert all(math.isfinite(c["nll"]) and c["tokens"] > 0 for c in run.cells if "nll" in c)
+            assert cs.scale_row(run)["status"].startswith(f"partial: {len(run.units)} units")

@@ -691,7 +691,7 @@ def frontier_rows(cells: list, criteria: dict, screen: bool, cohort: str = "chat
         gains = [p["gain"] for p in s["users"].values()]
         baseline = key in BASELINES
         rows.append({"method": key, "lr": "" if baseline else f"{chosen_lr(cells, key):g}",
-                     "bytes/user fp16 / int8": "0 (the user's text)" if baseline else
+                     "bytes/user fp16 / int8": prefix_cost(cells, cohort, key) if baseline else
                      f"{s['bytes']:,} / {s['int8_bytes']:,}",
                      "trainable numbers": "" if baseline else f"{s['params']:,}",
                      "own wins >= 5 %": f"{sum(p['won'] for p in s['users'].values())}/{len(s['users'])}",
@@ -704,6 +704,14 @@ def frontier_rows(cells: list, criteria: dict, screen: bool, cohort: str = "chat
                      "screen rule": ("screened out: " + out[key]) if key in out else ("kept" if screen and not baseline
                                                                                      else "")})
     return rows
+
+
+def prefix_cost(cells: list, cohort: str, key: str) -> str:
+    """What in-context costs instead of bytes: the user's text, prefilled before every request."""
+    sizes = [c["prefix_tokens"] for c in select(cells, kind="confusion", method=key, cohort=cohort)
+             if "prefix_tokens" in c]
+    return (f"0 (no adapter; a {statistics.median(sizes):,.0f}-token prefix of the user's text prefilled per request, "
+            "median)") if sizes else "0 (no adapter)"
 
 
 def make_section(bet_id: str, plan: Plan):
