@@ -282,3 +282,17 @@ def test_report_section_from_a_checkpoint(tmp_path):
     plot = tmp_path / "plots" / "adapter_frontier_screen_smollm2-135m-instruct_provisional.png"
     assert plot.read_bytes()[:4] == b"\x89PNG" and any(plot.name in x for x in lines)
     assert af.make_section("adapter_frontier", af.FULL)(tmp_path, tmp_path / "plots", tmp_path) == []
+
+
+def test_the_full_bet_runs_screened_out_methods_last():
+    """criteria "screen_out": a method the screen screens out runs last at 0.5B; hier stays after lora_r4."""
+    assert af.method_order(None) == list(af.METHODS)
+    screen = {"cells": cohort(6, {"norm": {"wins": 0, "lead": 0.01, "bytes": 100},
+                                  "loraxs": {"wins": 4, "bytes": 200}}), "criteria": SCREEN.criteria}
+    assert set(af.screen_out(screen["cells"], screen["criteria"])) == {"norm"}
+    order = af.method_order(screen)
+    assert order[-1] == "norm" and order[:-1] == [k for k in af.METHODS if k != "norm"]
+    screen["cells"] = cohort(6, {"lora_r4": {"wins": 0, "lead": 0.01, "bytes": 100}})
+    order = af.method_order(screen)
+    assert order.index("lora_r4") == order.index("hier") - 1 and sorted(order) == sorted(af.METHODS)
+    assert af.method_order({**screen, "incomplete": True}) == list(af.METHODS)

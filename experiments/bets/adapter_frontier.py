@@ -199,8 +199,9 @@ def make_run(plan0: Plan):
             cells += base_rows(ctx, cohort, users)
         for cohort, users in cohorts:
             cells += incontext(ctx, cohort, users)
-        lrs = {}
-        for key in METHODS:
+        lrs, order = {}, method_order(None if plan.screen or ctx.quick else committed_screen())
+        ctx.notes["method_order"] = order
+        for key in order:
             cells += screen_units(ctx, plan, key, lrs)
             if ctx.deferred and not all_dev(cells, plan, key, ctx):
                 break  # Ray enumeration: the later methods wait on this choice
@@ -213,6 +214,28 @@ def make_run(plan0: Plan):
                 cells += randoms(ctx, plan, cohort, users, key, lrs)
         return cells
     return run
+
+
+def committed_screen() -> dict | None:
+    """The screen's finished result on the default base (results/adapter_frontier_screen.json), if committed."""
+    from sharedllm.bets.catalogue import current
+
+    path = current().results / "adapter_frontier_screen.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def method_order(screen: dict | None) -> list:
+    """The full bet's run order: the methods the screen kept first, the screened-out ones last (the criteria's
+    "screen_out": "run last at 0.5B"), each group in METHODS order; hier always after lora_r4 (its shared part is
+    trained at lora_r4's chosen lr). No finished screen: METHODS order."""
+    if screen is None or screen.get("incomplete"):
+        return list(METHODS)
+    out = screen_out(screen["cells"], screen["criteria"])
+    order = [k for k in METHODS if k not in out] + [k for k in METHODS if k in out]
+    if order.index("hier") < order.index("lora_r4"):
+        order.remove("lora_r4")
+        order.insert(order.index("hier"), "lora_r4")
+    return order
 
 
 def notes(ctx, plan: Plan) -> dict:
