@@ -29,7 +29,6 @@ random-token control for 2 senders, on the default base (issue 31, item 5's scre
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -353,18 +352,11 @@ def shared_file(ctx, plan: Plan, cohort: str, users: list, lr: float) -> Path:
 
 
 def merged_base(base, shared: Path):
-    """A private copy of `base` with the shared LoRA merged into its weights; its fingerprint binds it to the base
-    and to the shared file (sha256 of both), so per-user parts trained on it load on it alone."""
-    from sharedllm.arch import Base, freeze
-    from sharedllm.personalise import load_adapted
+    """A private copy of `base` with the shared LoRA merged into its weights, bound to the base and to the shared
+    file (sharedllm.stack: the product's hierarchical adapter, so per-user parts trained here load and serve there)."""
+    from sharedllm.stack import stacked_base
 
-    private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
-                   name=base.name, meta=dict(base.meta))
-    merged = freeze(load_adapted(private, shared).model.merge_and_unload())
-    sha = hashlib.sha256(shared.read_bytes()).hexdigest()
-    fp = hashlib.sha256(f"{base.fingerprint}+{sha}".encode()).hexdigest()
-    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=fp, name=base.name,
-                meta={**base.meta, "merged_shared": sha})
+    return stacked_base(base, shared.read_bytes(), str(shared))
 
 
 def where(ctx, plan, key, u, lr, lrs, cohort, tokens=None, tag=""):

@@ -75,15 +75,19 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
                  shared_dirs=()) -> Adapted:
     """Load an adapter file (or its bytes) onto `base`, refusing wrong bases, layouts and values. A joint core file
     (`compress --joint`) loads as its materialised LoRA, its shared bases found by sha256 in the file's own folder
-    or in `shared_dirs` (quant/joint_files.py)."""
+    or in `shared_dirs` (quant/joint_files.py); a per-user part trained on top of a group adapter (`adapt --on-top`)
+    loads on the base with that group merged in, the group found the same way (sharedllm.stack)."""
+    from . import stack
     from .quant import joint_files
 
     source = source or str(path)
     tensors, meta = wire.parse_file(data, source) if data is not None else wire.read_file(path)
+    dirs = ([Path(path).parent] if path is not None else []) + [Path(d) for d in shared_dirs]
+    if stack.ON_TOP in meta:  # a per-user part of a hierarchical adapter: on the base with its group merged in
+        base = stack.stacked_base(base, stack.find_group(meta, dirs, source), f"{source}: its group adapter")
     wire.check_binding(meta, base.fingerprint, source)
     adapted = new_adapter(base, meta.get("method", "?"), config=meta.get("method_config"))
     base_state = dict(base.model.named_parameters())
-    dirs = ([Path(path).parent] if path is not None else []) + [Path(d) for d in shared_dirs]
     named = joint_files.decode(tensors, meta, wire.layout_of(adapted.params), base_state, source, dirs,
                               base.fingerprint)
     load_state(adapted.params, named, source)

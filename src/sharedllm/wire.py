@@ -106,6 +106,8 @@ KNOWN_META_FIELDS = frozenset({
     "truncated_from", "choice",
     # quant/lora_joint.py: a core file of a jointly compressed LoRA cohort (sharedllm compress --joint)
     "joint",
+    # stack.py: a per-user adapter trained on top of a group adapter (sharedllm adapt --on-top GROUP)
+    "on_top",
 })
 # `version` (__version__ of the writer): digits and dots, an optional short suffix (0.1.0, 1.2.3rc1, 0.2.0+local)
 VERSION_FORM = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}([.+-]?[A-Za-z0-9]{1,16}){0,3}", re.ASCII)
@@ -281,6 +283,13 @@ def check_adapter_meta(meta: dict, source: str) -> None:
         config_from_json(meta["method"], meta["method_config"], source)
     if "joint" in meta:
         _check_joint(meta, source)
+    if "on_top" in meta:
+        _need(meta, "on_top", lambda v: isinstance(v, dict) and set(v) == {"sha256", "file", "method"}
+              and isinstance(v["sha256"], str) and SHA256_FORM.fullmatch(v["sha256"]) is not None
+              and isinstance(v["file"], str) and 0 < len(v["file"]) <= 255 and "/" not in v["file"]
+              and "\\" not in v["file"] and v["file"] not in (".", "..") and isinstance(v["method"], str)
+              and v["method"] in METHODS, "{sha256: 64 hex digits, file: a plain file name, method: a method}",
+              source)
     if "version" in meta:
         _need(meta, "version", plausible_version, f"a package version like 0.1.0 (digits and dots, at most "
               f"{MAX_VERSION_CHARS} characters)", source)

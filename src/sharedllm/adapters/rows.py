@@ -42,6 +42,13 @@ class RowState:
     state: object = None
     sha256: str = ""
     nbytes: int = 0
+    parts: tuple = ()  # a stacked row (sharedllm.stack): one RowState per kernel it uses, e.g. a group's LoRA + norm
+
+    def part(self, method: str):
+        """This row's state for the kernel of `method`, or None."""
+        if self.method == method:
+            return self.state
+        return next((p.state for p in self.parts if p.method == method), None)
 
 
 def _running() -> "RowBatch":
@@ -98,7 +105,7 @@ class RowBatch:
         self.size = len(rows)
         self.views = {}
         for name, kernel in model.kernels.items():
-            states = [r.state if r.method == name else None for r in rows]
+            states = [r.part(name) for r in rows]
             if name == model.norm_method or any(s is not None for s in states):
                 self.views[name] = (kernel, kernel.batch(states))
         self._gain = self.views[model.norm_method]
@@ -148,6 +155,15 @@ class RowModel:
             raise SharedLLMError(f"method {method!r} cannot run per row (it is not served in mixed batches)")
         state = self.kernels[method].pack(named, impl.config)
         return RowState(method, state, sha256, sum(t.numel() * 4 for t in named.values()))
+
+    def stacked(self, parts: list[RowState], sha256: str = "") -> RowState:
+        """One row running several per-row parts at once (a group adapter and a user's part on top of it): each part
+        goes to its own method's kernel, so they must be of different methods."""
+        methods = [p.method for p in parts]
+        if None in methods or len(set(methods)) != len(methods):
+            raise SharedLLMError(f"a stacked row needs parts of different methods, got {methods}: the group and the "
+                                 "user's part on top of it must be of different methods (e.g. a LoRA group, norm on top)")
+        return RowState("+".join(methods), None, sha256, sum(p.nbytes for p in parts), tuple(parts))
 
     def batch(self, rows: list[RowState]) -> RowBatch:
         return rows if isinstance(rows, RowBatch) else RowBatch(self, rows)

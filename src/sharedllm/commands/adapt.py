@@ -23,6 +23,10 @@ def configure(p) -> None:
     p.add_argument("--manifest", help="users to train in one pass: lines 'USER PATH', or JSON {USER: PATH} or "
                                       "{USER: {\"text\": PATH, \"lr\": X}}")
     add_method_args(p)
+    p.add_argument("--on-top", metavar="GROUP", default=None,
+                   help="train on top of this group adapter (a LoRA trained on a cluster's pooled text, bound to the "
+                        "base): the file written is bound to the base and to GROUP, and loads and serves with it "
+                        "(a hierarchical adapter; one user)")
     add_base_args(p)
     add_train_args(p)
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
@@ -70,6 +74,8 @@ RAY_ONLY = ("ray_workers", "store", "tokens", "json_progress")
 def run(args) -> dict:
     from .adapt_auto import auto_requested, run_auto
 
+    if args.on_top and args.method == "auto":
+        raise SharedLLMError("--on-top trains one method's part on top of the group: give --method (e.g. norm)")
     if auto_requested(args):  # --method auto: one user, the smallest good format on a dev slice
         return run_auto(args)
     ray = getattr(args, "ray", False) or getattr(args, "ray_address", None)
@@ -80,6 +86,8 @@ def run(args) -> dict:
                              "or --ray-address")
     if ray and args.retries < 0:
         raise SharedLLMError(f"--retries {args.retries}: give 0 or more")
+    if args.on_top and (ray or args.manifest or args.out_dir or len(args.text) > 1):
+        raise SharedLLMError("--on-top trains one user's part: give one --text and --out (run it once per user)")
     if ray or args.manifest or args.out_dir or len(args.text) > 1:
         from .adapt_many import run_many
 
@@ -93,7 +101,10 @@ def run(args) -> dict:
 def run_one(args) -> dict:
     args.text = args.text[0]
     cfg, config, recipe = train_config(args), method_config(args), train_recipe(args)
-    base = load_for_training(args)
+    base, info = load_for_training(args), {"user_text": Path(args.text).name}
+    if args.on_top:
+        base, group = on_top(base, args.on_top)
+        info.update(group)
     user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
     cap = args.eval_tokens or None
     say(f"{user.source}: {len(user.train)} training tokens, {len(user.heldout)} held-out tokens")
@@ -107,15 +118,29 @@ def run_one(args) -> dict:
                           snapshot=snapshot)
     with autocast(args.dtype, base.device):
         after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
-    path = save_adapted(adapted, args.out, base, info={"user_text": Path(args.text).name})
+    path = save_adapted(adapted, args.out, base, info=info)
     snapshot.clear()
     return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name, **recipe.to_json(),
             "base_fingerprint": base.fingerprint,
             "ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bits_per_byte"],
             "bpb_after": after["bits_per_byte"], "eval_tokens": after["tokens"], "window": after["window"],
             "params": adapted.n_params, "bytes": path.stat().st_size, "steps": adapted.result.steps,
+            "on_top": info.get("on_top"),
             "wall_s": round(adapted.result.wall_s, 2), "loss_first": adapted.result.summary()["loss_first"],
             "loss_last": adapted.result.summary()["loss_last"]}
+
+
+def on_top(base, group_path: str):
+    """(the base with the group adapter merged in, the `on_top` metadata naming the group file)."""
+    from .. import stack, wire
+
+    data = Path(group_path).read_bytes() if Path(group_path).is_file() else None
+    if data is None:
+        raise SharedLLMError(f"--on-top {group_path}: no such file")
+    _, meta = wire.parse_file(data, group_path)
+    wire.check_binding(meta, base.fingerprint, group_path)
+    say(f"training on top of group adapter {group_path} ({meta['method']}, merged into a copy of the base)")
+    return stack.stacked_base(base, data, group_path), stack.on_top_meta(Path(group_path), data, meta)
 
 
 def render(r: dict) -> str:
@@ -132,8 +157,9 @@ def render(r: dict) -> str:
 
         return render_many(r)
     change = 100 * (r["ppl_after"] / r["ppl_before"] - 1)
+    group = f"; on top of group {r['on_top']['file']} (keep it beside this file)" if r.get("on_top") else ""
     return "\n".join([
-        f"adapter  {r['out']}  ({r['method']}, {r['params']:,} params, {r['bytes']:,} bytes)",
+        f"adapter  {r['out']}  ({r['method']}, {r['params']:,} params, {r['bytes']:,} bytes{group})",
         f"trained  {r['steps']} steps in {r['wall_s']:.1f} s, {r['dtype']}, lr {r['lr']:g} "
         f"({r['recipe']}: {r['lr_source']}) "
         f"(loss {r['loss_first']:.3f} -> {r['loss_last']:.3f})",

@@ -76,7 +76,7 @@ def _salvage(data: bytes) -> dict:
 
 
 def render(r: dict) -> str:
-    keys = ["kind", "method", "method_config", "scheme", "joint", "rank", "users", "params", "bytes", "dtype", "compute_dtype", "bits_per_weight",
+    keys = ["kind", "method", "method_config", "scheme", "joint", "on_top", "rank", "users", "params", "bytes", "dtype", "compute_dtype", "bits_per_weight",
             "fingerprint", "base_fingerprint", "source_fingerprint"]
     lines = [f"{k:18s} {r[k]}" for k in keys if k in r and r[k] is not None]
     if not r["ok"]:

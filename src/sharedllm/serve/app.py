@@ -207,11 +207,11 @@ def create_app(router: Router, admin_token: str, read_timeout_s: float = 10.0) -
     @app.put("/v1/shared/{sha256}", openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_shared(sha256: str, request: Request) -> dict:
-        """Admin: the shared bases of jointly compressed LoRAs (`compress --joint`), named by their sha256; users'
-        core files naming them can be uploaded after."""
+        """Admin: a file users' adapters name by sha256: the shared bases of jointly compressed LoRAs (`compress
+        --joint`) or a group adapter (`adapt --on-top`); the users' files naming it can be uploaded after."""
         if principal(request) != ADMIN:
-            raise HTTPException(403, "only the admin token can store shared bases")
-        data = await read_body(request, router.max_shared_bytes, "shared bases upload", read_timeout_s)
+            raise HTTPException(403, "only the admin token can store shared files")
+        data = await read_body(request, router.max_shared_bytes, "shared file upload", read_timeout_s)
         try:
             return await run_in_threadpool(router.put_shared, sha256, data)
         except SharedLLMError as e:

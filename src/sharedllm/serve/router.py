@@ -12,13 +12,14 @@ looks up the user's current sha256 in the index, so an upload through one proces
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
 import torch
 
-from .. import wire
+from .. import stack, wire
 from ..adapters import METHODS, get_method, shared_copy
 from ..adapters.rows import RowModel, RowState
 from ..arch import Base
@@ -82,7 +83,8 @@ class Router:
         self.model = RowModel(base)
         self._layouts: dict = {}  # (method, config) -> its tensors' (name, shape) on this base
         self.max_adapter_bytes = max_adapter_bytes or _largest_adapter_bytes(self.model)
-        self.max_shared_bytes = lora_joint.max_shared_bytes(self.model.linear_shapes)
+        # PUT /v1/shared/...: joint LoRA bases, or a group adapter (no larger than an adapter)
+        self.max_shared_bytes = max(lora_joint.max_shared_bytes(self.model.linear_shapes), self.max_adapter_bytes)
         self.cache = LRU(cache_bytes)
         self._base_state = dict(base.model.named_parameters())
         self.max_text_bytes = self.context_limit() * _max_token_bytes(base.tokenizer)
@@ -106,11 +108,20 @@ class Router:
             served = ", ".join(sorted(n for n, m in METHODS.items() if m.caps.rows is not None))
             raise SharedLLMError(f"{source}: method {method.name!r} is refused; this server serves the methods "
                                  f"that can share a batch row by row: {served}")
-        wire.check_binding(meta, self.base.fingerprint, source)
+        parts = []
+        if stack.ON_TOP in meta:  # a user's part on top of a group adapter: the group runs as its own part
+            group = stack.find_group(meta, [self.store.shared], source)
+            group_meta, group_row = self.validate(group, f"{source}: its group adapter")
+            stack.group_method(group_meta, source)
+            parts.append(group_row)
+        wire.check_binding(meta, stack.stacked_fingerprint(self.base.fingerprint, meta[stack.ON_TOP]["sha256"])
+                           if parts else self.base.fingerprint, source)
         named = lora_joint.decode(tensors, meta, self.layout(method), self._base_state, source, [self.store.shared],
                                   self.base.fingerprint)  # a joint core file: its LoRA, from the stored bases
         try:
             row = self.model.row(named, method.name, method.config)
+            if parts:
+                row = self.model.stacked(parts + [row])
         except SharedLLMError as e:
             raise SharedLLMError(f"{source}: {e}") from None
         return meta, row
@@ -129,7 +140,17 @@ class Router:
         return rec
 
     def put_shared(self, sha256: str, data: bytes) -> dict:
-        """Store the shared bases of jointly compressed LoRAs (their core files are then uploaded as adapters)."""
+        """Store a file users' adapters name by sha256: the shared bases of jointly compressed LoRAs, or a group
+        adapter (a LoRA bound to this base) that users' parts are trained on top of (sharedllm.stack); the users'
+        files are uploaded after."""
+        if stack.is_adapter_file(data):
+            source = f"group adapter {sha256[:16]}"
+            if stack.sha256_of(data) != sha256:
+                raise SharedLLMError(f"{source}: the body's sha256 is {stack.sha256_of(data)}, not {sha256}")
+            meta, row = self.validate(data, source)
+            stack.group_method(meta, source)
+            self.store.put_shared(sha256, data)
+            return {"sha256": sha256, "bytes": len(data), "group": meta["method"], "params": meta["params"]}
         source = f"shared bases {sha256[:16]}"
         if len(data) > self.max_shared_bytes:
             raise TooLarge(f"{source}: {len(data)} bytes is over this server's limit of {self.max_shared_bytes}")
@@ -207,7 +228,7 @@ class Router:
 
 
 def _with_sha(row: RowState, sha256: str) -> RowState:
-    return RowState(row.method, row.state, sha256, row.nbytes)
+    return dataclasses.replace(row, sha256=sha256)
 
 
 def _largest_adapter_bytes(model: RowModel) -> int:

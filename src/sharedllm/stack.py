@@ -1,0 +1,91 @@
+"""Hierarchical adapters: a **group** adapter (a LoRA trained on the pooled text of a cluster of users, shared by
+all of them) and each user's small adapter trained **on top** of it (`sharedllm adapt --on-top GROUP`).
+
+The per-user file is bound to the base *and* to the group file: its `base_fingerprint` is sha256("<base
+fingerprint>+<group file sha256>") and its metadata `on_top` names the group file (sha256, file name, method), so
+it loads nowhere else. Training and `eval` run on a private copy of the base with the group merged into its weights;
+`serve` runs the group as its own per-row part beside the user's part (norm gains and a LoRA's deltas compose row by
+row: adapters/rows.py), which is the same function as the merged weights. The group file is found by sha256: beside
+the user's file (under its recorded name) or in a server store's `shared/` (`PUT /v1/shared/{sha256}`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+from .errors import SharedLLMError
+
+ON_TOP = "on_top"
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stacked_fingerprint(base_fingerprint: str, group_sha: str) -> str:
+    """What a per-user adapter on top of the group file `group_sha` is bound to."""
+    return hashlib.sha256(f"{base_fingerprint}+{group_sha}".encode()).hexdigest()
+
+
+def group_method(meta: dict, source: str):
+    """The group file's method, which must be a low-rank one (a LoRA): its change merges into the weights."""
+    from .adapters import get_method
+
+    method = get_method(meta["method"], meta.get("method_config"))
+    if ON_TOP in meta:
+        raise SharedLLMError(f"{source}: a group adapter must be trained on the base itself, not on top of another "
+                             "group (one level)")
+    if not method.caps.low_rank:
+        raise SharedLLMError(f"{source}: a group adapter must be a LoRA (its change merges into the base's "
+                             f"weights), not {method.name!r}")
+    return method
+
+
+def on_top_meta(group_path: Path, data: bytes, meta: dict) -> dict:
+    return {ON_TOP: {"sha256": sha256_of(data), "file": Path(group_path).name, "method": meta["method"]}}
+
+
+def stacked_base(base, group_data: bytes, source: str):
+    """A private copy of `base` with the group LoRA (file bytes) merged into its weights, fingerprinted as
+    `stacked_fingerprint`. The group must be bound to `base` itself."""
+    from .arch import Base, freeze
+    from .personalise import load_adapted
+    from .wire import parse_file
+
+    _, meta = parse_file(group_data, source)
+    group_method(meta, source)
+    private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
+                   name=base.name, meta=dict(base.meta))
+    merged = freeze(load_adapted(private, data=group_data, source=source).model.merge_and_unload())
+    sha = sha256_of(group_data)
+    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=stacked_fingerprint(base.fingerprint, sha),
+                name=base.name, meta={**base.meta, "on_top": sha})
+
+
+def is_adapter_file(data: bytes) -> bool:
+    """Whether `data` carries sharedllm adapter metadata (a group adapter sent to PUT /v1/shared/...), judged from
+    its checked header alone; the full parse comes after."""
+    from . import wire
+
+    try:
+        meta = wire.header_meta(wire.read_header(data, "upload"), "upload")
+    except SharedLLMError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") == wire.FORMAT
+
+
+def find_group(meta: dict, dirs: list, source: str) -> bytes:
+    """The group file a per-user file names, by sha256: its recorded name in each of `dirs`, then
+    <dir>/<sha256>.safetensors (a server store's shared/); refused when absent or when the bytes do not hash to the
+    recorded sha256."""
+    want = meta[ON_TOP]
+    for d in dirs:
+        for candidate in (Path(d) / want["file"], Path(d) / f"{want['sha256']}.safetensors"):
+            if candidate.is_file():
+                data = candidate.read_bytes()
+                if sha256_of(data) == want["sha256"]:
+                    return data
+    raise SharedLLMError(f"{source}: trained on top of group adapter {want['file']!r} (sha256 "
+                         f"{want['sha256'][:16]}...), which is not beside it or in any shared folder given; put that "
+                         "exact file beside it (or, on a server, PUT it to /v1/shared/{sha256} first)")
