@@ -278,10 +278,10 @@ def test_every_field_sharedllm_writes_is_known_and_its_files_parse(tiny, tmp_pat
     _, cores, errors = lora_joint.compress_cohort({"u": one}, 2)
     written |= set(wire.parse_file(lora_joint.core_bytes(one, cores["u"], "0" * 64, 2, errors["u"]), "j")[1])
     from sharedllm import stack  # a hierarchical adapter's per-user part (adapt --on-top: on_top)
-    from sharedllm.personalise import new_adapter
+    from sharedllm.personalise import new_adapter, stacked_base
 
     group = lora.read_bytes()
-    stacked = stack.stacked_base(tiny, group, "g")
+    stacked = stacked_base(tiny, group, "g")
     part = save_adapted(new_adapter(stacked, "norm"), tmp_path / "part.safetensors", stacked,
                         info=stack.on_top_meta(lora, group, wire.parse_file(group, "g")[1]))
     written |= set(wire.read_file(part)[1])

@@ -12,7 +12,7 @@ import torch
 from sharedllm import stack, wire
 from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
-from sharedllm.personalise import load_adapted, new_adapter, personalise, save_adapted
+from sharedllm.personalise import load_adapted, new_adapter, personalise, save_adapted, stacked_base
 from sharedllm.store import ADMIN_ENV
 from sharedllm.train import TrainConfig
 
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 def merged_logits(tiny, group_path, user_path, ids):
     """The reference, by hand: the group's B A merged into a copy of the base (stacked_base), the user's gains
     written into its RMSNorms."""
-    stacked = stack.stacked_base(tiny, group_path.read_bytes(), "g")
+    stacked = stacked_base(tiny, group_path.read_bytes(), "g")
     gains = load_adapted(tiny, user_path).params
     modules = dict(stacked.model.named_modules())
     with torch.no_grad():
@@ -78,9 +78,9 @@ def test_missing_or_changed_group_is_refused_by_name(tiny, trained, tmp_path):
         load_adapted(tiny, lone)
     norm = save_adapted(new_adapter(tiny, "norm"), tmp_path / "norm.safetensors", tiny).read_bytes()
     with pytest.raises(SharedLLMError, match="must be a LoRA"):
-        stack.stacked_base(tiny, norm, "n")  # a norm file is no group
+        stacked_base(tiny, norm, "n")  # a norm file is no group
     with pytest.raises(SharedLLMError, match="one level"):
-        stack.stacked_base(tiny, users[1].read_bytes(), "u")  # nor is a part on top of a group
+        stacked_base(tiny, users[1].read_bytes(), "u")  # nor is a part on top of a group
 
 
 @pytest.mark.parametrize("value", [{"sha256": "x" * 64, "file": "g", "method": "lora"},

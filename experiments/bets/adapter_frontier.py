@@ -353,8 +353,8 @@ def shared_file(ctx, plan: Plan, cohort: str, users: list, lr: float) -> Path:
 
 def merged_base(base, shared: Path):
     """A private copy of `base` with the shared LoRA merged into its weights, bound to the base and to the shared
-    file (sharedllm.stack: the product's hierarchical adapter, so per-user parts trained here load and serve there)."""
-    from sharedllm.stack import stacked_base
+    file (personalise.stacked_base: the product's hierarchical adapter, so per-user parts trained here load and serve there)."""
+    from sharedllm.personalise import stacked_base
 
     return stacked_base(base, shared.read_bytes(), str(shared))
 

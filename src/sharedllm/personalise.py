@@ -84,7 +84,7 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
     tensors, meta = wire.parse_file(data, source) if data is not None else wire.read_file(path)
     dirs = ([Path(path).parent] if path is not None else []) + [Path(d) for d in shared_dirs]
     if stack.ON_TOP in meta:  # a per-user part of a hierarchical adapter: on the base with its group merged in
-        base = stack.stacked_base(base, stack.find_group(meta, dirs, source), f"{source}: its group adapter")
+        base = stacked_base(base, stack.find_group(meta, dirs, source), f"{source}: its group adapter")
     wire.check_binding(meta, base.fingerprint, source)
     adapted = new_adapter(base, meta.get("method", "?"), config=meta.get("method_config"))
     base_state = dict(base.model.named_parameters())
@@ -93,6 +93,24 @@ def load_adapted(base: Base, path=None, data: bytes | None = None, source: str |
     load_state(adapted.params, named, source)
     adapted.meta = meta
     return adapted
+
+
+def stacked_base(base: Base, group_data: bytes, source: str) -> Base:
+    """A private copy of `base` with a group LoRA (file bytes, bound to `base`) merged into its weights,
+    fingerprinted as sharedllm.stack.stacked_fingerprint: what a hierarchical adapter's per-user part trains on."""
+    import copy
+
+    from . import stack
+    from .arch import freeze
+
+    _, meta = wire.parse_file(group_data, source)
+    stack.group_method(meta, source)
+    private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
+                   name=base.name, meta=dict(base.meta))
+    merged = freeze(load_adapted(private, data=group_data, source=source).model.merge_and_unload())
+    sha = stack.sha256_of(group_data)
+    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=stack.stacked_fingerprint(base.fingerprint, sha),
+                name=base.name, meta={**base.meta, "on_top": sha})
 
 
 def evaluate_on(model, base: Base, tokens: torch.Tensor, window: int = 256, max_tokens: int | None = None) -> dict:

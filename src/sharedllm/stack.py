@@ -4,13 +4,12 @@ all of them) and each user's small adapter trained **on top** of it (`sharedllm 
 The per-user file is bound to the base *and* to the group file: its `base_fingerprint` is sha256("<base
 fingerprint>+<group file sha256>") and its metadata `on_top` names the group file (sha256, file name, method), so
 it loads nowhere else. Training and `eval` run on a private copy of the base with the group merged into its weights;
-`serve` runs the group as its own per-row part beside the user's part (norm gains and a LoRA's deltas compose row by
+(personalise.stacked_base builds that copy); `serve` runs the group as its own per-row part beside the user's part (norm gains and a LoRA's deltas compose row by
 row: adapters/rows.py), which is the same function as the merged weights. The group file is found by sha256: beside
 the user's file (under its recorded name) or in a server store's `shared/` (`PUT /v1/shared/{sha256}`).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 
@@ -44,23 +43,6 @@ def group_method(meta: dict, source: str):
 
 def on_top_meta(group_path: Path, data: bytes, meta: dict) -> dict:
     return {ON_TOP: {"sha256": sha256_of(data), "file": Path(group_path).name, "method": meta["method"]}}
-
-
-def stacked_base(base, group_data: bytes, source: str):
-    """A private copy of `base` with the group LoRA (file bytes) merged into its weights, fingerprinted as
-    `stacked_fingerprint`. The group must be bound to `base` itself."""
-    from .arch import Base, freeze
-    from .personalise import load_adapted
-    from .wire import parse_file
-
-    _, meta = parse_file(group_data, source)
-    group_method(meta, source)
-    private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
-                   name=base.name, meta=dict(base.meta))
-    merged = freeze(load_adapted(private, data=group_data, source=source).model.merge_and_unload())
-    sha = sha256_of(group_data)
-    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=stacked_fingerprint(base.fingerprint, sha),
-                name=base.name, meta={**base.meta, "on_top": sha})
 
 
 def is_adapter_file(data: bytes) -> bool:
