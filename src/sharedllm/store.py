@@ -108,10 +108,10 @@ class AdapterStore:
         os.close(os.open(index, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
         os.chmod(index, 0o600)
         self._db = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with store_lock(self.root):
+        with store_lock(self.root):  # serve --workers N opens one store N times at once: switching a fresh index to
+            self._db.execute("PRAGMA journal_mode=WAL")  # WAL takes SQLite's exclusive lock, which busy waits skip
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
         self.swept = self.sweep() if sweep else {}
 
