@@ -35,7 +35,7 @@ CPU_S_PER_STEP = {
 TRAIN_STEP_RESULT = "train_step_{base}.json"  # bench/train_step.py's printed JSON: per row its cpu_s_per_step
 METHOD_BYTES = "method_bytes_{base}.json"  # bench/method_bytes.py: every method's files at its default config
 ROWS_METHODS = "rows_methods_{base}.json"  # bench/rows_batched.py: 16 users batched, every per-row method
-ROW_NAME = {"norm fp16": "norm", "lora-r4 fp16": "lora"}
+METHOD_OF = {"norm": "norm", "lora-r4": "lora"}  # a format row -> its method's name in the results files
 
 
 def human(n: float) -> str:
@@ -52,7 +52,7 @@ def load(name: str) -> dict | None:
 
 def cpu_minutes(base: str, fmt: str) -> tuple[str, str]:
     step = load(TRAIN_STEP_RESULT.format(base=base))
-    row = {"norm": "norm", "lora-r4": "lora"}[fmt]
+    row = METHOD_OF[fmt]
     if step and "cpu_s_per_step" in step.get(row, {}):
         return (f"{step[row]['cpu_s_per_step'] * STEPS / 60:.1f}",
                 f"measured: {TRAIN_STEP_RESULT.format(base=base)}, bench/train_step.py, fp32, 1 thread")
@@ -94,14 +94,14 @@ def rows(users: int) -> list[dict]:
         for fmt in ("norm", "lora-r4"):
             nbytes = 2 * trainable[fmt] + HEADER[fmt]
             src = "measured: the file" if base == "smollm2-135m-instruct" else "arithmetic"
-            measured = (load(METHOD_BYTES.format(base=base)) or {}).get("methods", {}).get(ROW_NAME[f"{fmt} fp16"])
+            measured = (load(METHOD_BYTES.format(base=base)) or {}).get("methods", {}).get(METHOD_OF[fmt])
             if measured:
                 nbytes, src = measured["fp16_bytes"], f"measured: {METHOD_BYTES.format(base=base)}"
             cpu, cpu_src = cpu_minutes(base, fmt)
             out.append({"base": base, "format": f"{fmt} fp16", "bytes": nbytes, "fleet": nbytes * users,
                         "bytes_src": src,
                         "cpu_min": cpu, "cpu_src": cpu_src, "ppl_vs_raw": "1 (raw)", "ppl_src": "",
-                        "served": served(base, ROW_NAME[f"{fmt} fp16"])})
+                        "served": served(base, METHOD_OF[fmt])})
         out += method_rows(base, users)
         comp = load(f"lora_compress_{base}.json")
         if comp:  # each user gets what `compress --policy` ships for them

@@ -26,7 +26,6 @@ from sharedllm.serve.scheduler import Engine, Job
 from machine import describe
 
 
-
 def kinds() -> list:
     """base, then every registered method that runs per row (Capabilities.rows)."""
     from sharedllm.adapters import METHODS

@@ -283,7 +283,7 @@ def test_every_field_sharedllm_writes_is_known_and_its_files_parse(tiny, tmp_pat
     group = lora.read_bytes()
     stacked = stacked_base(tiny, group, "g")
     part = save_adapted(new_adapter(stacked, "norm"), tmp_path / "part.safetensors", stacked,
-                        info=stack.on_top_meta(lora, group, wire.parse_file(group, "g")[1]))
+                        info=stack.on_top_meta(lora, stacked))
     written |= set(wire.read_file(part)[1])
     assert written == wire.KNOWN_META_FIELDS  # every known field is one sharedllm writes, and only those
 

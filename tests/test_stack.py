@@ -133,6 +133,8 @@ def test_server_serves_the_group_and_each_part_as_one_row(tiny, trained, tmp_pat
             got = s.score(tokens[u.name]).json()["logprob"]
             want = reference_score(load_adapted(tiny, u).model, text_ids(tiny, TEXT))
             assert got == pytest.approx(want, abs=1e-4)
+        parts = [s.router.row_for(u.name.replace(".txt", "")).parts[0] for u in users]
+        assert parts[0] is parts[1] and parts[0].method == "lora"  # one packed group for all its users
         # a stacked row shares a batch with a plain base row and gives what it gives alone
         rows = [s.router.row_for(users[0].name.replace(".txt", "")), s.router.model.base_row]
         ids = torch.tensor([text_ids(tiny, TEXT)] * 2)

@@ -348,9 +348,10 @@ def scale_row(run) -> dict:
             else:
                 row.update({"LoRA: own wins >= 5 %": numbers["won"], "LoRA vs base": numbers["gain"]})
     if complete(cells, "norm") and complete(cells, "lora") and dev_done(cells, "lora"):
-        own = {m: {u: ppl(cells, kind="confusion", method=m, adapter=u, user=u) for u in values(
-            select(cells, kind="confusion", method="lora"), "user")} for m in METHODS}
-        row["LoRA beats norm"] = f"{sum(own['lora'][u] < own['norm'][u] for u in own['lora'])}/{len(own['lora'])}"
+        users = values(select(cells, kind="confusion", method="lora"), "user")
+        wins = sum(ppl(cells, kind="confusion", method="lora", adapter=u, user=u)
+                   < ppl(cells, kind="confusion", method="norm", adapter=u, user=u) for u in users)
+        row["LoRA beats norm"] = f"{wins}/{len(users)}"
     rand = values(cells, "user", kind="random", method="norm")
     if rand and complete(cells, "norm") and dev_done(cells, "norm"):
         own = {u: ppl(cells, kind="confusion", method="norm", adapter=u, user=u) for u in rand}

@@ -103,14 +103,14 @@ def stacked_base(base: Base, group_data: bytes, source: str) -> Base:
     from . import stack
     from .arch import freeze
 
-    _, meta = wire.parse_file(group_data, source)
-    stack.group_method(meta, source)
+    stack.group_method(wire.header_meta(wire.read_header(group_data, source), source) or {}, source)
     private = Base(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, fingerprint=base.fingerprint,
                    name=base.name, meta=dict(base.meta))
-    merged = freeze(load_adapted(private, data=group_data, source=source).model.merge_and_unload())
+    group = load_adapted(private, data=group_data, source=source)  # the full parse and the binding to `base`
     sha = stack.sha256_of(group_data)
-    return Base(model=merged, tokenizer=base.tokenizer, fingerprint=stack.stacked_fingerprint(base.fingerprint, sha),
-                name=base.name, meta={**base.meta, "on_top": sha})
+    return Base(model=freeze(group.model.merge_and_unload()), tokenizer=base.tokenizer,
+                fingerprint=stack.stacked_fingerprint(base.fingerprint, sha), name=base.name,
+                meta={**base.meta, stack.ON_TOP: {"sha256": sha, "method": group.method}})
 
 
 def evaluate_on(model, base: Base, tokens: torch.Tensor, window: int = 256, max_tokens: int | None = None) -> dict:

@@ -3,7 +3,7 @@ all of them) and each user's small adapter trained **on top** of it (`sharedllm 
 
 The per-user file is bound to the base *and* to the group file: its `base_fingerprint` is sha256("<base
 fingerprint>+<group file sha256>") and its metadata `on_top` names the group file (sha256, file name, method), so
-it loads nowhere else. Training and `eval` run on a private copy of the base with the group merged into its weights;
+it loads nowhere else. Training and `eval` run on a private copy of the base with the group merged into its weights
 (personalise.stacked_base builds that copy); `serve` runs the group as its own per-row part beside the user's part (norm gains and a LoRA's deltas compose row by
 row: adapters/rows.py), which is the same function as the merged weights. The group file is found by sha256: beside
 the user's file (under its recorded name) or in a server store's `shared/` (`PUT /v1/shared/{sha256}`).
@@ -31,6 +31,8 @@ def group_method(meta: dict, source: str):
     """The group file's method, which must be a low-rank one (a LoRA): its change merges into the weights."""
     from .adapters import get_method
 
+    if not isinstance(meta.get("method"), str):
+        raise SharedLLMError(f"{source}: not a sharedllm adapter file (no method in its metadata)")
     method = get_method(meta["method"], meta.get("method_config"))
     if ON_TOP in meta:
         raise SharedLLMError(f"{source}: a group adapter must be trained on the base itself, not on top of another "
@@ -41,8 +43,9 @@ def group_method(meta: dict, source: str):
     return method
 
 
-def on_top_meta(group_path: Path, data: bytes, meta: dict) -> dict:
-    return {ON_TOP: {"sha256": sha256_of(data), "file": Path(group_path).name, "method": meta["method"]}}
+def on_top_meta(group_path: Path, stacked) -> dict:
+    """The `on_top` metadata of a part trained on `stacked` (personalise.stacked_base of the group file)."""
+    return {ON_TOP: {**stacked.meta[ON_TOP], "file": Path(group_path).name}}
 
 
 def is_adapter_file(data: bytes) -> bool:

@@ -75,10 +75,14 @@ def signed(second: torch.Tensor, group_size: int) -> torch.Tensor:
     return out.reshape(second.shape)
 
 
+def rotate_packed(y: torch.Tensor, first: torch.Tensor, second_signed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The kernel's rotation with `signed(second)` precomputed at pack time: three ops per site."""
+    return torch.addcmul(y * first, swap_halves(y, group_size), second_signed)
+
+
 def rotate(y: torch.Tensor, first: torch.Tensor, second: torch.Tensor, group_size: int) -> torch.Tensor:
-    """y * first + rotate_half(y) * second, each group's halves paired (PEFT's `_apply_road`, rows broadcast); the
-    kernel runs the same with `signed(second)` precomputed: three ops per site."""
-    return torch.addcmul(y * first, swap_halves(y, group_size), signed(second, group_size))
+    """y * first + rotate_half(y) * second, each group's halves paired (PEFT's `_apply_road`, rows broadcast)."""
+    return rotate_packed(y, first, signed(second, group_size), group_size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,8 +136,7 @@ class RoadRows(LinearRows):
         for rows, first, second, g, everyone in view.get(site, ()):
             ys = y if everyone else y.index_select(0, rows)
             shape = (ys.shape[0], *([1] * (ys.dim() - 2)), -1)  # per-row vectors broadcast over positions
-            ys = ys.to(first.dtype)
-            out = torch.addcmul(ys * first.view(shape), swap_halves(ys, g), second.view(shape)).to(y.dtype)
+            out = rotate_packed(ys.to(first.dtype), first.view(shape), second.view(shape), g).to(y.dtype)
             y = out if everyone else y.index_copy(0, rows, out)
         return y
 

@@ -132,16 +132,15 @@ def run_one(args) -> dict:
 
 def on_top(base, group_path: str):
     """(the base with the group adapter merged in, the `on_top` metadata naming the group file)."""
-    from .. import stack, wire
+    from .. import stack
     from ..personalise import stacked_base
 
-    data = Path(group_path).read_bytes() if Path(group_path).is_file() else None
-    if data is None:
+    if not Path(group_path).is_file():
         raise SharedLLMError(f"--on-top {group_path}: no such file")
-    _, meta = wire.parse_file(data, group_path)
-    wire.check_binding(meta, base.fingerprint, group_path)
-    say(f"training on top of group adapter {group_path} ({meta['method']}, merged into a copy of the base)")
-    return stacked_base(base, data, group_path), stack.on_top_meta(Path(group_path), data, meta)
+    stacked = stacked_base(base, Path(group_path).read_bytes(), group_path)
+    say(f"training on top of group adapter {group_path} ({stacked.meta[stack.ON_TOP]['method']}, merged into a copy "
+        "of the base)")
+    return stacked, stack.on_top_meta(Path(group_path), stacked)
 
 
 def render(r: dict) -> str:

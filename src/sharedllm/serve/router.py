@@ -108,14 +108,10 @@ class Router:
             served = ", ".join(sorted(n for n, m in METHODS.items() if m.caps.rows is not None))
             raise SharedLLMError(f"{source}: method {method.name!r} is refused; this server serves the methods "
                                  f"that can share a batch row by row: {served}")
-        parts = []
-        if stack.ON_TOP in meta:  # a user's part on top of a group adapter: the group runs as its own part
-            group = stack.find_group(meta, [self.store.shared], source)
-            group_meta, group_row = self.validate(group, f"{source}: its group adapter")
-            stack.group_method(group_meta, source)
-            parts.append(group_row)
-        wire.check_binding(meta, stack.stacked_fingerprint(self.base.fingerprint, meta[stack.ON_TOP]["sha256"])
-                           if parts else self.base.fingerprint, source)
+        parts = [self.group_row(meta, source)] if stack.ON_TOP in meta else []  # the group runs as its own part
+        bound = stack.stacked_fingerprint(self.base.fingerprint, meta[stack.ON_TOP]["sha256"]) if parts \
+            else self.base.fingerprint
+        wire.check_binding(meta, bound, source)
         named = lora_joint.decode(tensors, meta, self.layout(method), self._base_state, source, [self.store.shared],
                                   self.base.fingerprint)  # a joint core file: its LoRA, from the stored bases
         try:
@@ -125,6 +121,19 @@ class Router:
         except SharedLLMError as e:
             raise SharedLLMError(f"{source}: {e}") from None
         return meta, row
+
+    def group_row(self, meta: dict, source: str) -> RowState:
+        """The row part of the group adapter a user's file is on top of: from the row cache (keyed, like users'
+        files, by the file's sha256), else found in the store's shared/, checked and packed once for all its users."""
+        sha = meta[stack.ON_TOP]["sha256"]
+        row = self.cache.get(sha)
+        if row is None:
+            group = stack.find_group(meta, [self.store.shared], source)
+            group_meta, row = self.validate(group, f"{source}: its group adapter")
+            stack.group_method(group_meta, source)
+            row = _with_sha(row, sha)
+            self.cache.put(sha, row)
+        return row
 
     def layout(self, method) -> list:
         """The (name, shape) list of `method`'s tensors on this base (attached once to a weightless copy)."""
@@ -150,6 +159,7 @@ class Router:
             meta, row = self.validate(data, source)
             stack.group_method(meta, source)
             self.store.put_shared(sha256, data)
+            self.cache.put(sha256, _with_sha(row, sha256))
             return {"sha256": sha256, "bytes": len(data), "group": meta["method"], "params": meta["params"]}
         source = f"shared bases {sha256[:16]}"
         if len(data) > self.max_shared_bytes:
