@@ -82,8 +82,8 @@ def test_side_verdicts_judge_lora_and_the_general_text_bound():
     assert list(sides.values()) == ["CATASTROPHIC", "LENIENT_PASS"]  # LoRA 2/12; norm 12/12 but general 1.06 > 1.05
 
 
-def write_checkpoint(folder, cells: list, units: int) -> None:
-    part = folder / "other" / "qwen2.5-coder-0.5b-bf16" / "partial" / "chat_scale.json"
+def write_checkpoint(folder, cells: list, units: int, base: str = "qwen2.5-coder-0.5b") -> None:
+    part = folder / "other" / f"{base}-bf16" / "partial" / "chat_scale.json"
     part.parent.mkdir(parents=True)
     part.write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {
         f"unit{i}": {"cells": cells if i == 0 else []} for i in range(units)}}))
@@ -114,6 +114,27 @@ def test_report_table_once_the_matrices_are_in(tmp_path):
     assert row["norm own vs best other"].startswith("+6.0 % (+4.0 to +6.0)")
     assert row["norm own vs base"].startswith("+15.4 %")  # 1 - 9 x 0.94 / 10, the median of 8 wins and 4 others
     assert row["general (worst own norm)"] == "x1.000" and row["LoRA beats norm"] == "0/12"
+
+
+def test_the_senders_of_a_run_are_fixed_per_base():
+    from types import SimpleNamespace as NS
+
+    assert cs.senders(NS(quick=False, base_name="qwen2.5-coder-0.5b")) == cs.USERS
+    assert cs.senders(NS(quick=False, base_name="qwen2.5-coder-1.5b")) == cs.SENDERS["qwen2.5-coder-1.5b"]
+    assert cs.senders(NS(quick=True, base_name="qwen2.5-coder-1.5b")) == cs.USERS[:cs.QUICK_USERS]
+
+
+def test_a_base_on_fewer_senders_gets_the_larger_run_on_the_same_senders_beside_it(tmp_path):
+    six = [name(u) for u in cs.SENDERS["qwen2.5-coder-1.5b"]]
+    assert len(six) == 6 and set(DEV) <= set(six)  # pre-registered: the 3 dev senders and 3 others
+    write_checkpoint(tmp_path, full(8), 40)  # 0.5B: own wins for the first 8 senders of the 12
+    write_checkpoint(tmp_path, [c for c in base_cells() if c["user"] in six + ["general"]], 7, "qwen2.5-coder-1.5b")
+    rows = table(cs.report_section(tmp_path, tmp_path / "plots", tmp_path))
+    assert rows["qwen2.5-coder-0.5b"]["norm: own wins >= 5 %"] == "8/12"
+    sub = rows["qwen2.5-coder-0.5b (on qwen2.5-coder-1.5b's 6 senders)"]
+    # of the six, sender_e33f6772 (the cohort's 10th) is not among the 8 winners; 5/6 < 0.9 and STRICT needs 12
+    assert sub["norm: own wins >= 5 %"] == "5/6" and sub["status"] == "sub-matrix: LENIENT_PASS"
+    assert rows["qwen2.5-coder-1.5b"]["status"].startswith("partial: 7 units")
 
 
 # ---- what is committed: a result is judged by the module and by an independent rule; a checkpoint parses ----

@@ -20,6 +20,9 @@ The chat corpus has exactly the 12 senders of the cohort, so no sender outside i
 The catalogue lr arm (5e-5) is not run here (LoRA's 5e-5 is a grid point of the screen; the 0.5B scale protocol has
 the catalogue arm on the clean corpora). The units run in the order above, screen first, so each lands as a
 checkpoint (results/other/<base>-bf16/partial/chat_scale.json) that a later run resumes.
+
+On qwen2.5-coder-1.5b the run has 6 senders (SENDERS; fixed 2026-12-07 before any 1.5B unit ran, for the budget):
+a verdict on 6 is at most LENIENT, and the report puts the 0.5B run's sub-matrix of the same 6 senders beside it.
 """
 from __future__ import annotations
 
@@ -40,6 +43,13 @@ GRID = {"norm": [5e-4, 2e-3, 5e-3], "lora": [5e-5, 2e-4, 1e-3]}
 # fixed before running: the largest, a middle and the smallest training pool of the 12 (qwen2.5 tokenizer: 81,142 /
 # 63,292 / 36,013 training tokens)
 DEV_USERS = ["chat/sender_0f9fe1f8", "chat/sender_9c569478", "chat/sender_e33f6772"]
+# senders per base where the budget does not fit all 12, fixed before any unit ran on that base (issue 31: "at 1.5B as
+# many as the budget allows (at least 6)"): the 3 dev senders and the first 3 others in the cohort's order
+SENDERS = {"qwen2.5-coder-1.5b": [u for u in USERS if u in DEV_USERS or u in USERS[:3]]}
+SENDERS_NOTE = ("6 of the 12 senders on this base (budget: ~20 CPU-h on a 2-core machine; issue 31 asks for at least "
+                "6 at 1.5B): the 3 dev senders and the first 3 others in the cohort's order, fixed before any unit "
+                "ran on it. STRICT needs all 12 senders, so a verdict on 6 is at most LENIENT; each rival set has 5 "
+                "other senders instead of 11 (an easier win: the report sets 0.5B on the same 6 beside it)")
 DEV_NOTE = ("data/corpora/chat holds exactly the cohort's 12 senders, so the dev senders are 3 of the 12 eval senders; "
             "the lr choice reads only their dev slices (held-out tokens after their three eval texts), never an eval "
             "text")
@@ -72,8 +82,15 @@ EPS = 1e-9
 
 # ---- the run: screen (dev slices), then the cohort at the chosen lrs ----
 
+def senders(ctx) -> list:
+    """The senders of this run: the quick three, the base's pre-registered subset, or all 12."""
+    return USERS[:QUICK_USERS] if ctx.quick else SENDERS.get(ctx.base_name, USERS)
+
+
 def run(ctx) -> list:
-    users = USERS[:QUICK_USERS] if ctx.quick else USERS
+    users = senders(ctx)
+    if len(users) < len(USERS) and not ctx.quick:
+        ctx.notes["senders"] = {"used": [name(u) for u in users], "note": SENDERS_NOTE}
     ctx.notes.update({"dev_users": [name(u) for u in DEV_USERS], "dev_users_note": DEV_NOTE, "grid": GRID,
                       "catalogue_lr_arm": "not run (LoRA's 5e-5 is a grid point of the dev screen)",
                       "lora_training": "LoRA adapters trained one at a time (no LoRA fleets)"})
@@ -360,6 +377,35 @@ def scale_row(run) -> dict:
     return row
 
 
+def on_senders(run, users: set):
+    """`run` restricted to `users`: their eval texts scored by their adapters and the base (and their general-text
+    and random-token cells; the dev cells unchanged): a like-for-like row beside a base that ran fewer senders."""
+    def kept(c: dict) -> bool:
+        kind = c.get("kind")
+        return kind == "dev" or (c.get("user") in users if kind == "random" else
+                                 c.get("user") in users | {"general"} and c.get("adapter") in users | {"base"})
+    return run._replace(cells=[c for c in run.cells if kept(c)], result=None)
+
+
+def like_for_like_rows(runs: list) -> list:
+    """For each run on fewer senders, every other chat_scale run restricted to the same senders."""
+    rows = []
+    for few in runs:
+        users = set(values(select(few.cells, kind="confusion", method="none"), "user"))
+        if not users or len(users) >= len(USERS):
+            continue
+        for run in runs:
+            if run is few:
+                continue
+            row = scale_row(on_senders(run, users))
+            done = complete(on_senders(run, users).cells, "norm") and dev_done(run.cells, "norm")
+            verdict = rule(matrix(on_senders(run, users).cells, "norm"), CRITERIA) if done else "matrix not complete"
+            rows.append({**row, "base": f"{run.base} (on {few.base}'s {len(users)} senders)",
+                         "bet (lr source)": "chat_scale, sub-matrix of the same senders",
+                         "status": f"sub-matrix: {verdict}"})
+    return rows
+
+
 def cohort_row(run) -> dict:
     """chat_cohort's result (the default base, lr_sensitivity's tuned lrs transferred) in the same columns."""
     from .chat_cohort import matrix_at, tuned_norm_lr
@@ -390,6 +436,7 @@ def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
 
     runs = runs_of(results_dir, "chat_scale")
     rows = [cohort_row(r) for r in runs_of(results_dir, "chat_cohort")] + [scale_row(r) for r in runs]
+    rows += like_for_like_rows(runs)
     rows += [{"base": b, "bet (lr source)": "chat_scale", "status": "not run yet"} for b in SIZES
              if b not in {r.base for r in runs}]
     lines = ["", "## The chat cohort across sizes", "",
