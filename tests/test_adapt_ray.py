@@ -107,6 +107,9 @@ class InlineRay:
                     return Ref(None, e)
         return Task()
 
+    def put(self, value):  # an object-store ref: here the value itself, passed on to the task
+        return value
+
     def wait(self, refs, num_returns):
         return refs[:1], refs[1:]
 

@@ -95,17 +95,101 @@ def test_the_on_top_field_is_parsed_strictly(trained, value):
         wire.parse_file(blob, "f")
 
 
+def check_parts(tiny, group_path, folder, users) -> None:
+    """Each user's part in `folder` is bound to the base and the group, finds the group kept beside it, and gives
+    what the merged base with its gains gives."""
+    sha = hashlib.sha256(group_path.read_bytes()).hexdigest()
+    ids = text_ids(tiny, "def parse(text):\n    return text.split()\n")
+    for user in users:
+        path = folder / f"{user}.safetensors"
+        _, meta = wire.read_file(path)
+        assert meta["on_top"]["sha256"] == sha and meta["user"] == user
+        assert meta["base_fingerprint"] == stack.stacked_fingerprint(tiny.fingerprint, sha)
+        with torch.no_grad():
+            got = load_adapted(tiny, path).model(input_ids=torch.tensor([ids])).logits
+        assert torch.allclose(got, merged_logits(tiny, group_path, path, ids), atol=1e-5)
+    assert (folder / group_path.name).read_bytes() == group_path.read_bytes()  # kept beside the parts
+
+
+def test_many_users_train_their_parts_on_top_in_one_pass(tiny, trained, tmp_path, capsys):
+    d, group_path, _ = trained
+    out = tmp_path / "D"
+    capsys.readouterr()
+    assert main(["adapt", "--base", "tiny", *[x for u in USERS for x in ("--text", str(CORPORA / u))],
+                 "--out-dir", str(out), "--on-top", str(group_path), "--method", "norm", "--steps", "3", "--seq", "32",
+                 "--lr", "5e-2", "--eval-tokens", "64", "--window", "32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["on_top"]["file"] == "group.safetensors" and len(r["users"]) == 2
+    check_parts(tiny, group_path, out, ["cpython_asyncio", "requests"])
+
+
+def test_a_fleet_on_ray_trains_on_top_and_puts_the_group_in_the_store(tiny, trained, tmp_path, monkeypatch):
+    """With --ray (an in-process stand-in) and --store: the group goes once to the object store and to the
+    store's shared/, every part lands bound to it, the server serves them, and a rerun skips them."""
+    from sharedllm.bets import ray_units
+    from sharedllm.store import AdapterStore
+
+    from .test_adapt_ray import InlineRay, run_adapt
+    from .test_serve import TEXT, Server
+
+    _, group_path, _ = trained
+    fake = InlineRay()
+    monkeypatch.setattr(ray_units, "ray_module", lambda: fake)
+    monkeypatch.setattr(ray_units, "start", lambda *a, **k: False)
+    (tmp_path / "users.json").write_text(json.dumps({"ann": str(CORPORA / USERS[0]), "bob": str(CORPORA / USERS[1])}))
+    r = run_adapt(tmp_path, "--on-top", str(group_path), "--store", str(tmp_path / "S"), "--seq", "32",
+                  "--window", "32")
+    assert r["ok"] and r["trained"] == 2, r["failures"]
+    check_parts(tiny, group_path, tmp_path / "D", ["ann", "bob"])
+    sha = hashlib.sha256(group_path.read_bytes()).hexdigest()
+    store = AdapterStore(tmp_path / "S")
+    assert (store.shared / f"{sha}.safetensors").read_bytes() == group_path.read_bytes()
+    assert store.get("ann").sha256 == hashlib.sha256((tmp_path / "D" / "ann.safetensors").read_bytes()).hexdigest()
+    store.close()
+    monkeypatch.setenv(ADMIN_ENV, ADMIN)
+    s = Server(tiny, tmp_path / "S")
+    try:
+        row = s.router.row_for("ann")
+        assert row.parts[0].method == "lora"  # the group from the store's shared/, beside ann's gains
+        want = reference_score(load_adapted(tiny, tmp_path / "D" / "ann.safetensors").model, text_ids(tiny, TEXT))
+        lines = (tmp_path / "D" / "store_tokens.jsonl").read_text().splitlines()
+        token = next(x["token"] for x in map(json.loads, lines) if x["user"] == "ann")
+        assert s.score(token).json()["logprob"] == pytest.approx(want, abs=1e-4)
+    finally:
+        s.close()
+    again = run_adapt(tmp_path, "--on-top", str(group_path), "--store", str(tmp_path / "S"), "--seq", "32",
+                      "--window", "32")
+    assert again["ok"] and again["skipped"] == 2
+
+
+def test_a_fleet_on_ray_refuses_a_group_of_another_base(tiny, trained, tmp_path, monkeypatch):
+    from sharedllm.bets import ray_units
+
+    from .test_adapt_ray import InlineRay, run_adapt
+
+    _, group_path, users = trained
+    monkeypatch.setattr(ray_units, "ray_module", lambda: InlineRay())
+    monkeypatch.setattr(ray_units, "start", lambda *a, **k: False)
+    (tmp_path / "users.json").write_text(json.dumps({"ann": str(CORPORA / USERS[0])}))
+    with pytest.raises(SharedLLMError, match="one level"):
+        run_adapt(tmp_path, "--on-top", str(users[0]))  # a part is no group
+    tensors, meta = wire.read_file(group_path)
+    other = tmp_path / "other_base_group.safetensors"
+    other.write_bytes(wire.adapter_bytes(tensors, {**meta, "base_fingerprint": "0" * 64}))
+    with pytest.raises(SharedLLMError, match="other_base_group.safetensors: adapter was trained on base 0000"):
+        run_adapt(tmp_path, "--on-top", str(other))
+    assert not (tmp_path / "D" / "ann.safetensors").exists()
+
+
 def test_cli_refuses_on_top_where_it_does_not_apply(tmp_path, trained, capsys):
     _, group_path, _ = trained
     text = str(CORPORA / USERS[0])
-    assert main(["adapt", "--base", "tiny", "--text", text, "--text", text, "--out-dir", str(tmp_path),
-                 "--on-top", str(group_path)]) == 2
     assert main(["adapt", "--base", "tiny", "--text", text, "--out", str(tmp_path / "x"), "--method", "auto",
                  "--on-top", str(group_path)]) == 2
     assert main(["adapt", "--base", "tiny", "--text", text, "--out", str(tmp_path / "x"),
                  "--on-top", str(tmp_path / "none.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "--on-top trains one user's part" in err and "give --method" in err and "no such file" in err
+    assert "give --method" in err and "no such file" in err
     assert "Traceback" not in err
 
 

@@ -74,3 +74,29 @@ def find_group(meta: dict, dirs: list, source: str) -> bytes:
     raise SharedLLMError(f"{source}: trained on top of group adapter {want['file']!r} (sha256 "
                          f"{want['sha256'][:16]}...), which is not beside it or in any shared folder given; put that "
                          "exact file beside it (or, on a server, PUT it to /v1/shared/{sha256} first)")
+
+
+def check_group(data: bytes, base_fingerprint: str, source: str) -> dict:
+    """The group file's metadata, refused (naming `source`) unless it parses and is a LoRA trained on the base with
+    this fingerprint: what a driver checks before sending the group to workers that load the base themselves."""
+    from . import wire
+
+    _, meta = wire.parse_file(data, source)
+    group_method(meta, source)
+    wire.check_binding(meta, base_fingerprint, source)
+    return meta
+
+
+def keep_beside(data: bytes, name: str, folder) -> Path:
+    """The group file where find_group looks from a part in `folder`: under its own name, or under its sha256 when
+    another file has that name; written (atomically) only when it is not there already."""
+    from .atomic import write_bytes_atomic
+
+    sha = sha256_of(data)
+    for path in (Path(folder) / name, Path(folder) / f"{sha}.safetensors"):
+        if not path.exists():
+            return write_bytes_atomic(path, data)
+        if path.is_file() and sha256_of(path.read_bytes()) == sha:
+            return path
+    raise SharedLLMError(f"{folder}: {name} and {sha}.safetensors are both other files; cannot keep the group "
+                         "adapter beside its users' parts")

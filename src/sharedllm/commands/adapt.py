@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import stack
 from ..data import load_user
 from ..errors import SharedLLMError
 from ..log import say
@@ -10,7 +11,7 @@ from ..personalise import evaluate_on, personalise, save_adapted
 from ..snapshot import beside, for_method, run_key
 from ..train import DTYPES, autocast
 from .args import (add_base_args, add_eval_args, add_method_args, add_train_args, load_for_training,
-                   method_config, positive_int, train_config, train_recipe)
+                   load_group, method_config, positive_int, train_config, train_recipe)
 
 HELP = "train a per-user adapter on a text file or folder (several: one pass); report held-out ppl before and after"
 
@@ -26,7 +27,7 @@ def configure(p) -> None:
     p.add_argument("--on-top", metavar="GROUP", default=None,
                    help="train on top of this group adapter (a LoRA trained on a cluster's pooled text, bound to the "
                         "base): the file written is bound to the base and to GROUP, and loads and serves with it "
-                        "(a hierarchical adapter; one user)")
+                        "(a hierarchical adapter; one user or many in one pass, or on Ray; the group file is kept beside the parts)")
     add_base_args(p)
     add_train_args(p)
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
@@ -86,8 +87,6 @@ def run(args) -> dict:
                              "or --ray-address")
     if ray and args.retries < 0:
         raise SharedLLMError(f"--retries {args.retries}: give 0 or more")
-    if args.on_top and (ray or args.manifest or args.out_dir or len(args.text) > 1):
-        raise SharedLLMError("--on-top trains one user's part: give one --text and --out (run it once per user)")
     if ray or args.manifest or args.out_dir or len(args.text) > 1:
         from .adapt_many import run_many
 
@@ -103,7 +102,7 @@ def run_one(args) -> dict:
     cfg, config, recipe = train_config(args), method_config(args), train_recipe(args)
     base, info = load_for_training(args), {"user_text": Path(args.text).name}
     if args.on_top:
-        base, group = on_top(base, args.on_top)
+        base, group, group_data = load_group(base, args.on_top)
         info.update(group)
     user = load_user(args.text, base.tokenizer).check(cfg.seq, args.window)
     cap = args.eval_tokens or None
@@ -119,6 +118,8 @@ def run_one(args) -> dict:
     with autocast(args.dtype, base.device):
         after = evaluate_on(adapted.model, base, user.heldout, args.window, cap)
     path = save_adapted(adapted, args.out, base, info=info)
+    if args.on_top:
+        stack.keep_beside(group_data, Path(args.on_top).name, path.parent)
     snapshot.clear()
     return {"method": args.method, "dtype": args.dtype, "out": str(path), "base": base.name, **recipe.to_json(),
             "base_fingerprint": base.fingerprint,
@@ -128,19 +129,6 @@ def run_one(args) -> dict:
             "on_top": info.get("on_top"),
             "wall_s": round(adapted.result.wall_s, 2), "loss_first": adapted.result.summary()["loss_first"],
             "loss_last": adapted.result.summary()["loss_last"]}
-
-
-def on_top(base, group_path: str):
-    """(the base with the group adapter merged in, the `on_top` metadata naming the group file)."""
-    from .. import stack
-    from ..personalise import stacked_base
-
-    if not Path(group_path).is_file():
-        raise SharedLLMError(f"--on-top {group_path}: no such file")
-    stacked = stacked_base(base, Path(group_path).read_bytes(), group_path)
-    say(f"training on top of group adapter {group_path} ({stacked.meta[stack.ON_TOP]['method']}, merged into a copy "
-        "of the base)")
-    return stacked, stack.on_top_meta(Path(group_path), stacked)
 
 
 def render(r: dict) -> str:

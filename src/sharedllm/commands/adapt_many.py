@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+from .. import stack
 from ..adapters import METHODS, get_method
 from ..data import load_user
 from ..errors import SharedLLMError
@@ -14,7 +15,7 @@ from ..log import say
 from ..personalise import evaluate_on, save_adapted
 from ..snapshot import Snapshot, run_key
 from ..train import autocast
-from .args import load_for_training, method_config, train_config
+from .args import load_for_training, load_group, method_config, train_config
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 
@@ -107,13 +108,17 @@ def run_many(args) -> dict:
 
         return run_ray(args, entries)
     cfg = train_config(args)
-    base = load_for_training(args)
+    base, group = load_for_training(args), {}
+    if args.on_top:
+        base, group, group_data = load_group(base, args.on_top)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        stack.keep_beside(group_data, Path(args.on_top).name, args.out_dir)
     data = {u: load_user(e["text"], base.tokenizer).check(cfg.seq, args.window) for u, e in entries.items()}
     cfgs = {u: with_lr(cfg, e.get("lr", cfg.lr)) for u, e in entries.items()}
-    return _train_and_report(args, base, data, cfgs)
+    return _train_and_report(args, base, data, cfgs, group)
 
 
-def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
+def _train_and_report(args, base, data: dict, cfgs: dict, group: dict) -> dict:
     start = time.perf_counter()
     config = method_config(args)
     say(f"training {len(data)} {args.method} adapters in one pass for {args.steps} steps "
@@ -125,20 +130,20 @@ def _train_and_report(args, base, data: dict, cfgs: dict) -> dict:
                           snapshot=snapshot, method=args.method, method_config=config)
     train_s = time.perf_counter() - start
     with autocast(args.dtype, base.device):  # scoring in the same compute dtype, as for one user
-        rows = [_user_row(args, base, u, data[u], adapted[u]) for u in data]
+        rows = [_user_row(args, base, u, data[u], adapted[u], group) for u in data]
     snapshot.clear()
     return {"method": args.method, "dtype": args.dtype, "base": base.name, "base_fingerprint": base.fingerprint,
-            "out_dir": args.out_dir,
+            "out_dir": args.out_dir, "on_top": group.get(stack.ON_TOP),
             "users": rows, "train_wall_s": round(train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
             "users_per_hour_training": round(3600 * len(rows) / train_s, 1)}
 
 
-def _user_row(args, base, user: str, data, adapted) -> dict:
+def _user_row(args, base, user: str, data, adapted, group: dict) -> dict:
     cap = args.eval_tokens or None
     before = evaluate_on(base.model, base, data.heldout, args.window, cap)
     after = evaluate_on(adapted.model, base, data.heldout, args.window, cap)
     path = save_adapted(adapted, Path(args.out_dir) / f"{user}.safetensors", base,
-                        info={"user": user, "user_text": Path(data.source).name})
+                        info={"user": user, "user_text": Path(data.source).name, **group})
     say(f"{user}: held-out ppl {before['ppl']:.3f} -> {after['ppl']:.3f}; wrote {path}")
     summary = adapted.result.summary()
     return {"user": user, "text": data.source, "out": str(path), "lr": adapted.meta["train"]["lr"],
@@ -151,7 +156,8 @@ def _user_row(args, base, user: str, data, adapted) -> dict:
 def render_many(r: dict) -> str:
     lines = [f"{len(r['users'])} {r['method']} adapters in one pass on {r['base']} ({r['dtype']}): "
              f"training {r['train_wall_s']:.1f} s "
-             f"({r['users_per_hour_training']:.0f} users/hour), {r['wall_s']:.1f} s with evaluation",
+             f"({r['users_per_hour_training']:.0f} users/hour), {r['wall_s']:.1f} s with evaluation"
+             + (f"; on top of group {r['on_top']['file']} (kept in {r['out_dir']})" if r.get("on_top") else ""),
              f"{'user':20s} {'lr':>9s} {'steps':>5s} {'loss':>15s} {'held-out ppl':>19s}  adapter"]
     for u in r["users"]:
         change = 100 * (u["ppl_after"] / u["ppl_before"] - 1)

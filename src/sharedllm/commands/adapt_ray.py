@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from .. import wire
+from .. import stack, wire
 from ..adapters import config_to_json, get_method
 from ..atomic import fsync_dir, write_bytes_atomic
 from ..errors import SharedLLMError
@@ -57,9 +57,10 @@ _WORKER: dict = {}  # in a worker process: (base, device, dtype, method) -> Base
 
 # ---- in a Ray worker ----------------------------------------------------------------------------------------
 
-def train_users(spec: dict, users: list[dict]) -> dict:
-    """Train `users` ([{"user", "source", "text", "lr"}]) in one fleet pass; return each user's adapter bytes and
-    held-out ppl, or the error of a user whose text is unusable (the others still train)."""
+def train_users(spec: dict, users: list[dict], group: bytes | None = None) -> dict:
+    """Train `users` ([{"user", "source", "text", "lr"}]) in one fleet pass (on top of the `group` adapter file when
+    the spec has "on_top"); return each user's adapter bytes and held-out ppl, or the error of a user whose text is
+    unusable (the others still train)."""
     import torch
 
     from ..fleet import train_fleet
@@ -68,7 +69,8 @@ def train_users(spec: dict, users: list[dict]) -> dict:
 
     torch.set_num_threads(spec["threads"])
     start, cpu = time.perf_counter(), time.process_time()
-    base = _worker_base(spec)
+    base = _worker_base(spec, group)
+    info = _on_top_info(spec, base)
     cfg = TrainConfig(**{**spec["cfg"], "betas": tuple(spec["cfg"]["betas"])})
     out = {"fingerprint": base.fingerprint, "pid": os.getpid(), "users": {}}
     data, cfgs = {}, {}
@@ -90,7 +92,7 @@ def train_users(spec: dict, users: list[dict]) -> dict:
                 before = evaluate_on(base.model, base, d.heldout, spec["window"], cap)
                 after = evaluate_on(adapted[name].model, base, d.heldout, spec["window"], cap)
                 path = save_adapted(adapted[name], Path(tmp) / f"{name}.safetensors", base,
-                                    info={"user": name, "user_text": Path(d.source).name})
+                                    info={"user": name, "user_text": Path(d.source).name, **info})
                 summary = adapted[name].result.summary()
                 out["users"][name] = {
                     "bytes": path.read_bytes(), "lr": adapted[name].meta["train"]["lr"],
@@ -104,20 +106,34 @@ def train_users(spec: dict, users: list[dict]) -> dict:
     return out
 
 
-def base_fingerprint(spec: dict) -> str:
+def base_fingerprint(spec: dict, group: bytes | None = None) -> str:
     """In a Ray worker: the fingerprint of the base the workers train on (loaded once per worker process)."""
-    return _worker_base(spec).fingerprint
+    return _worker_base(spec, group).fingerprint
 
 
-def _worker_base(spec: dict):
+def _worker_base(spec: dict, group: bytes | None = None):
+    """The spec's base (on top of its group adapter, merged into a copy, with "on_top"), once per worker process."""
     from .args import load_for_training
 
-    key = (spec["base"], spec["device"], spec["dtype"], spec["method"])
+    on_top = spec.get("on_top")
+    key = (spec["base"], spec["device"], spec["dtype"], spec["method"], on_top and on_top["sha256"])
     if key not in _WORKER:
         _WORKER.clear()  # one base per worker process
-        _WORKER[key] = load_for_training(SimpleNamespace(base=spec["base"], device=spec["device"],
-                                                         dtype=spec["dtype"], method=spec["method"]))
+        base = load_for_training(SimpleNamespace(base=spec["base"], device=spec["device"], dtype=spec["dtype"],
+                                                 method=spec["method"]))
+        if on_top:
+            from ..personalise import stacked_base
+
+            base = stacked_base(base, group, on_top["file"])
+        _WORKER[key] = base
     return _WORKER[key]
+
+
+def _on_top_info(spec: dict, base) -> dict:
+    """The `on_top` metadata of the parts a worker trains on a stacked base ({} on the base itself)."""
+    from .. import stack
+
+    return stack.on_top_meta(Path(spec["on_top"]["file"]), base) if spec.get("on_top") else {}
 
 
 def _user_data(text: str, source: str, tokenizer):
@@ -184,20 +200,26 @@ def run_ray(args, entries: dict) -> dict:
     spec = {"base": args.base, "device": args.device, "dtype": args.dtype, "method": args.method,
             "method_config": config_to_json(config), "cfg": cfg.to_json(), "window": args.window,
             "eval_tokens": args.eval_tokens, "threads": args.task_cpus, "fault": os.environ.get(FAULT_ENV)}
+    group = None
+    if args.on_top:
+        if not Path(args.on_top).is_file():
+            raise SharedLLMError(f"--on-top {args.on_top}: no such file")
+        group = Path(args.on_top).read_bytes()
+        spec["on_top"] = {"file": Path(args.on_top).name, "sha256": stack.sha256_of(group)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_exclusive(out_dir / ".adapt.lock", f"--out-dir {out_dir}"))
-        store = _open_store(args, stack)
+    with contextlib.ExitStack() as exits:
+        exits.enter_context(_exclusive(out_dir / ".adapt.lock", f"--out-dir {out_dir}"))
+        store = _open_store(args, exits)
 
         def connect():
             ray = ray_units.ray_module()
             address = args.ray_address if args.ray_address else None
             if ray_units.start(None if address in (None, "local") else address, num_cpus=args.ray_workers):
-                stack.callback(ray.shutdown)
+                exits.callback(ray.shutdown)
             return ray
 
-        return _Run(args, entries, spec, config, store, connect, ray_units.one_line).go()
+        return _Run(args, entries, spec, config, store, connect, ray_units.one_line, group).go()
 
 
 @contextlib.contextmanager
@@ -214,7 +236,7 @@ def _exclusive(path: Path, what: str):
         os.close(fd)
 
 
-def _open_store(args, stack):
+def _open_store(args, exits):
     if args.store is None:
         return None
     from ..store import AdapterStore
@@ -222,16 +244,17 @@ def _open_store(args, stack):
 
     root = store_dir(SimpleNamespace(store=args.store or None, base=args.base))  # --store alone: serve's default
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stack.enter_context(_exclusive(root / "adapt.lock", f"the store {root}"))
+    exits.enter_context(_exclusive(root / "adapt.lock", f"the store {root}"))
     store = AdapterStore(root)
-    stack.callback(store.close)
+    exits.callback(store.close)
     return store
 
 
 class _Run:
-    def __init__(self, args, entries, spec, config, store, connect, one_line):
+    def __init__(self, args, entries, spec, config, store, connect, one_line, group: bytes | None = None):
         self.args, self.entries, self.spec, self.config, self.store = args, entries, spec, config, store
         self.connect, self.ray, self.one_line = connect, None, one_line
+        self.group, self._group_ref = group, None  # --on-top: the group file, sent to the object store once
         self.out_dir = Path(args.out_dir)
         self.outcomes: dict[str, _Outcome] = {}
         self.tokens = _Tokens(Path(args.tokens) if args.tokens else self.out_dir / TOKENS_FILE) if store else None
@@ -247,6 +270,8 @@ class _Run:
         say(f"{len(self.entries)} users, {self.args.method} on {self.args.base}: writing {self.out_dir}"
             + (f" and the store {self.store.root}" if self.store else ""))
         self.fingerprint = self._fingerprint()
+        if self.group is not None:
+            self._keep_group()
         todo = self._plan()
         resources = self._ray().cluster_resources() if todo else {}
         if todo:
@@ -265,18 +290,22 @@ class _Run:
         return self.ray
 
     def _fingerprint(self) -> str:
-        """The base's fingerprint without loading it here: recorded for a named base converted on this machine,
-        the tiny test base's own, else from a worker (which keeps the base it loaded for the tasks)."""
+        """The fingerprint the users' adapters are bound to, without loading the base here: the base's, recorded
+        for a named base converted on this machine or the tiny test base's own (with --on-top: checked against the
+        group file and stacked on it), else from a worker (which keeps the base it loaded for the tasks)."""
         from ..base import peek
 
         known = peek(self.args.base)
-        if known:
-            return known[1]
-        if self.args.base == "tiny":
+        if known or self.args.base == "tiny":
             from ..base import load_base
 
-            return load_base("tiny").fingerprint
-        ref = self._ray().remote(base_fingerprint).options(**self._task_options()).remote(self.spec)
+            fingerprint = known[1] if known else load_base("tiny").fingerprint
+            if self.group is None:
+                return fingerprint
+            stack.check_group(self.group, fingerprint, f"--on-top {self.args.on_top}")
+            return stack.stacked_fingerprint(fingerprint, self.spec["on_top"]["sha256"])
+        ref = self._ray().remote(base_fingerprint).options(**self._task_options()).remote(self.spec,
+                                                                                            self._group())
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
@@ -372,7 +401,7 @@ class _Run:
                 if not users:
                     continue
                 job.users = [u["user"] for u in users]
-                flight[task.options(**options).remote(self.spec, users)] = job
+                flight[task.options(**options).remote(self.spec, users, self._group())] = job
                 self.progress.in_flight = sum(len(j.users) for j in flight.values())
             if not flight:
                 continue
@@ -440,7 +469,19 @@ class _Run:
         self._settle(user, "trained", out=str(path), bytes=len(data), attempts=job.attempt, fleet=result["fleet"],
                      task_wall_s=result["wall_s"], task_cpu_s=result["cpu_s"], **got)
 
+    def _group(self):
+        """--on-top: the group file in Ray's object store (put once, resolved in each task), else None."""
+        if self.group is not None and self._group_ref is None:
+            self._group_ref = self._ray().put(self.group)
+        return self._group_ref
+
     # ---- writing ------------------------------------------------------------------------------------------
+    def _keep_group(self) -> None:
+        """The group file beside the users' parts, and in the store's shared/ (where a server finds it)."""
+        stack.keep_beside(self.group, self.spec["on_top"]["file"], self.out_dir)
+        if self.store is not None:
+            self.store.put_shared(self.spec["on_top"]["sha256"], self.group)
+
     def _path(self, user: str) -> Path:
         return self.out_dir / f"{user}.safetensors"
 

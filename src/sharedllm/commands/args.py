@@ -96,6 +96,23 @@ def method_config(args):
     return dataclasses.replace(default, **{f: v for (_, f), v in given.items()})
 
 
+def load_group(base, group_path: str):
+    """--on-top GROUP: (the base with the group adapter merged into a copy, the `on_top` metadata naming the group
+    file, the group file's bytes)."""
+    from pathlib import Path
+
+    from .. import stack
+    from ..personalise import stacked_base
+
+    if not Path(group_path).is_file():
+        raise SharedLLMError(f"--on-top {group_path}: no such file")
+    data = Path(group_path).read_bytes()
+    stacked = stacked_base(base, data, group_path)
+    say(f"training on top of group adapter {group_path} ({stacked.meta[stack.ON_TOP]['method']}, merged into a copy "
+        "of the base)")
+    return stacked, stack.on_top_meta(Path(group_path), stacked), data
+
+
 def load_for_training(args):
     """The base, its matmul weights held in bf16 when a norm adapter trains under bf16 autocast: the same numbers
     (sharedllm.train.hold_frozen_in_bf16), less CPU and memory. LoRA keeps fp32 weights (PEFT would round its
