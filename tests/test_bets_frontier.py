@@ -22,7 +22,8 @@ LIMIT = af.SIZE_LIMIT
 def quick(tmp_path_factory):
     out, res = tmp_path_factory.mktemp("frontier_out"), tmp_path_factory.mktemp("frontier_res")
     return {b: run_bet(get_bet(b), Options(quick=True, corpora=CORPORA, out=out, results=res))
-            for b in ("adapter_frontier_screen", "adapter_frontier")}
+            for b in ("adapter_frontier_screen", "adapter_frontier", "adapter_frontier_wide")}
+PLANS = {"adapter_frontier_screen": af.SCREEN, "adapter_frontier": af.FULL, "adapter_frontier_wide": af.WIDE}
 
 
 def test_quick_runs_every_method_and_baseline(quick):
@@ -30,14 +31,19 @@ def test_quick_runs_every_method_and_baseline(quick):
         saved = json.loads(open(r["written"]).read())
         cells, bet = saved["cells"], get_bet(bet_id)
         assert saved["verdict"] in VERDICTS and saved["verdict"] == bet.verdict(cells, saved["criteria"])
-        assert af.measured(cells, "chat") == list(af.METHODS) + ["incontext"]
-        for key in af.METHODS:  # each own adapter carries its footprint; an lr was chosen on the dev slice
+        plan = PLANS[bet_id]
+        assert af.measured(cells, "chat") == list(plan.methods) + (["incontext"] if plan.baselines else [])
+        assert saved["config"]["methods"] == list(plan.methods)
+        for key in plan.methods:  # each own adapter carries its footprint; an lr was chosen on the dev slice
             own = [c for c in cells if c["kind"] == "confusion" and c["method"] == key and c["adapter"] == c["user"]
                    and "bytes" in c and c["cohort"] == "chat" and c["text"] == 0]
             assert len(own) == 3 and all(c["int8_bytes"] < c["bytes"] and c["params"] > 0 and c["cpu_s"] is not None
                                          for c in own), key
             assert saved["config"]["chosen_lrs"][key] in af.METHODS[key][2]
             assert [c for c in cells if c["kind"] == "random" and c["method"] == key]
+        if bet_id == "adapter_frontier_wide":
+            assert not [c for c in cells if c["method"] in ("incontext", "hier") or c.get("cohort") == "clean"]
+            continue
         shared = [c for c in cells if c["method"] == "hier" and c["adapter"] == "shared"]
         assert {c["user"] for c in shared} == {c["user"] for c in cells if c["kind"] == "confusion"} | {"general"}
         ic = [c for c in cells if c["method"] == "incontext" and "prefix_tokens" in c and c["cohort"] == "chat"
@@ -46,6 +52,7 @@ def test_quick_runs_every_method_and_baseline(quick):
         assert all(v in VERDICTS for v in saved["control_verdicts"].values()), saved["control_verdicts"]
         assert saved["side_verdicts"] == bet.side_verdicts(cells, saved["criteria"])
         assert ("screen" in saved["config"]) == (bet_id == "adapter_frontier_screen")
+    assert sorted(af.FULL.methods + af.WIDE.methods) == sorted(af.METHODS)  # the split leaves no method out
     full = json.loads(open(quick["adapter_frontier"]["written"]).read())
     assert "the clean same-kind pairs, by the verdict rule" in full["side_verdicts"]
     assert "screened out:" in quick["adapter_frontier_screen"]["summary"]
@@ -157,6 +164,15 @@ def test_only_eligible_adapter_methods_count():
         == "STRICT_PASS"
 
 
+def test_the_wide_part_is_judged_with_no_size_bound():
+    wide = get_bet("adapter_frontier_wide")
+    big = {"wins": 8, "bytes": LIMIT * 4}
+    assert v(wide, cohort(12, {"vera": big})) == "STRICT_PASS" and v(FULL, cohort(12, {"vera": big})) == "CATASTROPHIC"
+    assert v(wide, cohort(12, {"vera": {**big, "wins": 7}, "road": {"wins": 1, "bytes": LIMIT * 2}})) == "LENIENT_PASS"
+    assert v(wide, cohort(11, {"vera": {**big, "wins": 11}})) == "LENIENT_PASS"  # STRICT needs all 12 senders
+    assert v(wide, cohort(12, {"road": {"wins": 3, "bytes": LIMIT * 2}})) == "CATASTROPHIC"
+
+
 def test_hier_is_judged_against_the_shared_adapter_alone_too():
     ok = {"wins": 6, "bytes": 10}
     assert v(SCREEN, cohort(6, {"hier": {**ok, "shared": 20.0}})) == "STRICT_PASS"  # the shared alone is worse
@@ -238,7 +254,7 @@ def test_independent_rule_agrees_on_constructed_numbers():
         assert v(SCREEN, cells) == independent(cells, SCREEN.criteria, 6)
 
 
-@pytest.mark.parametrize("bet_id", ["adapter_frontier_screen", "adapter_frontier"])
+@pytest.mark.parametrize("bet_id", ["adapter_frontier_screen", "adapter_frontier", "adapter_frontier_wide"])
 def test_committed_frontier_results_are_rejudged(bet_id):
     from sharedllm.bets import report
     from sharedllm.bets.catalogue import current

@@ -15,6 +15,6 @@ BETS = {  # bet id -> module in this folder
     "55": "55_logit_ensemble", "58": "58_steering_vector", "60": "60_noise_floor", "61": "61_confusion_matrix",
     "63": "63_noise_robustness", "scale_protocol": "scale_protocol", "lr_sensitivity": "lr_sensitivity",
     "chat_cohort": "chat_cohort", "chat_scale": "chat_scale", "adapter_frontier": "adapter_frontier",
-    "adapter_frontier_screen": "adapter_frontier_screen",
+    "adapter_frontier_wide": "adapter_frontier_wide", "adapter_frontier_screen": "adapter_frontier_screen",
 }
 PLOTS = ["61_confusion_matrix", "49_adapter_shootout", "scale_protocol", "lr_sensitivity"]  # REPORT.md's plot order

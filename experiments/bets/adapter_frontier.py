@@ -81,10 +81,31 @@ class Plan:
     eval_len: int | None  # tokens per eval text; None: the bets' 2,048
     random_users: int | None  # the random-token control for the first N users of each cohort; None: all
     screen: bool
+    methods: tuple = tuple(METHODS)  # the METHODS keys this bet runs (the full bet and its wide part split them)
+    baselines: bool = True  # the in-context baseline and its control
+    size_bound: bool = True  # the verdict over the methods within SIZE_LIMIT (False: any measured method)
 
 
+# The budget split of the 0.5B bet (fixed 2026-12-07, after the screen's first methods and before any 0.5B frontier
+# unit ran): every method of the pre-registration at 0.5B, as pre-registered, is ~20 CPU-h (dev grid on 3 senders, 20
+# users, 20 random-token adapters, 100 steps), ~190 CPU-h in all: weeks on this 2-core machine. The verdict can only
+# be carried by a method whose per-user fp16 file at 0.5B is <= SIZE_LIMIT, and the files' sizes follow from the
+# shapes (bench/method_bytes.py, bench/results/method_bytes_qwen2.5-coder-0.5b.json): norm 88.5 KB, LoRA-XS 87.9 KB,
+# hier's per-user part (a norm file) fit; (IA)^3 on all linears (~608 KB), RoAd (611 KB), VeRA (697 KB), norm+(IA)^3
+# FFN (~321 KB), LoRA-r1 (~1.1 MB) and LoRA-r4 (4.4 MB) do not. So adapter_frontier runs the methods that can carry
+# its verdict, with LoRA-r4 (hier's shared part is trained at its chosen lr; most of its units are chat_scale's, the
+# same adapters and scores at 0.5B) and the in-context baseline, exactly as pre-registered; adapter_frontier_wide runs
+# the other five on the 12 chat senders (3 dev senders, the random-token control for 2), a side bet for the plot.
+VERDICT_METHODS = ("norm", "loraxs", "lora_r4", "hier")
+WIDE_METHODS = tuple(k for k in METHODS if k not in VERDICT_METHODS)
+SPLIT = ("budget split, fixed before any 0.5B unit ran: this bet runs the methods whose per-user fp16 file at 0.5B "
+         "can be <= size_limit_bytes (norm, loraxs, hier's per-user part) with lora_r4 (hier's shared part uses its "
+         "lr) and the in-context baseline; adapter_frontier_wide runs " + ", ".join(WIDE_METHODS) + " (over the "
+         "bound at 0.5B) on the chat senders, a side bet; all methods as pre-registered would be ~190 CPU-h")
 FULL = Plan(chat=tuple(USERS), clean=tuple(CLEAN_PAIRS), dev=tuple(DEV_USERS), steps=None, eval_len=None,
-            random_users=None, screen=False)
+            random_users=None, screen=False, methods=VERDICT_METHODS)
+WIDE = Plan(chat=tuple(USERS), clean=(), dev=tuple(DEV_USERS), steps=None, eval_len=None, random_users=2,
+            screen=False, methods=WIDE_METHODS, baselines=False, size_bound=False)
 SCREEN = Plan(chat=tuple(USERS[:6]), clean=(), dev=("chat/sender_0f9fe1f8",), steps=50, eval_len=1024,
               random_users=2, screen=True)
 QUICK_USERS = 3
@@ -178,7 +199,7 @@ def plan_of(ctx, plan: Plan) -> Plan:
     if not ctx.quick:
         return plan
     return replace(plan, chat=tuple(USERS[:QUICK_USERS]), clean=tuple(CLEAN_PAIRS[:2]) if plan.clean else (),
-                   dev=(USERS[0],), steps=None, eval_len=None, random_users=2 if plan.screen else None)
+                   dev=(USERS[0],), steps=None, eval_len=None, random_users=2 if plan.random_users else None)
 
 
 def grid(ctx, key: str) -> list:
@@ -197,8 +218,9 @@ def make_run(plan0: Plan):
         for cohort, users in cohorts:
             cells += base_rows(ctx, cohort, users)
         for cohort, users in cohorts:
-            cells += incontext(ctx, cohort, users)
-        lrs, order = {}, method_order(None if plan.screen or ctx.quick else committed_screen())
+            cells += incontext(ctx, cohort, users) if plan.baselines else []
+        lrs, order = {}, [k for k in method_order(None if plan.screen or ctx.quick else committed_screen())
+                          if k in plan.methods]
         ctx.notes["method_order"] = order
         for key in order:
             cells += screen_units(ctx, plan, key, lrs)
@@ -240,7 +262,7 @@ def method_order(screen: dict | None) -> list:
 def notes(ctx, plan: Plan) -> dict:
     cfg = ctx.train_config(0)
     steps = plan.steps or cfg.steps
-    out = {"steps": steps, "dev_users": [name(u) for u in plan.dev],
+    out = {"steps": steps, "dev_users": [name(u) for u in plan.dev], "methods": list(plan.methods),
            "cohorts": {"chat": [name(u) for u in plan.chat], "clean": [name(u) for u in plan.clean]},
            "random_control_users": plan.random_users or "all", "shared_steps": SHARED_STEPS_FACTOR * steps,
            "lr_source": "each method's dev-slice grid on this base (no recommended lr used)",
@@ -552,19 +574,21 @@ def tiers(s: dict, criteria: dict, n_declared: int | None) -> tuple[bool, bool, 
     return strict, lenient, f <= criteria["CATASTROPHIC"]["max_fraction_of_users_won"] + EPS
 
 
-def rule(cells: list, criteria: dict, cohort: str = "chat", n_declared: int | None = None) -> str:
-    """The verdict rule over the eligible methods measured in the cohort."""
+def rule(cells: list, criteria: dict, cohort: str = "chat", n_declared: int | None = None,
+         size_bound: bool = True) -> str:
+    """The verdict rule over the eligible methods measured in the cohort (size_bound False: every measured one)."""
     keys = [key for key in measured(cells, cohort) if key in METHODS]
     if not keys:
         raise KeyError(f"no adapter method measured in cohort {cohort}")
     judged = [tiers(s, criteria, n_declared) for key in keys
-              for s in [stats(cells, cohort, key, criteria["margin"])] if eligible(s, key, criteria)]
+              for s in [stats(cells, cohort, key, criteria["margin"])] if not size_bound or eligible(s, key, criteria)]
     return grade(any(t[0] for t in judged), any(t[1] for t in judged), all(t[2] for t in judged))
 
 
 def make_verdict(plan: Plan):
     def verdict(cells: list, criteria: dict) -> str:
-        return rule(cells, criteria, "chat", len(plan.chat) if plan.screen else criteria["STRICT"]["users"])
+        return rule(cells, criteria, "chat", len(plan.chat) if plan.screen else criteria["STRICT"]["users"],
+                    plan.size_bound)
     return verdict
 
 
@@ -663,13 +687,14 @@ def pareto_points(result: dict, cohort: str = "chat") -> list:
     return out
 
 
-def pareto_plot(result: dict, path: Path, title: str) -> Path:
+def pareto_plot(result: dict, path: Path, title: str, others: tuple = ()) -> Path:
+    """One point per measured method of `result` (and of `others`: results of the same base, e.g. the wide part)."""
     import matplotlib.pyplot as plt
 
     from .figures import save
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, size, mid, lo, hi in pareto_points(result):
+    for key, size, mid, lo, hi in [p for r in (result, *others) for p in pareto_points(r)]:
         x = max(size, 1)  # in-context stores nothing per user: drawn at 1 byte
         ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt="o", capsize=3)
         ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -682,12 +707,16 @@ def pareto_plot(result: dict, path: Path, title: str) -> Path:
     return save(fig, path)
 
 
-def make_plots(bet_id: str, filename: str):
+def make_plots(bet_id: str, filename: str, also: tuple = ()):
+    """The Pareto plot of bet_id's result, with the points of the bets in `also` on the same base (their results)."""
     def plots(results: dict, folder: Path) -> list:
         r = results.get(bet_id)
         if r is None:
             return []
-        return [pareto_plot(r, folder / filename, f"{bet_id} ({r['config']['base']}): median and range over senders")]
+        others = tuple(results[b] for b in also if b in results and results[b]["config"]["base"] == r["config"]["base"])
+        names = " + ".join([bet_id, *(b for b in also if b in results)])
+        return [pareto_plot(r, folder / filename, f"{names} ({r['config']['base']}): median and range over senders",
+                            others)]
     return plots
 
 
@@ -768,8 +797,9 @@ def make_bet(bet_id: str, plan: Plan, hypothesis: str, criteria: dict) -> Bet:
                controls=controls)
 
 
-BET = make_bet("adapter_frontier", FULL, HYPOTHESIS, CRITERIA)
-plots = make_plots("adapter_frontier", "adapter_frontier_pareto.png")
+FULL_CRITERIA = {**CRITERIA, "methods_run": list(VERDICT_METHODS), "split": SPLIT}
+BET = make_bet("adapter_frontier", FULL, HYPOTHESIS, FULL_CRITERIA)
+plots = make_plots("adapter_frontier", "adapter_frontier_pareto.png", also=("adapter_frontier_wide",))
 report_section = make_section("adapter_frontier", FULL)
 
 if __name__ == "__main__":
