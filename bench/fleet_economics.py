@@ -35,6 +35,7 @@ CPU_S_PER_STEP = {
 TRAIN_STEP_RESULT = "train_step_{base}.json"  # bench/train_step.py's printed JSON: per row its cpu_s_per_step
 METHOD_BYTES = "method_bytes_{base}.json"  # bench/method_bytes.py: every method's files at its default config
 ROWS_METHODS = "rows_methods_{base}.json"  # bench/rows_batched.py: 16 users batched, every per-row method
+INCONTEXT = "incontext_cost_{base}.json"  # bench/incontext_cost.py: the in-context baseline served beside norm rows
 METHOD_OF = {"norm": "norm", "lora-r4": "lora"}  # a format row -> its method's name in the results files
 
 
@@ -88,6 +89,22 @@ def method_rows(base: str, users: int) -> list[dict]:
     return out
 
 
+def incontext_row(base: str, users: int) -> list[dict]:
+    """The in-context baseline (adapter_frontier): no adapter, the user's last ~7.9k tokens of text prefilled before
+    every request (bench/incontext_cost.py: stored as text, served beside norm rows on the same engine)."""
+    r = load(INCONTEXT.format(base=base))
+    if not r:
+        return []
+    text, ic, norm = r["prefix_text_bytes"]["median"], r["result"]["incontext"], r["result"]["norm"]
+    return [{"base": base, "format": f"in-context: the user's last {r['prefix']:,} tokens as a prefix (no adapter; "
+                                     f"time to first token {ic['first_token_s'] / norm['first_token_s']:.0f}x norm's; "
+                                     f"{ic['per_user_bytes'] / 1e6:.0f} MB of KV per user if cached instead)",
+             "bytes": text, "fleet": text * users,
+             "bytes_src": f"measured: {INCONTEXT.format(base=base)}, median UTF-8 text of the 12 chat senders' prefixes",
+             "cpu_min": "0", "cpu_src": "no training", "ppl_vs_raw": "", "ppl_src": "",
+             "served": f"{ic['tok_s'] / norm['tok_s']:.3f}x ({INCONTEXT.format(base=base)}, {r['users']} users)"}]
+
+
 def rows(users: int) -> list[dict]:
     out = []
     for base, trainable in TRAINABLE.items():
@@ -102,7 +119,7 @@ def rows(users: int) -> list[dict]:
                         "bytes_src": src,
                         "cpu_min": cpu, "cpu_src": cpu_src, "ppl_vs_raw": "1 (raw)", "ppl_src": "",
                         "served": served(base, METHOD_OF[fmt])})
-        out += method_rows(base, users)
+        out += method_rows(base, users) + incontext_row(base, users)
         comp = load(f"lora_compress_{base}.json")
         if comp:  # each user gets what `compress --policy` ships for them
             chosen = [u["schemes"][u["policy"]] for u in comp["users"].values()]
