@@ -55,6 +55,9 @@ def test_quick_runs_every_method_and_baseline(quick):
     assert sorted(af.FULL.methods + af.WIDE.methods) == sorted(af.METHODS)  # the split leaves no method out
     full = json.loads(open(quick["adapter_frontier"]["written"]).read())
     assert "the clean same-kind pairs, by the verdict rule" in full["side_verdicts"]
+    at = [(c.get("cohort"), c["kind"]) for c in full["cells"] if c["method"] in af.METHODS]  # the order units ran in
+    assert max(i for i, x in enumerate(at) if x == ("chat", "confusion")) < at.index(("clean", "confusion")) \
+        < at.index(("chat", "random"))  # the verdict's chat matrices first, the clean pairs, then the controls
     assert "screened out:" in quick["adapter_frontier_screen"]["summary"]
 
 

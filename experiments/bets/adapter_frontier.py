@@ -217,17 +217,20 @@ def make_run(plan0: Plan):
                                                      adapter="base", user=name(u)) for u in plan.dev])
         for cohort, users in cohorts:
             cells += base_rows(ctx, cohort, users)
-        for cohort, users in cohorts:
-            cells += incontext(ctx, cohort, users) if plan.baselines else []
         lrs, order = {}, [k for k in method_order(None if plan.screen or ctx.quick else committed_screen())
                           if k in plan.methods]
         ctx.notes["method_order"] = order
+        # the verdict's units first (each method's dev choice and chat matrix), then in-context, then the clean
+        # pairs (a side verdict), then the random-token controls: the same units in any order (keyed by name)
         for key in order:
             cells += screen_units(ctx, plan, key, lrs)
             if ctx.deferred and not all_dev(cells, plan, key, ctx):
                 break  # Ray enumeration: the later methods wait on this choice
             lrs[key] = chosen_lr(cells, key)
-            for cohort, users in cohorts:
+            cells += matrix(ctx, plan, *cohorts[0], key, lrs)
+        for i, (cohort, users) in enumerate(cohorts):
+            cells += incontext(ctx, cohort, users) if plan.baselines else []
+            for key in lrs if i else ():
                 cells += matrix(ctx, plan, cohort, users, key, lrs)
         ctx.notes["chosen_lrs"] = lrs
         for key in lrs:
