@@ -315,3 +315,33 @@ def test_the_full_bet_runs_screened_out_methods_last():
     order = af.method_order(screen)
     assert order.index("lora_r4") == order.index("hier") - 1 and sorted(order) == sorted(af.METHODS)
     assert af.method_order({**screen, "incomplete": True}) == list(af.METHODS)
+
+
+def test_the_recommended_format_is_the_smallest_user_specific_one():
+    E = af.Evidence
+    ev = [E("lora_r4", "STRICT_PASS", "12/12", 4_400_000, "chat_scale"), E("norm", "FAIL", "5/12", 88_500, "chat_scale"),
+          E("loraxs", "LENIENT_PASS", "7/12", 87_900, "adapter_frontier"),
+          E("vera", "LENIENT_PASS", "8/12", 697_000, "adapter_frontier_wide")]
+    assert af.recommend(ev).method == "loraxs"  # passing, and fewer bytes than LoRA-r4 and VeRA
+    line = af.format_line("b", ev)
+    assert line.startswith("- b: **loraxs**, 87.9 KB per user, 18.9 GB for 215,000 users (user-specific by "
+                           "LENIENT_PASS: 7/12") and "norm FAIL (5/12 win, 88.5 KB; chat_scale)" in line
+    fails = [E("norm", "FAIL", "2/12", 88_500, "chat_scale"), E("lora_r4", "CATASTROPHIC", "1/12", 4_400_000, "x")]
+    assert af.recommend(fails) is None and "**no measured per-user format is user-specific**" in af.format_line("b", fails)
+    assert "not measured yet" in af.format_line("b", [])
+    # a passing format whose bytes no result records still counts, after every one with known bytes
+    assert af.recommend([E("norm", "LENIENT_PASS", "7/12", None, "chat_cohort"), *ev[:1]]).method == "lora_r4"
+
+
+def test_readme_section_reads_finished_results_only(tmp_path):
+    part = tmp_path / "other" / "qwen2.5-coder-0.5b-bf16" / "partial"
+    part.mkdir(parents=True)
+    part.joinpath("adapter_frontier.json").write_text(json.dumps({"stamp": {"dtype": "bf16"}, "units": {
+        "a": {"cells": cohort(12, {"norm": {"wins": 12, "bytes": 100}})}}}))
+    lines = af.readme_section(tmp_path)
+    assert any(x.startswith("- qwen2.5-coder-0.5b: not measured yet") for x in lines)  # a checkpoint is no result
+    done = {"bet": "adapter_frontier", "cells": cohort(12, {"norm": {"wins": 12, "bytes": 100}}), "criteria": FULL.criteria,
+            "config": {"base": "qwen2.5-coder-0.5b", "dtype": "bf16"}, "verdict": "STRICT_PASS"}
+    (part.parent / "adapter_frontier.json").write_text(json.dumps(done))
+    line = next(x for x in af.readme_section(tmp_path) if x.startswith("- qwen2.5-coder-0.5b"))
+    assert line.startswith("- qwen2.5-coder-0.5b: **norm**, 0.1 KB per user") and "12/12 senders win" in line

@@ -807,3 +807,108 @@ report_section = make_section("adapter_frontier", FULL)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))
+
+
+# ---- README: the per-user format per size, from the finished results, by a rule fixed before they landed ----
+
+FORMAT_SIZES = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+FLEET = 215_000
+PASSING = ("STRICT_PASS", "LENIENT_PASS")
+FORMAT_RULE = ("per base, every adapter format measured on the 12 chat senders (or a screen's 6) in a finished "
+               "result: adapter_frontier (+ _wide) there, else the screen; chat_scale there (chat_cohort at 135M) for "
+               "norm and LoRA-r4. A format is user-specific when its own confusion matrix passes (STRICT or LENIENT, "
+               "the bets' per-method tiers: own >= 5 % ahead of every other sender's and the base for > 1/2 of the "
+               "senders). The recommended format is the user-specific one with the fewest bytes per user (ties: the "
+               "stronger tier); none passing: none is recommended")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    method: str
+    tier: str
+    won: str  # "k/n"
+    bytes: int | None
+    source: str
+
+
+def frontier_evidence(result: dict, source: str) -> list:
+    cells, crit = result["cells"], result["criteria"]
+    out = []
+    for key in (k for k in measured(cells, "chat") if k in METHODS):
+        s = stats(cells, "chat", key, crit["margin"])
+        out.append(Evidence(key, method_tier(cells, crit, "chat", key),
+                            f"{sum(p['won'] for p in s['users'].values())}/{len(s['users'])}", s["bytes"], source))
+    return out
+
+
+def chat_evidence(run) -> list:
+    """norm (the verdict) and LoRA-r4 (chat_scale's side verdict) of a finished chat_scale / chat_cohort run."""
+    from sharedllm.bets.cells import confusion_outcomes
+
+    from . import chat_cohort, chat_scale
+
+    r, out = run.result, []
+    if r["bet"] == "chat_cohort":
+        conf = chat_cohort.matrix_at(r["cells"], chat_cohort.tuned_norm_lr(r["cells"]))
+        outcomes = confusion_outcomes(conf, r["criteria"]["margin"])
+        won = sum(w for w, _ in outcomes.values())
+        return [Evidence("norm", r["verdict"], f"{won}/{len(outcomes)}", None, "chat_cohort")]
+    for method, tier in (("norm", r["verdict"]), ("lora_r4", next(v for k, v in r["side_verdicts"].items()
+                                                                   if k.startswith("LoRA-r4")))):
+        numbers = chat_scale.matrix_numbers(chat_scale.matrix(r["cells"], method.split("_")[0]))
+        own = [c["bytes"] for c in select(r["cells"], kind="confusion", method=method.split("_")[0]) if "bytes" in c]
+        out.append(Evidence(method, tier, numbers["won"], max(own) if own else None, "chat_scale"))
+    return out
+
+
+def format_evidence(results_dir: Path) -> dict:
+    """base -> [Evidence] from the finished results under results_dir (a run part-way gives none)."""
+    from sharedllm.bets.report import runs_of
+
+    found: dict = {}
+    for bet_id in ("adapter_frontier", "adapter_frontier_wide", "adapter_frontier_screen"):
+        for run in runs_of(results_dir, bet_id):
+            if run.result and not run.result.get("incomplete"):
+                have = found.setdefault(run.base, [])
+                if bet_id != "adapter_frontier_screen" or not any(e.source.startswith("adapter_") for e in have):
+                    label = "the screen (6 senders, 50 steps)" if bet_id.endswith("screen") else bet_id
+                    have += frontier_evidence(run.result, label)
+    for bet_id in ("chat_cohort", "chat_scale"):
+        for run in runs_of(results_dir, bet_id):
+            if run.result and not run.result.get("incomplete"):
+                found.setdefault(run.base, []).extend(chat_evidence(run))
+    return found
+
+
+def recommend(evidence: list) -> Evidence | None:
+    """The rule (FORMAT_RULE): the user-specific format with the fewest bytes per user, else None."""
+    known = {e.method: e.bytes for e in evidence if e.bytes}
+    passing = [e for e in evidence if e.tier in PASSING]
+    return min(passing, key=lambda e: (known.get(e.method, math.inf), PASSING.index(e.tier)), default=None)
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1e3:,.1f} KB" if n < 1e6 else f"{n / 1e6:,.2f} MB"
+
+
+def format_line(base: str, evidence: list) -> str:
+    if not evidence:
+        return f"- {base}: not measured yet (no finished chat-sender result on this base)"
+    known = {e.method: e.bytes for e in evidence if e.bytes}
+    best = recommend(evidence)
+    seen = "; ".join(f"{e.method} {e.tier} ({e.won} win{', ' + _kb(known[e.method]) if e.method in known else ''}; "
+                     f"{e.source})" for e in evidence)
+    if best is None:
+        return f"- {base}: **no measured per-user format is user-specific** on the chat senders: {seen}"
+    size = known.get(best.method)
+    cost = (f"{_kb(size)} per user, {size * FLEET / 1e9:,.1f} GB for {FLEET:,} users" if size else
+            f"bytes per user not recorded in {best.source}'s result")
+    return (f"- {base}: **{best.method}**, {cost} (user-specific by {best.tier}: {best.won} senders win; "
+            f"{best.source}). All measured: {seen}")
+
+
+def readme_section(results_dir: Path) -> list:
+    """README's lines on which per-user format is user-specific at which size (the bets block), from the results."""
+    found = format_evidence(results_dir)
+    return ["", f"**The per-user format per size** (the rule, fixed before the frontier's results: {FORMAT_RULE}):", ""] \
+        + [format_line(b, found.get(b, [])) for b in FORMAT_SIZES]

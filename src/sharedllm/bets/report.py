@@ -156,7 +156,7 @@ def write_report(results_dir: Path, report: Path, plots_dir: Path | None = None,
     if not unchanged:
         write_text_atomic(report, text)
     if readme is not None:
-        write_text_atomic(readme, with_readme_block(Path(readme).read_text(), results))
+        write_text_atomic(readme, with_readme_block(Path(readme).read_text(), results, results_dir))
     controls = {b: control_verdicts(r, results) for b, r in results.items()}
     return {"report": str(report), "unchanged": unchanged, "bets": len(bets), "with_results": sorted(results),
             "plots": plots, "missing": [b for b in bets if b not in results], "in_progress": in_progress(results_dir),
@@ -186,7 +186,9 @@ def readme_line(bet_id: str, r: dict, results: dict) -> str:
     return f"- {bet.name}{version}{dtype_note(r)}: {verdict}{sides}. {bet.summary(r['cells'])}"
 
 
-def readme_block(results: dict) -> str:
+def readme_block(results: dict, results_dir: Path | None = None) -> str:
+    """The bets block: a line per default-base result, then the lines bet modules add from every base's results
+    (`readme_section(results_dir) -> lines`)."""
     bases = ", ".join(sorted({r["config"]["base"] for r in results.values()}))
     lines = [BEGIN, "", f"Committed results on the default base ({bases}); verdicts, controls and numbers are recomputed "
              "from the cells (\"not discriminating\": a control without the thing under test passes the same rule):",
@@ -197,14 +199,15 @@ def readme_block(results: dict) -> str:
     missing = [bets[b] for b in bets if b not in results]
     lines += [""] + ([f"Passes a control meets too (not discriminating): {', '.join(weak)}."] if weak else [])
     lines += [f"No full result yet: {', '.join(missing)}."] if missing else []
+    lines += [line for section in hooks("readme_section") for line in section(Path(results_dir or current().results))]
     return "\n".join(lines + [END])
 
 
-def with_readme_block(text: str, results: dict) -> str:
+def with_readme_block(text: str, results: dict, results_dir: Path | None = None) -> str:
     if BEGIN not in text or END not in text:
         raise ValueError(f"the README has no generated bets block ({BEGIN!r} ... {END!r})")
     head, rest = text.split(BEGIN, 1)
-    return head + readme_block(results) + rest.split(END, 1)[1]
+    return head + readme_block(results, results_dir) + rest.split(END, 1)[1]
 
 
 def in_progress(folder: Path) -> dict:
