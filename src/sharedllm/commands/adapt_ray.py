@@ -22,6 +22,10 @@ base, method or config is left alone and reported failed unless --replace. One `
 time (a lock file `<store>/adapt.lock`), and the driver puts each user at most once per run, so no user ever gets
 two trained adapters written into the store.
 
+Hierarchical (`--on-top GROUP`): the driver checks the group file against the base (a LoRA bound to it) before
+anything runs, puts it once into Ray's object store for the tasks (each worker merges it into its copy of the base,
+once per process), keeps it in D beside the parts and, with --store, in the store's shared/ so the server finds it.
+
 Progress: each event (skipped, stored, done, retry, failed) is a log line on stderr with users done / failed /
 in flight and the ETA; `--json-progress [FILE]` also writes one JSON object per event (to stderr or FILE).
 """
@@ -131,8 +135,6 @@ def _worker_base(spec: dict, group: bytes | None = None):
 
 def _on_top_info(spec: dict, base) -> dict:
     """The `on_top` metadata of the parts a worker trains on a stacked base ({} on the base itself)."""
-    from .. import stack
-
     return stack.on_top_meta(Path(spec["on_top"]["file"]), base) if spec.get("on_top") else {}
 
 
