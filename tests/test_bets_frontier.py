@@ -301,6 +301,9 @@ def test_report_section_from_a_checkpoint(tmp_path):
     plot = tmp_path / "plots" / "adapter_frontier_screen_smollm2-135m-instruct_provisional.png"
     assert plot.read_bytes()[:4] == b"\x89PNG" and any(plot.name in x for x in lines)
     assert af.make_section("adapter_frontier", af.FULL)(tmp_path, tmp_path / "plots", tmp_path) == []
+    across = af.report_section(tmp_path, tmp_path / "plots", tmp_path)  # the screen's points on the across-sizes plot
+    assert "## The frontier across sizes" in across
+    assert (tmp_path / "plots" / "adapter_frontier_across_sizes.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_full_bet_runs_screened_out_methods_last():

@@ -803,7 +803,52 @@ def make_bet(bet_id: str, plan: Plan, hypothesis: str, criteria: dict) -> Bet:
 FULL_CRITERIA = {**CRITERIA, "methods_run": list(VERDICT_METHODS), "split": SPLIT}
 BET = make_bet("adapter_frontier", FULL, HYPOTHESIS, FULL_CRITERIA)
 plots = make_plots("adapter_frontier", "adapter_frontier_pareto.png", also=("adapter_frontier_wide",))
-report_section = make_section("adapter_frontier", FULL)
+
+
+def across_sizes_plot(results_dir: Path, plots_dir: Path, root: Path) -> list:
+    """REPORT.md's frontier across sizes: one point per method and base (the screen at 135M, the full bet and its
+    wide part at each larger base; finished or as far as checkpointed, marked PROVISIONAL), users' spread as bars."""
+    from sharedllm.bets.report import runs_of
+
+    import matplotlib.pyplot as plt
+
+    from .figures import save
+
+    runs = [(bet_id, run) for bet_id in ("adapter_frontier_screen", "adapter_frontier", "adapter_frontier_wide")
+            for run in runs_of(results_dir, bet_id)]
+    points = [(run.base, run.partial, p) for bet_id, run in runs
+              for p in pareto_points({"cells": run.cells, "criteria": run.result["criteria"] if run.result
+                                      else CRITERIA})]
+    if not points:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    bases = list(dict.fromkeys(b for b, _, _ in points))
+    for i, (base, partial, (key, size, mid, lo, hi)) in enumerate(points):
+        marker = "osD"[bases.index(base) % 3]
+        x = max(size, 1)
+        ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt=marker, capsize=3,
+                    mfc="none" if partial else None, color=f"C{list(METHODS).index(key) if key in METHODS else 9}")
+        ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4 - 10 * (i % 2)), fontsize=7)
+    for i, base in enumerate(bases):
+        ax.plot([], [], "osD"[i % 3], color="grey", label=base)
+    ax.axhline(100 * CRITERIA["margin"], ls="--", lw=0.8, color="grey")
+    ax.axvline(SIZE_LIMIT, ls=":", lw=0.8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (fp16 file; in-context at 1)")
+    ax.set_ylabel("own vs best other user's, % lower ppl")
+    ax.legend(fontsize=7, title="base (hollow: PROVISIONAL)", title_fontsize=7)
+    ax.set_title("the frontier across sizes: median and range over the chat senders", fontsize=9)
+    Path(plots_dir).mkdir(parents=True, exist_ok=True)
+    plot = save(fig, Path(plots_dir) / "adapter_frontier_across_sizes.png")
+    return ["", "## The frontier across sizes", "",
+            "Every frontier run (the screen at 135M: 6 senders, 50 steps; adapter_frontier and adapter_frontier_wide "
+            "at 0.5B): one point per method and base; hollow points are from a run still in progress.", "",
+            f"![{plot.stem}]({os.path.relpath(plot, root)})"]
+
+
+def report_section(results_dir: Path, plots_dir: Path, root: Path) -> list:
+    return make_section("adapter_frontier", FULL)(results_dir, plots_dir, root) + \
+        across_sizes_plot(results_dir, plots_dir, root)
 
 if __name__ == "__main__":
     raise SystemExit(main(BET))
