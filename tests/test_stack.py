@@ -127,6 +127,7 @@ def test_a_fleet_on_ray_trains_on_top_and_puts_the_group_in_the_store(tiny, trai
     """With --ray (an in-process stand-in) and --store: the group goes once to the object store and to the
     store's shared/, every part lands bound to it, the server serves them, and a rerun skips them."""
     from sharedllm.bets import ray_units
+    from sharedllm.commands import adapt_ray
     from sharedllm.store import AdapterStore
 
     from .test_adapt_ray import InlineRay, run_adapt
@@ -140,6 +141,7 @@ def test_a_fleet_on_ray_trains_on_top_and_puts_the_group_in_the_store(tiny, trai
     r = run_adapt(tmp_path, "--on-top", str(group_path), "--store", str(tmp_path / "S"), "--seq", "32",
                   "--window", "32")
     assert r["ok"] and r["trained"] == 2, r["failures"]
+    assert "on top of group group.safetensors" in adapt_ray.render_ray(r) and r["on_top"]["file"] == "group.safetensors"
     check_parts(tiny, group_path, tmp_path / "D", ["ann", "bob"])
     sha = hashlib.sha256(group_path.read_bytes()).hexdigest()
     store = AdapterStore(tmp_path / "S")

@@ -508,7 +508,7 @@ class _Run:
                   "store": str(self.store.root) if self.store else None, "users": rows, **counts,
                   "store_writes": self.puts, "wall_s": round(wall, 2),
                   "users_per_hour": round(3600 * trained / wall, 1) if trained and wall > 0 else None,
-                  "fleet_size": self.args.fleet_size, "task_cpus": self.args.task_cpus,
+                  "fleet_size": self.args.fleet_size, "task_cpus": self.args.task_cpus, "on_top": self.spec.get("on_top"),
                   "failures": {r["user"]: r["error"] for r in rows if r["status"] == "failed"}}
         if self.tokens is not None:
             result["tokens_file"] = str(self.tokens.path) if self.tokens.created else None
@@ -639,6 +639,9 @@ def render_ray(r: dict) -> str:
     lines = [f"{r['method']} on {r['base']}: {r['trained']} trained, {r['stored']} put into the store from "
              f"{r['out_dir']}, {r['skipped']} already done, {r['failed']} FAILED; {r['wall_s']:.1f} s"
              + (f" ({r['users_per_hour']:.0f} users/hour trained)" if r["users_per_hour"] else "")]
+    if r.get("on_top"):
+        lines.append(f"on top of group {r['on_top']['file']} (sha256 {r['on_top']['sha256'][:16]}...): kept in "
+                     f"{r['out_dir']}" + (" and in the store's shared/" if r.get("store") else ""))
     if r.get("store"):
         lines.append(f"store {r['store']}: {r['store_writes']} adapters written"
                      + (f"; {r['users_created']} users created, their tokens in {r['tokens_file']} (mode 0600)"
