@@ -13,7 +13,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-from .serve_kit import moved
+from .serve_kit import each_row_is_its_model_alone, moved
 
 
 def test_the_bases_are_the_weights_truncated_svd_with_fixed_signs(tiny):
@@ -62,12 +62,7 @@ def test_a_fresh_loraxs_row_is_the_base_exactly_and_rows_of_two_ranks_share_a_ba
     assert torch.equal(rm.forward(ids, [state] * 3).logits, base)
     users = [moved(new_adapter(tiny, "loraxs", config=c), scale=0.2, seed=i) for i, c in
              enumerate([LoraXSConfig(), LoraXSConfig(rank=4, targets=("q_proj", "down_proj")), LoraXSConfig()])]
-    states = [rm.row({n: p.detach() for n, p in u.params.items()}, "loraxs", u.config) for u in users]
-    mixed = rm.forward(ids, states).logits
-    for i, u in enumerate(users):
-        with torch.no_grad():
-            alone = u.model(input_ids=ids[i:i + 1]).logits[0]
-        assert (mixed[i] - alone).abs().max() < 1e-5 and (alone - base[i]).abs().max() > 1e-2, i
+    each_row_is_its_model_alone(rm, ids, users, "loraxs", base)
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -15,7 +15,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-from .serve_kit import moved
+from .serve_kit import each_row_is_its_model_alone, moved
 
 
 def test_the_shared_projections_are_peft_s_and_are_not_in_the_file(tiny, tmp_path):
@@ -53,11 +53,7 @@ def test_rows_of_two_vera_configs_share_a_batch(tiny, tmp_path):
     users = [moved(new_adapter(tiny, "vera", config=c), seed=i) for i, c in
              enumerate([VeraConfig(), VeraConfig(rank=16, seed=3, targets=("k_proj", "up_proj")), VeraConfig()])]
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
-    states = [rm.row({n: p.detach() for n, p in u.params.items()}, "vera", u.config) for u in users]
-    mixed = rm.forward(ids, states).logits
-    for i, u in enumerate(users):
-        with torch.no_grad():
-            assert (mixed[i] - u.model(input_ids=ids[i:i + 1]).logits[0]).abs().max() < 1e-5, i
+    each_row_is_its_model_alone(rm, ids, users, "vera")
 
 
 @pytest.mark.parametrize("bad, needle", [
