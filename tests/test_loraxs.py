@@ -13,7 +13,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-from .serve_kit import each_row_is_its_model_alone, moved
+from .serve_kit import mixed_and_alone, moved
 
 
 def test_the_bases_are_the_weights_truncated_svd_with_fixed_signs(tiny):
@@ -62,7 +62,8 @@ def test_a_fresh_loraxs_row_is_the_base_exactly_and_rows_of_two_ranks_share_a_ba
     assert torch.equal(rm.forward(ids, [state] * 3).logits, base)
     users = [moved(new_adapter(tiny, "loraxs", config=c), scale=0.2, seed=i) for i, c in
              enumerate([LoraXSConfig(), LoraXSConfig(rank=4, targets=("q_proj", "down_proj")), LoraXSConfig()])]
-    each_row_is_its_model_alone(rm, ids, users, "loraxs", base)
+    for i, (mixed, alone) in enumerate(mixed_and_alone(rm, ids, users, "loraxs")):
+        assert (mixed - alone).abs().max() < 1e-5 and (alone - base[i]).abs().max() > 1e-2, i
 
 
 @pytest.mark.parametrize("bad, needle", [

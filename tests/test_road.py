@@ -13,7 +13,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter
 
-from .serve_kit import each_row_is_its_model_alone, moved
+from .serve_kit import mixed_and_alone, moved
 
 
 def test_a_pair_is_rotated_by_its_angle_and_scaled_by_its_alpha():
@@ -40,7 +40,8 @@ def test_fresh_rows_are_the_base_exactly_and_rows_of_two_group_sizes_share_a_bat
     assert torch.equal(rm.forward(ids, [state] * 3).logits, base)
     users = [moved(new_adapter(tiny, "road", config=c), seed=i) for i, c in
              enumerate([RoadConfig(), RoadConfig("road_4", 8, ("q_proj", "down_proj")), RoadConfig("road_2")])]
-    each_row_is_its_model_alone(rm, ids, users, "road", base)
+    for i, (mixed, alone) in enumerate(mixed_and_alone(rm, ids, users, "road")):
+        assert (mixed - alone).abs().max() < 1e-5 and (alone - base[i]).abs().max() > 1e-2, i
 
 
 @pytest.mark.parametrize("bad, needle", [

@@ -15,7 +15,7 @@ from sharedllm.cli import main
 from sharedllm.errors import SharedLLMError
 from sharedllm.personalise import load_adapted, new_adapter, save_adapted
 
-from .serve_kit import each_row_is_its_model_alone, moved
+from .serve_kit import mixed_and_alone, moved
 
 
 def test_the_shared_projections_are_peft_s_and_are_not_in_the_file(tiny, tmp_path):
@@ -53,7 +53,8 @@ def test_rows_of_two_vera_configs_share_a_batch(tiny, tmp_path):
     users = [moved(new_adapter(tiny, "vera", config=c), seed=i) for i, c in
              enumerate([VeraConfig(), VeraConfig(rank=16, seed=3, targets=("k_proj", "up_proj")), VeraConfig()])]
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
-    each_row_is_its_model_alone(rm, ids, users, "vera")
+    for i, (mixed, alone) in enumerate(mixed_and_alone(rm, ids, users, "vera")):
+        assert (mixed - alone).abs().max() < 1e-5, i
 
 
 @pytest.mark.parametrize("bad, needle", [

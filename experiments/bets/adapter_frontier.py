@@ -690,24 +690,41 @@ def pareto_points(result: dict, cohort: str = "chat") -> list:
     return out
 
 
-def pareto_plot(result: dict, path: Path, title: str, others: tuple = ()) -> Path:
-    """One point per measured method of `result` (and of `others`: results of the same base, e.g. the wide part)."""
+def draw_pareto(series: list, path: Path, title: str, criteria: dict, legend: str | None = None) -> Path:
+    """The Pareto plot: `series` [(label, hollow, pareto_points)], one marker shape per series (its label in the
+    legend when `legend` titles one), one colour per method, the users' spread as bars."""
     import matplotlib.pyplot as plt
 
     from .figures import save
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, size, mid, lo, hi in [p for r in (result, *others) for p in pareto_points(r)]:
-        x = max(size, 1)  # in-context stores nothing per user: drawn at 1 byte
-        ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt="o", capsize=3)
-        ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.axhline(100 * result["criteria"]["margin"], ls="--", lw=0.8, color="grey")
-    ax.axvline(result["criteria"]["size_limit_bytes"], ls=":", lw=0.8, color="grey")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    i = 0
+    for n, (label, hollow, points) in enumerate(series):
+        marker = "osD^v"[n % 5]
+        for key, size, mid, lo, hi in points:
+            x = max(size, 1)  # in-context stores nothing per user: drawn at 1 byte
+            colour = f"C{list(METHODS).index(key) if key in METHODS else 9}"
+            ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt=marker, capsize=3,
+                        color=colour, mfc="none" if hollow else colour)
+            ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4 - 10 * (i % 2)), fontsize=7)
+            i += 1
+        if legend:
+            ax.plot([], [], marker, color="grey", label=label)
+    ax.axhline(100 * criteria["margin"], ls="--", lw=0.8, color="grey")
+    ax.axvline(criteria["size_limit_bytes"], ls=":", lw=0.8, color="grey")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per user (fp16 file; in-context at 1)")
     ax.set_ylabel("own vs best other user's, % lower ppl")
+    if legend:
+        ax.legend(fontsize=7, title=legend, title_fontsize=7)
     ax.set_title(title, fontsize=9)
     return save(fig, path)
+
+
+def pareto_plot(result: dict, path: Path, title: str, others: tuple = ()) -> Path:
+    """One point per measured method of `result` (and of `others`: results of the same base, e.g. the wide part)."""
+    points = [p for r in (result, *others) for p in pareto_points(r)]
+    return draw_pareto([(None, False, points)], path, title, result["criteria"])
 
 
 def make_plots(bet_id: str, filename: str, also: tuple = ()):
@@ -810,36 +827,17 @@ def across_sizes_plot(results_dir: Path, plots_dir: Path, root: Path) -> list:
     wide part at each larger base; finished or as far as checkpointed, marked PROVISIONAL), users' spread as bars."""
     from sharedllm.bets.report import runs_of
 
-    import matplotlib.pyplot as plt
-
-    from .figures import save
-
-    runs = [(bet_id, run) for bet_id in ("adapter_frontier_screen", "adapter_frontier", "adapter_frontier_wide")
-            for run in runs_of(results_dir, bet_id)]
-    points = [(run.base, run.partial, p) for bet_id, run in runs
-              for p in pareto_points({"cells": run.cells, "criteria": run.result["criteria"] if run.result
-                                      else CRITERIA})]
-    if not points:
+    series = [(f"{run.base}, {bet_id.removeprefix('adapter_frontier').strip('_') or 'full'}", run.partial,
+               pareto_points({"cells": run.cells, "criteria": run.result["criteria"] if run.result else CRITERIA}))
+              for bet_id in ("adapter_frontier_screen", "adapter_frontier", "adapter_frontier_wide")
+              for run in runs_of(results_dir, bet_id)]
+    series = [s for s in series if s[2]]
+    if not series:
         return []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    bases = list(dict.fromkeys(b for b, _, _ in points))
-    for i, (base, partial, (key, size, mid, lo, hi)) in enumerate(points):
-        marker = "osD"[bases.index(base) % 3]
-        x = max(size, 1)
-        ax.errorbar([x], [100 * mid], yerr=[[100 * (mid - lo)], [100 * (hi - mid)]], fmt=marker, capsize=3,
-                    mfc="none" if partial else None, color=f"C{list(METHODS).index(key) if key in METHODS else 9}")
-        ax.annotate(key, (x, 100 * mid), textcoords="offset points", xytext=(5, 4 - 10 * (i % 2)), fontsize=7)
-    for i, base in enumerate(bases):
-        ax.plot([], [], "osD"[i % 3], color="grey", label=base)
-    ax.axhline(100 * CRITERIA["margin"], ls="--", lw=0.8, color="grey")
-    ax.axvline(SIZE_LIMIT, ls=":", lw=0.8, color="grey")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per user (fp16 file; in-context at 1)")
-    ax.set_ylabel("own vs best other user's, % lower ppl")
-    ax.legend(fontsize=7, title="base (hollow: PROVISIONAL)", title_fontsize=7)
-    ax.set_title("the frontier across sizes: median and range over the chat senders", fontsize=9)
     Path(plots_dir).mkdir(parents=True, exist_ok=True)
-    plot = save(fig, Path(plots_dir) / "adapter_frontier_across_sizes.png")
+    plot = draw_pareto(series, Path(plots_dir) / "adapter_frontier_across_sizes.png",
+                       "the frontier across sizes: median and range over the chat senders", CRITERIA,
+                       legend="base, run (hollow: PROVISIONAL)")
     return ["", "## The frontier across sizes", "",
             "Every frontier run (the screen at 135M: 6 senders, 50 steps; adapter_frontier and adapter_frontier_wide "
             "at 0.5B): one point per method and base; hollow points are from a run still in progress.", "",
@@ -893,16 +891,16 @@ def chat_evidence(run) -> list:
     from . import chat_cohort, chat_scale
 
     r, out = run.result, []
+    lora_tier = next((v for k, v in r["side_verdicts"].items() if k.startswith("LoRA-r4")), None)
     if r["bet"] == "chat_cohort":
         conf = chat_cohort.matrix_at(r["cells"], chat_cohort.tuned_norm_lr(r["cells"]))
         outcomes = confusion_outcomes(conf, r["criteria"]["margin"])
         won = sum(w for w, _ in outcomes.values())
         return [Evidence("norm", r["verdict"], f"{won}/{len(outcomes)}", None, "chat_cohort")]
-    for method, tier in (("norm", r["verdict"]), ("lora_r4", next(v for k, v in r["side_verdicts"].items()
-                                                                   if k.startswith("LoRA-r4")))):
-        numbers = chat_scale.matrix_numbers(chat_scale.matrix(r["cells"], method.split("_")[0]))
-        own = [c["bytes"] for c in select(r["cells"], kind="confusion", method=method.split("_")[0]) if "bytes" in c]
-        out.append(Evidence(method, tier, numbers["won"], max(own) if own else None, "chat_scale"))
+    for key, method, tier in (("norm", "norm", r["verdict"]), ("lora_r4", "lora", lora_tier)):
+        numbers = chat_scale.matrix_numbers(chat_scale.matrix(r["cells"], method))
+        own = [c["bytes"] for c in select(r["cells"], kind="confusion", method=method) if "bytes" in c]
+        out.append(Evidence(key, tier, numbers["won"], max(own) if own else None, "chat_scale"))
     return out
 
 
@@ -910,24 +908,29 @@ def format_evidence(results_dir: Path) -> dict:
     """base -> [Evidence] from the finished results under results_dir (a run part-way gives none)."""
     from sharedllm.bets.report import runs_of
 
+    def finished(bet_id: str) -> list:
+        return [run for run in runs_of(results_dir, bet_id) if run.result and not run.result.get("incomplete")]
+
     found: dict = {}
-    for bet_id in ("adapter_frontier", "adapter_frontier_wide", "adapter_frontier_screen"):
-        for run in runs_of(results_dir, bet_id):
-            if run.result and not run.result.get("incomplete"):
-                have = found.setdefault(run.base, [])
-                if bet_id != "adapter_frontier_screen" or not any(e.source.startswith("adapter_") for e in have):
-                    label = "the screen (6 senders, 50 steps)" if bet_id.endswith("screen") else bet_id
-                    have += frontier_evidence(run.result, label)
-    for bet_id in ("chat_cohort", "chat_scale"):
-        for run in runs_of(results_dir, bet_id):
-            if run.result and not run.result.get("incomplete"):
-                found.setdefault(run.base, []).extend(chat_evidence(run))
+    for bet_id in ("adapter_frontier", "adapter_frontier_wide"):
+        for run in finished(bet_id):
+            found.setdefault(run.base, []).extend(frontier_evidence(run.result, bet_id))
+    for run in finished("adapter_frontier_screen"):  # the screen only where no full frontier result is
+        if run.base not in found:
+            found[run.base] = frontier_evidence(run.result, "the screen (6 senders, 50 steps)")
+    for run in finished("chat_cohort") + finished("chat_scale"):
+        found.setdefault(run.base, []).extend(chat_evidence(run))
     return found
+
+
+def sizes(evidence: list) -> dict:
+    """method -> bytes per user, from whichever result records them."""
+    return {e.method: e.bytes for e in evidence if e.bytes}
 
 
 def recommend(evidence: list) -> Evidence | None:
     """The rule (FORMAT_RULE): the user-specific format with the fewest bytes per user, else None."""
-    known = {e.method: e.bytes for e in evidence if e.bytes}
+    known = sizes(evidence)
     passing = [e for e in evidence if e.tier in PASSING]
     return min(passing, key=lambda e: (known.get(e.method, math.inf), PASSING.index(e.tier)), default=None)
 
@@ -939,7 +942,7 @@ def _kb(n: int) -> str:
 def format_line(base: str, evidence: list) -> str:
     if not evidence:
         return f"- {base}: not measured yet (no finished chat-sender result on this base)"
-    known = {e.method: e.bytes for e in evidence if e.bytes}
+    known = sizes(evidence)
     best = recommend(evidence)
     seen = "; ".join(f"{e.method} {e.tier} ({e.won} win{', ' + _kb(known[e.method]) if e.method in known else ''}; "
                      f"{e.source})" for e in evidence)

@@ -397,9 +397,10 @@ def like_for_like_rows(runs: list) -> list:
         for run in runs:
             if run is few:
                 continue
-            row = scale_row(on_senders(run, users))
-            done = complete(on_senders(run, users).cells, "norm") and dev_done(run.cells, "norm")
-            verdict = rule(matrix(on_senders(run, users).cells, "norm"), CRITERIA) if done else "matrix not complete"
+            sub = on_senders(run, users)
+            done = complete(sub.cells, "norm") and dev_done(sub.cells, "norm")
+            verdict = rule(matrix(sub.cells, "norm"), CRITERIA) if done else "matrix not complete"
+            row = scale_row(sub)
             rows.append({**row, "base": f"{run.base} (on {few.base}'s {len(users)} senders)",
                          "bet (lr source)": "chat_scale, sub-matrix of the same senders",
                          "status": f"sub-matrix: {verdict}"})

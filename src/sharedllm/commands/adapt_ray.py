@@ -191,7 +191,7 @@ class _Outcome:
 def run_ray(args, entries: dict) -> dict:
     """The command: `entries` {user: {"text": PATH, "lr"?: X}} from the manifest / --text."""
     from ..bets import ray_units
-    from .args import method_config, train_config
+    from .args import method_config, read_group, train_config
 
     cfg, config = train_config(args), method_config(args)
     if args.store is not None:
@@ -202,11 +202,8 @@ def run_ray(args, entries: dict) -> dict:
     spec = {"base": args.base, "device": args.device, "dtype": args.dtype, "method": args.method,
             "method_config": config_to_json(config), "cfg": cfg.to_json(), "window": args.window,
             "eval_tokens": args.eval_tokens, "threads": args.task_cpus, "fault": os.environ.get(FAULT_ENV)}
-    group = None
-    if args.on_top:
-        if not Path(args.on_top).is_file():
-            raise SharedLLMError(f"--on-top {args.on_top}: no such file")
-        group = Path(args.on_top).read_bytes()
+    group = read_group(args.on_top) if args.on_top else None
+    if group is not None:
         spec["on_top"] = {"file": Path(args.on_top).name, "sha256": stack.sha256_of(group)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

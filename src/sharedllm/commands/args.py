@@ -96,6 +96,15 @@ def method_config(args):
     return dataclasses.replace(default, **{f: v for (_, f), v in given.items()})
 
 
+def read_group(group_path: str) -> bytes:
+    """--on-top GROUP: the group file's bytes (checked where they are used: stacked_base, stack.check_group)."""
+    from pathlib import Path
+
+    if not Path(group_path).is_file():
+        raise SharedLLMError(f"--on-top {group_path}: no such file")
+    return Path(group_path).read_bytes()
+
+
 def load_group(base, group_path: str):
     """--on-top GROUP: (the base with the group adapter merged into a copy, the `on_top` metadata naming the group
     file, the group file's bytes)."""
@@ -104,9 +113,7 @@ def load_group(base, group_path: str):
     from .. import stack
     from ..personalise import stacked_base
 
-    if not Path(group_path).is_file():
-        raise SharedLLMError(f"--on-top {group_path}: no such file")
-    data = Path(group_path).read_bytes()
+    data = read_group(group_path)
     stacked = stacked_base(base, data, group_path)
     say(f"training on top of group adapter {group_path} ({stacked.meta[stack.ON_TOP]['method']}, merged into a copy "
         "of the base)")
